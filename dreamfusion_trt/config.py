@@ -1,0 +1,320 @@
+"""Typed run configuration: one dataclass per component, composed into `RunConfig`.
+
+Precedence is defaults < YAML file < command line. Every field is reachable on the command
+line as ``--section.field`` (for example ``--sds.guidance_scale 50``); `add_config_arguments`
+derives those flags from the dataclasses so `--help` always lists every option with its default.
+A choice among variants is a `Literal`, never a pile of booleans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+
+
+@dataclass
+class ModelConfig:
+    """Which frozen Stable Diffusion to distil from and how to run it."""
+
+    model: str = DEFAULT_MODEL  # hub id, local diffusers folder, or single .safetensors/.ckpt file
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    local_files_only: bool = False  # never touch the network
+    cache_dir: str = "~/.cache/dreamfusion_trt"  # text-embedding and engine caches
+    backend: Literal["auto", "eager", "inductor", "aotinductor", "tensorrt"] = "eager"  # noise predictor
+    engines_dir: str = "engines"  # where build_engines.py left engines (inductor/aotinductor/tensorrt)
+
+
+@dataclass
+class PromptConfig:
+    """The text prompt and how it is varied with the camera."""
+
+    text: str = ""
+    negative: str = ""  # negative prompt; empty string = plain unconditional embedding
+    view_dependent: bool = True  # append ", front view" / "side view" / "back view" / "overhead view"
+    front_azimuth_deg: float = 60.0  # |azimuth| below half of this is the front, above 180 minus half is the back
+    overhead_elevation_deg: float = 60.0  # elevation above this is overhead
+
+
+@dataclass
+class SDSConfig:
+    """Score Distillation Sampling."""
+
+    guidance_scale: float = 100.0
+    t_min: float = 0.02  # fraction of the scheduler's timesteps
+    t_max: float = 0.98
+    t_anneal: Literal["none", "linear", "sqrt"] = "none"  # shrink t_max towards t_max_final over training
+    t_max_final: float = 0.5
+    weighting: Literal["one_minus_alpha", "uniform", "sqrt_one_minus_alpha"] = "one_minus_alpha"  # w(t)
+
+
+@dataclass
+class FieldConfig:
+    """Hash-grid NeRF: density and albedo, plus the background."""
+
+    backend: Literal["torch", "tcnn"] = "torch"  # tcnn only when tinycudann imports
+    bound: float = 1.0  # the scene lives in [-bound, bound]^3
+    num_levels: int = 16
+    level_dim: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    max_resolution: int = 2048
+    hidden_dim: int = 64
+    num_layers: int = 3
+    density_activation: Literal["exp", "softplus"] = "exp"
+    blob_density: float = 10.0  # density added at the centre at init (DreamFusion's blob)
+    blob_radius: float = 0.5
+    normals: Literal["finite_difference", "autograd"] = "finite_difference"
+    fd_eps: float = 1e-2  # finite-difference step, in world units
+    background: Literal["mlp", "solid", "random"] = "mlp"
+    background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)  # for background=solid
+
+
+@dataclass
+class RenderConfig:
+    """Ray marching and shading."""
+
+    backend: Literal["auto", "nerfacc", "torch"] = "auto"  # auto: nerfacc on CUDA, torch on CPU
+    num_samples: int = 96  # samples per ray for the torch renderer
+    grid_resolution: int = 128  # nerfacc occupancy grid
+    grid_update_every: int = 16
+    occupancy_threshold: float = 0.01
+    render_step_size: float = 0.0  # nerfacc march step; 0 = derive from bound and num_samples
+    shading: Literal["random", "albedo", "lambertian", "textureless", "normal"] = "random"
+    albedo_iters: int = 1000  # with shading=random: albedo only for the first N iterations
+    textureless_ratio: float = 0.2  # with shading=random: share of textureless steps after that
+    ambient_ratio: float = 0.1
+
+
+@dataclass
+class CameraConfig:
+    """Random training cameras (DreamFusion's distribution) and validation orbits."""
+
+    render_size: int = 64  # the NeRF is rendered at render_size x render_size
+    radius_range: tuple[float, float] = (1.0, 1.5)
+    elevation_range: tuple[float, float] = (-10.0, 90.0)  # degrees
+    azimuth_range: tuple[float, float] = (-180.0, 180.0)  # degrees, 0 = front
+    fovy_range: tuple[float, float] = (40.0, 70.0)  # degrees
+    val_radius: float = 1.25
+    val_elevation: float = 15.0
+    val_fovy: float = 55.0
+    light_distance_range: tuple[float, float] = (0.8, 1.5)  # point light, relative to camera radius
+
+
+@dataclass
+class RegularizerConfig:
+    """Loss weights; 0 switches a term off."""
+
+    orientation: float = 1e-2  # Ref-NeRF: penalise normals facing away from the camera
+    entropy: float = 1e-3  # push ray opacity towards 0 or 1
+    sparsity: float = 0.0  # mean ray opacity
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, checkpoints and logging."""
+
+    iters: int = 10000
+    latent_fraction: float = 0.3  # first fraction of iterations in latent space, then RGB through the VAE
+    encode_size: int = 512  # RGB phase: renders are resized to this before the VAE encoder
+    lr: float = 1e-3  # MLP learning rate; the hash grid uses grid_lr_scale times this
+    grid_lr_scale: float = 10.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-15
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU
+    tf32: bool = True
+    compile: bool = False  # torch.compile the field and renderer (CUDA only)
+    seed: int = 0
+    device: str = "auto"
+    ckpt_every: int = 1000
+    log_every: int = 10
+    tensorboard: bool = False
+
+
+@dataclass
+class OutputConfig:
+    """What a finished run writes."""
+
+    out: str = "runs/default"
+    mesh_formats: tuple[str, ...] = ("glb",)  # any of glb, obj, ply
+    mesh_resolution: int = 128  # marching-cubes grid per axis
+    mesh_threshold: float = 10.0  # density iso-level
+    video_frames: int = 120
+    video_fps: int = 30
+    video_size: int = 256
+    grid_views: int = 8  # validation image grid
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    sds: SDSConfig = field(default_factory=SDSConfig)
+    field: FieldConfig = field(default_factory=FieldConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    reg: RegularizerConfig = field(default_factory=RegularizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict / YAML round trip
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data view of a config (tuples become lists) for YAML and JSON."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert one value against its annotated type; raise ValueError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip() != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"{where}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from exc
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """Overlay a nested dict (from YAML or a checkpoint) on `base`; unknown keys are errors."""
+    cfg = base if base is not None else RunConfig()
+    sections = _field_types(RunConfig)
+    for section, values in data.items():
+        if section not in sections:
+            raise ValueError(f"unknown config section {section!r} (known: {', '.join(sections)})")
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping, got {values!r}")
+        sub = getattr(cfg, section)
+        types = _field_types(type(sub))
+        updates = {}
+        for key, value in values.items():
+            if key not in types:
+                raise ValueError(f"unknown config key {section}.{key}")
+            updates[key] = _coerce(value, types[key], f"{section}.{key}")
+        setattr(cfg, section, dataclasses.replace(sub, **updates))
+    return cfg
+
+
+def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: '{path}'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"config file '{path}' must hold a mapping of sections")
+    return from_dict(data, base)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _help_for(cls: type) -> dict[str, str]:
+    """Pull the trailing `# comment` of each field out of the class source as its help text."""
+    import inspect
+
+    helps: dict[str, str] = {}
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return helps
+    for line in lines:
+        stripped = line.strip()
+        if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
+            name = stripped.split(":", 1)[0].strip()
+            helps[name] = stripped.split("#", 1)[1].strip()
+    return helps
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--section.field`` for every config field, default shown, value parsed later."""
+    defaults = RunConfig()
+    for section, sec_type in _field_types(RunConfig).items():
+        group = parser.add_argument_group(f"{section} options ({sec_type.__doc__.strip().splitlines()[0]})")
+        helps = _help_for(sec_type)
+        sub = getattr(defaults, section)
+        for f in dataclasses.fields(sub):
+            default = getattr(sub, f.name)
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            text = helps.get(f.name, "")
+            group.add_argument(
+                f"--{section}.{f.name}",
+                dest=f"cfg__{section}__{f.name}",
+                default=None,
+                metavar="VALUE",
+                help=f"{text} (default: {shown})" if text else f"(default: {shown})",
+            )
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Collect the ``--section.field`` values that were given, as a nested dict of strings."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg__") and value is not None:
+            _, section, name = key.split("__", 2)
+            out.setdefault(section, {})[name] = value
+    return out
