@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as _field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,15 +157,15 @@ class OutputConfig:
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    sds: SDSConfig = field(default_factory=SDSConfig)
-    field: FieldConfig = field(default_factory=FieldConfig)
-    render: RenderConfig = field(default_factory=RenderConfig)
-    camera: CameraConfig = field(default_factory=CameraConfig)
-    reg: RegularizerConfig = field(default_factory=RegularizerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = _field(default_factory=ModelConfig)
+    prompt: PromptConfig = _field(default_factory=PromptConfig)
+    sds: SDSConfig = _field(default_factory=SDSConfig)
+    field: FieldConfig = _field(default_factory=FieldConfig)
+    render: RenderConfig = _field(default_factory=RenderConfig)
+    camera: CameraConfig = _field(default_factory=CameraConfig)
+    reg: RegularizerConfig = _field(default_factory=RegularizerConfig)
+    train: TrainConfig = _field(default_factory=TrainConfig)
+    output: OutputConfig = _field(default_factory=OutputConfig)
 
 
 # ---------------------------------------------------------------------------------------------

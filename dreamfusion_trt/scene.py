@@ -1,0 +1,29 @@
+"""Build the trainable scene (field + background + renderer) from a run config.
+
+Shared by training and by the commands that reopen a checkpoint (render, export-mesh).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import RunConfig
+from .field.background import Background
+from .field.nerf import NeRFField
+from .render.renderer import Renderer
+
+
+def build_scene(cfg: RunConfig, num_prompts: int = 1, device: torch.device | str = "cpu") -> Renderer:
+    """A `Renderer` owning a K-prompt `NeRFField` and `Background`; its `state_dict()` is the scene."""
+    field = NeRFField(cfg.field, num_prompts=num_prompts)
+    background = Background(cfg.field, num_prompts=num_prompts)
+    return Renderer(field, background, cfg.render, bound=cfg.field.bound).to(device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return device

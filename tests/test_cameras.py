@@ -1,0 +1,51 @@
+import math
+
+import torch
+
+from dreamfusion_trt.cameras import get_rays, look_at_origin, orbit_cameras, sample_random_cameras
+from dreamfusion_trt.config import CameraConfig
+
+
+def test_random_cameras_follow_the_config_and_the_seed():
+    cfg = CameraConfig()
+    cams = sample_random_cameras(512, cfg, torch.Generator().manual_seed(3))
+    assert cams.c2w.shape == (512, 4, 4)
+    assert cams.radius.min() >= 1.0 and cams.radius.max() <= 1.5
+    assert cams.elevation_deg.min() >= -10.0 - 1e-4 and cams.elevation_deg.max() <= 90.0 + 1e-4
+    assert cams.azimuth_deg.min() > -180.0 - 1e-4 and cams.azimuth_deg.max() <= 180.0 + 1e-4
+    assert torch.allclose(cams.position.norm(dim=-1), cams.radius, atol=1e-5)
+    again = sample_random_cameras(512, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(cams.c2w, again.c2w) and torch.equal(cams.light_dir, again.light_dir)
+    assert torch.allclose(cams.light_dir.norm(dim=-1), torch.ones(512), atol=1e-5)
+
+
+def test_pose_is_a_rotation_looking_at_the_origin():
+    elev = torch.tensor([0.0, 30.0, 89.9, 90.0, -10.0])
+    azim = torch.tensor([0.0, 45.0, -120.0, 10.0, 180.0])
+    c2w = look_at_origin(elev, azim, torch.full((5,), 1.3))
+    rot = c2w[:, :3, :3]
+    assert torch.allclose(rot @ rot.transpose(1, 2), torch.eye(3).expand(5, 3, 3), atol=1e-5)
+    assert torch.allclose(torch.linalg.det(rot), torch.ones(5), atol=1e-5)
+    forward = -rot[:, :, 2]
+    to_origin = -c2w[:, :3, 3] / c2w[:, :3, 3].norm(dim=-1, keepdim=True)
+    assert torch.allclose(forward, to_origin, atol=1e-5)
+
+
+def test_front_camera_sits_on_plus_x_and_centre_ray_hits_the_origin():
+    cams = orbit_cameras(4, elevation_deg=0.0, radius=2.0, fovy_deg=60.0)
+    assert torch.allclose(cams.position[0], torch.tensor([2.0, 0.0, 0.0]), atol=1e-6)
+    assert torch.allclose(cams.position[1], torch.tensor([0.0, 2.0, 0.0]), atol=1e-6)  # azimuth 90 is +y
+    o, d = get_rays(cams, 2, 2)  # the four pixel centres sit symmetrically around the axis
+    centre = d.mean(dim=1)
+    centre = centre / centre.norm(dim=-1, keepdim=True)
+    assert torch.allclose(centre, -cams.position / 2.0, atol=1e-5)
+    assert torch.allclose(d.norm(dim=-1), torch.ones(4, 4), atol=1e-6)
+
+
+def test_field_of_view_spans_the_image():
+    cams = orbit_cameras(1, elevation_deg=0.0, radius=1.0, fovy_deg=90.0)
+    _, d = get_rays(cams, 64, 64)
+    top, bottom = d[0, 32], d[0, 64 * 63 + 32]  # middle column, first and last row
+    angle = math.degrees(math.acos(float(torch.dot(top, bottom))))
+    assert abs(angle - 90.0 * 63 / 64) < 1.0  # pixel centres, not edges
+    assert top[2] > 0 > bottom[2]  # image row 0 looks up (+z)
