@@ -1,0 +1,285 @@
+"""Marching cubes over a density field, and writing the mesh as GLB, OBJ or PLY.
+
+Pure functions over world-space callables, so any field (or an analytic test density) can be
+meshed: ``density_fn(x [N, 3]) -> [N]`` and ``color_fn(x [N, 3]) -> [N, 3]`` in [0, 1].
+
+Conventions:
+- The grid samples ``resolution`` points per axis from ``-bound`` to ``+bound`` inclusive, so grid
+  index ``i`` sits at ``i * spacing - bound`` with ``spacing = 2 * bound / (resolution - 1)``; the
+  array axes are (x, y, z), and marching-cubes vertices are mapped back with that exact formula.
+- The grid is padded by one empty voxel on every side before meshing, so a surface that reaches
+  the box is capped on the box faces rather than left open: every mesh is closed.
+- Faces are oriented outward, away from the dense side (density above ``threshold`` is inside).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, Literal
+
+import numpy as np
+import torch
+import trimesh
+
+from ..atomic import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+MESH_FORMATS = ("glb", "obj", "ply")
+
+DensityFn = Callable[[torch.Tensor], torch.Tensor]  # [N, 3] world points -> [N] density
+ColorFn = Callable[[torch.Tensor], torch.Tensor]  # [N, 3] world points -> [N, 3] RGB in [0, 1]
+
+# Stand-in for "infinitely empty" outside the box; finite so marching-cubes interpolation stays
+# finite, large so the interpolated cap vertex lands on the box face itself.
+_EMPTY = -1e30
+
+
+def grid_coordinates(bound: float, resolution: int) -> np.ndarray:
+    """World coordinate of each grid index along one axis: [resolution], from -bound to +bound."""
+    spacing = 2.0 * bound / (resolution - 1)
+    return np.arange(resolution, dtype=np.float64) * spacing - bound
+
+
+@torch.no_grad()
+def sample_density_grid(
+    density_fn: DensityFn,
+    bound: float,
+    resolution: int,
+    chunk: int = 2**18,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """Evaluate `density_fn` on the resolution^3 grid over [-bound, bound]^3.
+
+    Returns float32 [R, R, R] indexed [ix, iy, iz]. Points are sent in chunks of at most `chunk`
+    rows, as float32 on `device` (CPU when None).
+    """
+    _check_grid_args(bound, resolution, chunk)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    axis = torch.as_tensor(grid_coordinates(bound, resolution), dtype=torch.float32, device=device)
+    total = resolution**3
+    out = np.empty(total, dtype=np.float32)
+    for start in range(0, total, chunk):
+        idx = torch.arange(start, min(start + chunk, total), device=device)
+        ix = idx // (resolution * resolution)
+        iy = (idx // resolution) % resolution
+        iz = idx % resolution
+        pts = torch.stack([axis[ix], axis[iy], axis[iz]], dim=-1)  # [n, 3]
+        sigma = density_fn(pts)
+        if sigma.shape not in ((len(idx),), (len(idx), 1)):
+            raise ValueError(
+                f"density_fn must return [N] (or [N, 1]) for N={len(idx)} points, got shape {tuple(sigma.shape)}"
+            )
+        out[start : start + len(idx)] = sigma.reshape(-1).float().cpu().numpy()
+    return out.reshape(resolution, resolution, resolution)
+
+
+def extract_mesh(
+    density_fn: DensityFn,
+    color_fn: ColorFn | None,
+    bound: float,
+    resolution: int,
+    threshold: float,
+    chunk: int = 2**18,
+    device: torch.device | str | None = None,
+    components: Literal["all", "largest"] = "all",
+    min_component_fraction: float = 1e-3,
+) -> trimesh.Trimesh:
+    """Mesh the iso-surface ``density == threshold`` of a world-space density field.
+
+    Args:
+        density_fn: world points [N, 3] -> density [N]; called under no_grad.
+        color_fn: world points [N, 3] -> RGB [N, 3] in [0, 1] (clamped), queried at the mesh
+            vertices for uint8 vertex colors; None leaves the mesh uncoloured.
+        bound: the grid covers [-bound, bound]^3 (world units).
+        resolution: grid points per axis (>= 2); vertices are exact world coordinates.
+        threshold: density iso-level; denser than this is inside.
+        chunk: points per call of `density_fn` / `color_fn`.
+        device: where query points are created (CPU when None).
+        components: "all" keeps every connected piece (minus tiny floaters, below); "largest"
+            keeps only the piece with the most faces.
+        min_component_fraction: with components="all", pieces with fewer faces than this fraction
+            of all faces are dropped as floaters (default 0.1 %: specks only; 0 keeps everything).
+
+    Returns:
+        A `trimesh.Trimesh` in world coordinates with outward faces and, when `color_fn` is
+        given, RGBA uint8 vertex colors.
+
+    Raises:
+        ValueError: bad arguments, a density with NaNs, or no surface at `threshold` (the message
+            quotes the density range found).
+    """
+    from skimage.measure import marching_cubes
+
+    if components not in ("all", "largest"):
+        raise ValueError(f"components must be 'all' or 'largest', got {components!r}")
+    if not 0.0 <= min_component_fraction < 1.0:
+        raise ValueError(f"min_component_fraction must be in [0, 1), got {min_component_fraction!r}")
+    _check_grid_args(bound, resolution, chunk)
+    volume = sample_density_grid(density_fn, bound, resolution, chunk, device)  # [R, R, R]
+
+    n_nan = int(np.isnan(volume).sum())
+    if n_nan:
+        raise ValueError(f"density_fn returned {n_nan} NaN values on the {resolution}^3 grid")
+    np.clip(volume, -1e30, 1e30, out=volume)  # +-inf would turn interpolated vertices into NaN
+    lo, hi = float(volume.min()), float(volume.max())
+    if not lo < threshold <= hi:
+        where = "nowhere reaches" if hi < threshold else "everywhere reaches"
+        raise ValueError(
+            f"no surface at threshold {threshold:g}: the density on the {resolution}^3 grid over "
+            f"[-{bound:g}, {bound:g}]^3 ranges from {lo:.6g} to {hi:.6g}, so it {where} the threshold; "
+            f"pick a threshold inside that range"
+        )
+
+    padded = np.pad(volume, 1, mode="constant", constant_values=_EMPTY)
+    spacing = 2.0 * bound / (resolution - 1)
+    verts, faces, _, _ = marching_cubes(padded, level=threshold, allow_degenerate=False)
+    # padded index p is grid index p - 1, at world (p - 1) * spacing - bound
+    verts = (verts.astype(np.float64) - 1.0) * spacing - bound
+    # caps land on the box faces up to float rounding; keep them inside the box exactly
+    verts = np.clip(verts, -bound, bound)
+    faces = faces.astype(np.int64)
+    if len(faces) == 0:
+        raise ValueError(
+            f"marching cubes found no faces at threshold {threshold:g} (density range {lo:.6g} to {hi:.6g}); "
+            f"the surface is thinner than one voxel at resolution {resolution}"
+        )
+    if _outward_vote(padded, verts, faces, spacing, bound) < 0:
+        faces = faces[:, ::-1].copy()
+
+    mesh = trimesh.Trimesh(vertices=verts, faces=faces, process=False)
+    mesh = _filter_components(mesh, components, min_component_fraction)
+
+    if color_fn is not None:
+        rgb = _query_colors(color_fn, mesh.vertices, chunk, device)  # [V, 3] uint8
+        rgba = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
+        mesh.visual = trimesh.visual.ColorVisuals(mesh=mesh, vertex_colors=rgba)
+    logger.info(
+        "marching cubes at %d^3, threshold %g: %d vertices, %d faces",
+        resolution,
+        threshold,
+        len(mesh.vertices),
+        len(mesh.faces),
+    )
+    return mesh
+
+
+def save_mesh(mesh: trimesh.Trimesh, path: str | Path) -> Path:
+    """Write `mesh` to `path` atomically; the format follows the suffix (.glb, .obj or .ply).
+
+    Vertex colors are kept in all three: GLB as the COLOR_0 attribute, PLY as per-vertex
+    red/green/blue/alpha, OBJ as trimesh writes them (``v x y z r g b``).
+    """
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in MESH_FORMATS:
+        raise ValueError(
+            f"unsupported mesh format {path.suffix!r} in '{path}'; allowed: {', '.join('.' + f for f in MESH_FORMATS)}"
+        )
+    if fmt == "obj":
+        # no materials or texture files: a single self-contained OBJ with colored vertices
+        data = trimesh.exchange.obj.export_obj(mesh, include_color=True, include_texture=False)
+    else:
+        data = mesh.export(file_type=fmt)
+    if isinstance(data, str):
+        data = data.encode()
+    atomic_write_bytes(path, data)
+    logger.info("wrote %s (%d vertices, %d faces)", path, len(mesh.vertices), len(mesh.faces))
+    return path
+
+
+def save_meshes(mesh: trimesh.Trimesh, out_dir: str | Path, stem: str, formats: Iterable[str]) -> list[Path]:
+    """Write ``out_dir/stem.<fmt>`` for each format ("glb", "obj", "ply"; a leading dot is fine).
+
+    All formats are checked before anything is written. Returns the written paths in order.
+    """
+    fmts = [f.lower().lstrip(".") for f in formats]
+    bad = [f for f in fmts if f not in MESH_FORMATS]
+    if bad:
+        raise ValueError(f"unsupported mesh format(s) {bad!r}; allowed: {', '.join(MESH_FORMATS)}")
+    if not fmts:
+        raise ValueError("no mesh formats given; allowed: " + ", ".join(MESH_FORMATS))
+    out_dir = Path(out_dir)
+    return [save_mesh(mesh, out_dir / f"{stem}.{fmt}") for fmt in dict.fromkeys(fmts)]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_grid_args(bound: float, resolution: int, chunk: int) -> None:
+    if not bound > 0:
+        raise ValueError(f"bound must be positive, got {bound!r}")
+    if int(resolution) != resolution or resolution < 2:
+        raise ValueError(f"resolution must be an integer >= 2, got {resolution!r}")
+    if int(chunk) != chunk or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+
+
+def _outward_vote(padded: np.ndarray, verts: np.ndarray, faces: np.ndarray, spacing: float, bound: float) -> float:
+    """Area-weighted vote of whether face normals point down the density gradient (outward).
+
+    Positive: the winding is already outward. Marching cubes winds every face the same way, so one
+    global vote decides; the density gradient is a central difference at the voxel nearest each
+    face centroid (signs only, so the huge padding values do not dominate).
+    """
+    tri = verts[faces]  # [F, 3, 3]
+    cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # [F, 3], |cross| = 2 * area
+    centroid = tri.mean(axis=1)
+    n = padded.shape[0]
+    p = np.rint((centroid + bound) / spacing + 1.0).astype(np.int64)  # nearest padded index
+    p = np.clip(p, 1, n - 2)
+    grad = np.empty_like(centroid)
+    for axis in range(3):
+        hi, lo = p.copy(), p.copy()
+        hi[:, axis] += 1
+        lo[:, axis] -= 1
+        grad[:, axis] = padded[tuple(hi.T)].astype(np.float64) - padded[tuple(lo.T)].astype(np.float64)
+    dots = np.einsum("fi,fi->f", cross, grad)
+    return float(np.sum(np.linalg.norm(cross, axis=1) * -np.sign(dots)))
+
+
+def _filter_components(
+    mesh: trimesh.Trimesh, components: Literal["all", "largest"], min_fraction: float
+) -> trimesh.Trimesh:
+    """Drop floaters: keep the largest connected piece, or the pieces above a face fraction."""
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
+    counts = np.bincount(labels)
+    if len(counts) <= 1:
+        return mesh
+    if components == "largest":
+        keep_labels = np.array([int(np.argmax(counts))])
+    else:
+        keep_labels = np.nonzero(counts >= min_fraction * len(mesh.faces))[0]
+    if len(keep_labels) == len(counts):
+        return mesh
+    mask = np.isin(labels, keep_labels)
+    logger.info(
+        "dropped %d of %d connected pieces (%d of %d faces)",
+        len(counts) - len(keep_labels),
+        len(counts),
+        int((~mask).sum()),
+        len(mask),
+    )
+    mesh.update_faces(mask)
+    mesh.remove_unreferenced_vertices()
+    return mesh
+
+
+@torch.no_grad()
+def _query_colors(
+    color_fn: ColorFn, vertices: np.ndarray, chunk: int, device: torch.device | str | None
+) -> np.ndarray:
+    """color_fn at the vertices [V, 3] -> uint8 RGB [V, 3]."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    pts = torch.as_tensor(np.asarray(vertices), dtype=torch.float32)
+    out = np.empty((len(pts), 3), dtype=np.uint8)
+    for start in range(0, len(pts), chunk):
+        x = pts[start : start + chunk].to(device)
+        rgb = color_fn(x)
+        if tuple(rgb.shape) != (len(x), 3):
+            raise ValueError(f"color_fn must return [N, 3] for N={len(x)} points, got shape {tuple(rgb.shape)}")
+        rgb = torch.nan_to_num(rgb.float(), nan=0.0).clamp(0.0, 1.0)
+        out[start : start + len(x)] = (rgb * 255.0).round().to(torch.uint8).cpu().numpy()
+    return out
