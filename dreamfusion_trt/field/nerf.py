@@ -1,0 +1,205 @@
+"""The NeRF field: hash-grid encoding + small MLP -> density and albedo, stacked over K prompts.
+
+World positions live in ``[-bound, bound]^3``; points outside get zero density. The density is
+``activation(raw + blob(x))`` where ``blob`` is DreamFusion's initial density blob, the linear cone
+``blob_density * (1 - |x| / blob_radius)`` of the paper's appendix. It is deliberately *not*
+clamped at zero outside ``blob_radius``: the negative values there suppress the density of the
+freshly initialised MLP (exp(0) = 1 everywhere would fill the box with fog), so training starts from
+an isolated ball of radius ~blob_radius. Activation: ``exp`` with its input clamped at
+`EXP_CLAMP` in the forward pass (no overflow, also under fp16 autocast) while the backward keeps
+the gradient of the clamped exponential (Instant-NGP's "truncated exp"), or ``softplus``.
+
+Normals are ``-grad(sigma) / |grad(sigma)|`` (outward for a blob), by central finite differences
+(6 extra density queries, differentiable w.r.t. the parameters) or by autograd (``create_graph``
+when gradients are enabled, so losses on normals reach the parameters either way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FieldConfig
+from .hashgrid import HashGridEncoding
+from .mlp import StackedMLP
+
+EXP_CLAMP = 15.0  # exp(15) ~ 3.3e6: far above any useful density, far below the fp16 limit
+
+DensityFn = Callable[[torch.Tensor], torch.Tensor]  # [K, N, 3] -> [K, N]
+
+
+@dataclass
+class FieldOutput:
+    sigma: torch.Tensor  # [K, N] density, >= 0
+    albedo: torch.Tensor  # [K, N, 3] in (0, 1)
+    normal: torch.Tensor | None = None  # [K, N, 3] unit world normals, when asked for
+
+
+class _TruncExp(torch.autograd.Function):
+    """exp(min(x, EXP_CLAMP)) forward; backward uses the same clamped exp but lets the gradient
+    through where x > EXP_CLAMP. Written with differentiable ops, so double backward works
+    (needed for autograd normals under an orientation loss)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return torch.exp(x.clamp(max=EXP_CLAMP))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x.clamp(max=EXP_CLAMP))
+
+
+def trunc_exp(x: torch.Tensor) -> torch.Tensor:
+    return _TruncExp.apply(x)
+
+
+def density_blob(x: torch.Tensor, blob_density: float, blob_radius: float) -> torch.Tensor:
+    """DreamFusion's blob ``blob_density * (1 - |x| / blob_radius)`` for ``x [..., 3]`` -> ``[...]``:
+    positive inside the radius, negative (density-suppressing) outside it."""
+    if blob_density == 0.0:
+        return torch.zeros_like(x[..., 0])
+    if blob_radius <= 0.0:
+        raise ValueError(f"field.blob_radius must be positive, got {blob_radius!r}")
+    # sqrt of a clamped square keeps the gradient finite at the centre.
+    r = (x.square().sum(dim=-1)).clamp_min(1e-12).sqrt()
+    return blob_density * (1.0 - r / blob_radius)
+
+
+def normals_from_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """Unit normals ``-grad / |grad|`` for a density gradient ``[..., 3]``; zero gradient -> zero."""
+    return -grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def finite_difference_gradient(density_fn: DensityFn, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Central differences of ``density_fn`` at ``x [K, N, 3]`` -> ``[K, N, 3]`` (6 queries in one
+    call); differentiable w.r.t. whatever ``density_fn`` depends on."""
+    offsets = eps * torch.cat([torch.eye(3, device=x.device), -torch.eye(3, device=x.device)])  # [6, 3]
+    n = x.shape[1]
+    probes = (x[:, None, :, :] + offsets[None, :, None, :].to(x.dtype)).reshape(x.shape[0], 6 * n, 3)
+    s = density_fn(probes).reshape(x.shape[0], 6, n)
+    return ((s[:, :3] - s[:, 3:]) / (2.0 * eps)).permute(0, 2, 1)
+
+
+def autograd_gradient(density_fn: DensityFn, x: torch.Tensor) -> torch.Tensor:
+    """Exact gradient of ``density_fn`` at ``x [K, N, 3]`` -> ``[K, N, 3]``; keeps the graph
+    (``create_graph``) when gradients are enabled by the caller."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        xg = x if x.requires_grad else x.detach().requires_grad_(True)
+        sigma = density_fn(xg)
+        (grad,) = torch.autograd.grad(sigma.sum(), xg, create_graph=create_graph)
+    return grad
+
+
+class NeRFField(nn.Module):
+    """Density + albedo field for K prompts.
+
+    ``density(x [K, N, 3]) -> [K, N]``; ``forward(x) -> (sigma [K, N], albedo [K, N, 3])``;
+    ``normals(x) -> [K, N, 3]``; ``query(x, with_normals)`` returns all three from shared queries.
+    Every method takes ``prompts``: a slice of the K stacked prompts to evaluate (x then has that
+    many rows), e.g. ``slice(k, k + 1)`` for one prompt's occupancy-grid update.
+    """
+
+    def __init__(self, cfg: FieldConfig, num_prompts: int = 1) -> None:
+        super().__init__()
+        if cfg.bound <= 0:
+            raise ValueError(f"field.bound must be positive, got {cfg.bound!r}")
+        if cfg.fd_eps <= 0:
+            raise ValueError(f"field.fd_eps must be positive, got {cfg.fd_eps!r}")
+        self.cfg = cfg
+        self.num_prompts = num_prompts
+        self.bound = float(cfg.bound)
+        self.encoding = make_encoding(num_prompts, cfg)
+        self.mlp = StackedMLP(num_prompts, self.encoding.output_dim, cfg.hidden_dim, 4, cfg.num_layers)
+
+    # -- raw network ------------------------------------------------------------------------------
+
+    def _evaluate(self, x: torch.Tensor, prompts: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [K', N, 3]`` world -> (sigma [K', N] float32, albedo logits [K', N, 3])."""
+        if x.dim() != 3 or x.shape[-1] != 3:
+            raise ValueError(f"expected positions of shape [K, N, 3], got {tuple(x.shape)}")
+        unit = (x + self.bound) / (2.0 * self.bound)
+        h = self.mlp(self.encoding(unit, prompts), prompts).float()  # [K', N, 4]
+        raw = h[..., 0] + density_blob(x.float(), self.cfg.blob_density, self.cfg.blob_radius)
+        if self.cfg.density_activation == "exp":
+            sigma = trunc_exp(raw)
+        elif self.cfg.density_activation == "softplus":
+            sigma = F.softplus(raw)
+        else:
+            raise ValueError(
+                f"field.density_activation must be 'exp' or 'softplus', got {self.cfg.density_activation!r}"
+            )
+        inside = (x.abs() <= self.bound).all(dim=-1)
+        sigma = torch.where(inside, sigma, torch.zeros_like(sigma))
+        return sigma, h[..., 1:]
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def density(self, x: torch.Tensor, prompts: slice | None = None) -> torch.Tensor:
+        """``x [K, N, 3]`` -> sigma ``[K, N]``."""
+        return self._evaluate(x, prompts)[0]
+
+    def forward(self, x: torch.Tensor, prompts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [K, N, 3]`` -> (sigma ``[K, N]``, albedo ``[K, N, 3]``)."""
+        sigma, logits = self._evaluate(x, prompts)
+        return sigma, torch.sigmoid(logits)
+
+    def density_gradient(self, x: torch.Tensor, prompts: slice | None = None) -> torch.Tensor:
+        """d sigma / d x at ``x [K, N, 3]`` -> ``[K, N, 3]`` by the configured method."""
+        fn = lambda p: self.density(p, prompts)  # noqa: E731
+        if self.cfg.normals == "finite_difference":
+            return finite_difference_gradient(fn, x, self.cfg.fd_eps)
+        if self.cfg.normals == "autograd":
+            return autograd_gradient(fn, x)
+        raise ValueError(f"field.normals must be 'finite_difference' or 'autograd', got {self.cfg.normals!r}")
+
+    def normals(self, x: torch.Tensor, prompts: slice | None = None) -> torch.Tensor:
+        """Unit normals ``-grad(sigma) / |grad(sigma)|`` at ``x [K, N, 3]`` -> ``[K, N, 3]``."""
+        return normals_from_gradient(self.density_gradient(x, prompts))
+
+    def query(self, x: torch.Tensor, with_normals: bool, prompts: slice | None = None) -> FieldOutput:
+        """Sigma, albedo and (optionally) normals at ``x [K, N, 3]`` without recomputing anything:
+        finite differences run the centre and its 6 probes through one network call; autograd
+        differentiates the same sigma that is returned."""
+        if not with_normals:
+            sigma, albedo = self.forward(x, prompts)
+            return FieldOutput(sigma, albedo)
+        k, n = x.shape[0], x.shape[1]
+        if self.cfg.normals == "finite_difference":
+            eps = self.cfg.fd_eps
+            offsets = eps * torch.cat(
+                [torch.zeros(1, 3, device=x.device), torch.eye(3, device=x.device), -torch.eye(3, device=x.device)]
+            )  # [7, 3]: centre, +x +y +z, -x -y -z
+            pts = (x[:, None, :, :] + offsets[None, :, None, :].to(x.dtype)).reshape(k, 7 * n, 3)
+            sigma_all, logits = self._evaluate(pts, prompts)
+            sigma_all = sigma_all.reshape(k, 7, n)
+            grad = ((sigma_all[:, 1:4] - sigma_all[:, 4:7]) / (2.0 * eps)).permute(0, 2, 1)
+            albedo = torch.sigmoid(logits.reshape(k, 7, n, 3)[:, 0])
+            return FieldOutput(sigma_all[:, 0], albedo, normals_from_gradient(grad))
+        if self.cfg.normals == "autograd":
+            create_graph = torch.is_grad_enabled()
+            with torch.enable_grad():
+                xg = x if x.requires_grad else x.detach().requires_grad_(True)
+                sigma, logits = self._evaluate(xg, prompts)
+                (grad,) = torch.autograd.grad(sigma.sum(), xg, create_graph=create_graph)
+            if not create_graph:
+                sigma, logits = sigma.detach(), logits.detach()
+            return FieldOutput(sigma, torch.sigmoid(logits), normals_from_gradient(grad))
+        raise ValueError(f"field.normals must be 'finite_difference' or 'autograd', got {self.cfg.normals!r}")
+
+
+def make_encoding(num_prompts: int, cfg: FieldConfig) -> nn.Module:
+    """The hash grid for ``cfg.backend``: pure PyTorch, or tinycudann (ValueError when missing)."""
+    if cfg.backend == "torch":
+        return HashGridEncoding(num_prompts, cfg)
+    if cfg.backend == "tcnn":
+        from .tcnn import TcnnHashGrid  # noqa: PLC0415
+
+        return TcnnHashGrid(num_prompts, cfg)
+    raise ValueError(f"field.backend must be 'torch' or 'tcnn', got {cfg.backend!r}")

@@ -1,0 +1,396 @@
+"""The renderer: rays in, shaded pixels out, for K prompts at once.
+
+Two samplers feed one compositing path:
+
+- ``torch``: `num_samples` stratified samples between each ray's entry into and exit from the box
+  ``[-bound, bound]^3`` (jittered inside their bins in training mode, bin centres otherwise),
+  composited with the fixed-count functions of `volrend`. Runs anywhere.
+- ``nerfacc`` (CUDA): one `nerfacc.OccGridEstimator` per prompt marches each ray with a constant
+  step through occupied cells only, skips samples behind opaque ones (early stop), and the packed
+  samples of all prompts are composited with nerfacc's `render_weight_from_density` and
+  `accumulate_along_rays`. The march step is ``render.render_step_size`` or, when that is 0,
+  ``2 * sqrt(3) * bound / num_samples``: the box diagonal cut into `num_samples` steps, so no ray
+  gets more samples than the torch renderer would give it. The occupancy grids are buffers of this
+  module (saved in its state_dict) and start fully occupied, so a fresh renderer renders before
+  its first `update_occupancy`.
+- ``auto``: nerfacc when the rays are on CUDA and nerfacc imports, else torch.
+
+Shading happens per sample (see `shading.py`), then colours, opacity, depth, normals and the
+Ref-NeRF orientation penalty are accumulated along the rays and the background is composited.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..cameras import CameraBatch, get_rays
+from ..config import RenderConfig
+from ..field.background import Background
+from ..field.nerf import FieldOutput, NeRFField
+from . import volrend
+from .sampling import ray_aabb_intersect, stratified_intervals
+from .shading import NEEDS_NORMALS, SHADING_MODES, shade
+
+logger = logging.getLogger(__name__)
+
+EARLY_STOP_EPS = 1e-4  # nerfacc marching drops samples behind a transmittance below this
+OCC_EVAL_CHUNK = 2**18  # points per density query while refreshing an occupancy grid
+
+# weights, per-sample values [..., C] -> per-ray [K, R, C]
+Accumulator = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass
+class RenderOutput:
+    rgb: torch.Tensor  # [K, R, 3] shaded colour composited over the background
+    opacity: torch.Tensor  # [K, R] accumulated weight, in [0, 1]
+    depth: torch.Tensor  # [K, R] expected distance along the ray given a hit (sum w t / opacity); 0 where empty
+    background: torch.Tensor | None = None  # [K, R, 3] the background colour behind each ray
+    normal: torch.Tensor | None = None  # [K, R, 3] sum of w * world normal (not renormalised)
+    orientation: torch.Tensor | None = None  # [K] Ref-NeRF penalty, mean over rays of sum w max(0, n.d)^2
+    num_samples: int = 0  # field samples composited (for logs)
+
+
+def _nerfacc():
+    try:
+        import nerfacc  # noqa: PLC0415
+    except ImportError:
+        return None
+    return nerfacc
+
+
+class Renderer(nn.Module):
+    """Holds the field, the background and (for nerfacc) the occupancy grids: one state_dict.
+
+    ``render(rays_o [K, R, 3], rays_d [K, R, 3], light_dir [K, 3], ...) -> RenderOutput``.
+    """
+
+    def __init__(
+        self,
+        field: NeRFField,
+        background: Background,
+        cfg: RenderConfig,
+        bound: float | None = None,
+    ) -> None:
+        super().__init__()
+        if cfg.backend not in ("auto", "nerfacc", "torch"):
+            raise ValueError(f"render.backend must be 'auto', 'nerfacc' or 'torch', got {cfg.backend!r}")
+        if cfg.num_samples < 1:
+            raise ValueError(f"render.num_samples must be at least 1, got {cfg.num_samples!r}")
+        if cfg.render_step_size < 0:
+            raise ValueError(f"render.render_step_size must be >= 0, got {cfg.render_step_size!r}")
+        self.field = field
+        self.background = background
+        self.cfg = cfg
+        self.num_prompts = field.num_prompts
+        self.bound = float(field.bound if bound is None else bound)
+        self.step_size = cfg.render_step_size or 2.0 * math.sqrt(3.0) * self.bound / cfg.num_samples
+        self.estimators: nn.ModuleList | None = None
+        if cfg.backend in ("auto", "nerfacc"):
+            nerfacc = _nerfacc()
+            if nerfacc is None:
+                if cfg.backend == "nerfacc":
+                    raise ValueError("render.backend='nerfacc' needs the nerfacc package, which does not import")
+                logger.info("nerfacc does not import; the torch renderer will be used")
+            else:
+                b = self.bound
+                self.estimators = nn.ModuleList(
+                    nerfacc.OccGridEstimator(roi_aabb=[-b, -b, -b, b, b, b], resolution=cfg.grid_resolution)
+                    for _ in range(self.num_prompts)
+                )
+                for est in self.estimators:
+                    est.binaries.fill_(True)
+
+    # -- backend choice ---------------------------------------------------------------------------
+
+    def backend_for(self, device: torch.device) -> str:
+        """The sampler used for rays on `device`: "nerfacc" or "torch"."""
+        if self.cfg.backend == "torch":
+            return "torch"
+        if self.cfg.backend == "nerfacc":
+            if device.type != "cuda":
+                raise ValueError(f"render.backend='nerfacc' needs CUDA tensors, got rays on {str(device)!r}")
+            return "nerfacc"
+        return "nerfacc" if device.type == "cuda" and self.estimators is not None else "torch"
+
+    def _device(self) -> torch.device:
+        return next(self.field.parameters()).device
+
+    # -- rendering --------------------------------------------------------------------------------
+
+    def render(
+        self,
+        rays_o: torch.Tensor,
+        rays_d: torch.Tensor,
+        light_dir: torch.Tensor,
+        shading: str = "albedo",
+        ambient_ratio: float = 0.1,
+        generator: torch.Generator | None = None,
+        need_normals: bool = False,
+        stratified: bool | None = None,
+        background: torch.Tensor | None = None,
+    ) -> RenderOutput:
+        """Render rays ``[K, R, 3]`` (unit directions) lit from ``light_dir [K, 3]`` (towards the light).
+
+        Normals (and the orientation penalty) are computed when `shading` needs them or when
+        `need_normals` is set. `stratified` (default: training mode) jitters the samples; the
+        torch sampler and the "random" background draw from `generator` when given.
+        `background` (``[K, R, 3]`` or ``[K, 1, 3]``) replaces the Background module's colours.
+        """
+        k = self.num_prompts
+        if rays_o.dim() != 3 or rays_o.shape[0] != k or rays_o.shape[-1] != 3 or rays_d.shape != rays_o.shape:
+            raise ValueError(
+                f"expected rays_o and rays_d of shape [{k}, R, 3], got {tuple(rays_o.shape)} and {tuple(rays_d.shape)}"
+            )
+        if light_dir.shape != (k, 3):
+            raise ValueError(f"expected light_dir of shape [{k}, 3], got {tuple(light_dir.shape)}")
+        if shading not in SHADING_MODES:
+            raise ValueError(f"shading must be one of {', '.join(SHADING_MODES)}, got {shading!r}")
+        need_normals = need_normals or shading in NEEDS_NORMALS
+        jitter = self.training if stratified is None else stratified
+        rays_o, rays_d, light_dir = rays_o.float(), rays_d.float(), light_dir.float()
+        if self.backend_for(rays_o.device) == "nerfacc":
+            out = self._render_nerfacc(rays_o, rays_d, light_dir, shading, ambient_ratio, need_normals, jitter)
+        else:
+            out = self._render_torch(rays_o, rays_d, light_dir, shading, ambient_ratio, need_normals, jitter, generator)
+        if background is None:
+            bg = self.background(rays_d, generator=generator)  # [K, R, 3]
+        else:
+            if background.dim() != 3 or background.shape[0] != k or background.shape[-1] != 3:
+                raise ValueError(
+                    f"expected a background of shape [{k}, R, 3] or [{k}, 1, 3], got {tuple(background.shape)}"
+                )
+            bg = background.to(rays_d.device, torch.float32).expand(rays_d.shape)
+        out.background = bg
+        out.rgb = volrend.composite_background(out.rgb, out.opacity[..., None], bg)
+        return out
+
+    def _render_torch(
+        self,
+        rays_o: torch.Tensor,
+        rays_d: torch.Tensor,
+        light_dir: torch.Tensor,
+        shading: str,
+        ambient_ratio: float,
+        need_normals: bool,
+        jitter: bool,
+        generator: torch.Generator | None,
+    ) -> RenderOutput:
+        k, r = rays_o.shape[:2]
+        s = self.cfg.num_samples
+        near, far, _ = ray_aabb_intersect(rays_o, rays_d, self.bound)  # [K, R]
+        t_starts, t_ends, t = stratified_intervals(near, far, s, jitter, generator)  # [K, R, S]
+        pts = rays_o[:, :, None, :] + rays_d[:, :, None, :] * t[..., None]  # [K, R, S, 3]
+        fo = self.field.query(pts.reshape(k, r * s, 3), with_normals=need_normals)
+        sigma = fo.sigma.reshape(k, r, s)
+        weights, _, _ = volrend.weights_from_density(t_starts, t_ends, sigma)  # [K, R, S]
+        per_sample = FieldOutput(
+            sigma=sigma,
+            albedo=fo.albedo.reshape(k, r, s, 3),
+            normal=None if fo.normal is None else fo.normal.reshape(k, r, s, 3),
+        )
+        return self._composite(
+            acc=volrend.accumulate,
+            weights=weights,
+            t_mid=t,
+            fo=per_sample,
+            dirs=rays_d[:, :, None, :],
+            light=light_dir[:, None, None, :],
+            shading=shading,
+            ambient_ratio=ambient_ratio,
+            num_samples=k * r * s,
+        )
+
+    def _render_nerfacc(
+        self,
+        rays_o: torch.Tensor,
+        rays_d: torch.Tensor,
+        light_dir: torch.Tensor,
+        shading: str,
+        ambient_ratio: float,
+        need_normals: bool,
+        jitter: bool,
+    ) -> RenderOutput:
+        import nerfacc  # noqa: PLC0415  (backend_for checked it imports)
+
+        k, r = rays_o.shape[:2]
+        n_rays = k * r
+        flat_o = rays_o.reshape(n_rays, 3).contiguous()
+        flat_d = rays_d.reshape(n_rays, 3).contiguous()
+
+        # March every prompt's rays through its own occupancy grid.
+        ray_ids, starts, ends = [], [], []
+        for i, est in enumerate(self.estimators):
+            o_i, d_i = flat_o[i * r : (i + 1) * r], flat_d[i * r : (i + 1) * r]
+
+            def sigma_fn(t0, t1, ri, o_i=o_i, d_i=d_i, i=i):
+                x = o_i[ri] + d_i[ri] * ((t0 + t1) * 0.5)[:, None]
+                return self.field.density(x[None], prompts=slice(i, i + 1))[0]
+
+            ri, t0, t1 = est.sampling(
+                o_i,
+                d_i,
+                sigma_fn=sigma_fn,
+                render_step_size=self.step_size,
+                early_stop_eps=EARLY_STOP_EPS,
+                stratified=jitter,
+            )
+            ray_ids.append(ri.long() + i * r)
+            starts.append(t0)
+            ends.append(t1)
+        ray_indices = torch.cat(ray_ids)  # [N], global ray index k * R + ray, non-decreasing
+        t_starts, t_ends = torch.cat(starts), torch.cat(ends)  # [N]
+        t_mid = (t_starts + t_ends) * 0.5
+
+        # Evaluate all prompts in one stacked field call: pad each prompt's samples to the longest.
+        counts = torch.tensor([len(x) for x in ray_ids], device=flat_o.device)
+        n_max = max(int(counts.max()), 1)
+        prompt_of = ray_indices // r  # [N]
+        offsets = torch.cumsum(counts, 0) - counts
+        slot = prompt_of * n_max + (torch.arange(len(ray_indices), device=flat_o.device) - offsets[prompt_of])
+        x = flat_o[ray_indices] + flat_d[ray_indices] * t_mid[:, None]  # [N, 3]
+        x_pad = torch.zeros(k * n_max, 3, device=x.device, dtype=x.dtype).index_copy(0, slot, x)
+        fo = self.field.query(x_pad.view(k, n_max, 3), with_normals=need_normals)
+        per_sample = FieldOutput(
+            sigma=fo.sigma.reshape(-1)[slot].contiguous(),
+            albedo=fo.albedo.reshape(-1, 3)[slot],
+            normal=None if fo.normal is None else fo.normal.reshape(-1, 3)[slot],
+        )
+        weights, _, _ = nerfacc.render_weight_from_density(
+            t_starts, t_ends, per_sample.sigma, ray_indices=ray_indices, n_rays=n_rays
+        )
+
+        def acc(w: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
+            return nerfacc.accumulate_along_rays(w, values, ray_indices=ray_indices, n_rays=n_rays).view(k, r, -1)
+
+        return self._composite(
+            acc=acc,
+            weights=weights,
+            t_mid=t_mid,
+            fo=per_sample,
+            dirs=flat_d[ray_indices],
+            light=light_dir[prompt_of],
+            shading=shading,
+            ambient_ratio=ambient_ratio,
+            num_samples=len(ray_indices),
+        )
+
+    def _composite(
+        self,
+        acc: Accumulator,
+        weights: torch.Tensor,
+        t_mid: torch.Tensor,
+        fo: FieldOutput,
+        dirs: torch.Tensor,
+        light: torch.Tensor,
+        shading: str,
+        ambient_ratio: float,
+        num_samples: int,
+    ) -> RenderOutput:
+        """Shade samples and accumulate them into per-ray ``[K, R, C]`` quantities; `dirs` and
+        `light` broadcast against the per-sample values (fixed-count or packed alike)."""
+        colors = shade(shading, fo.albedo, fo.normal, light, ambient_ratio)
+        rgb = acc(weights, colors)  # [K, R, 3]
+        opacity = acc(weights, None)[..., 0]  # [K, R]
+        depth_sum = acc(weights, t_mid[..., None])[..., 0]
+        depth = torch.where(opacity > 1e-6, depth_sum / opacity.clamp_min(1e-6), torch.zeros_like(opacity))
+        out = RenderOutput(rgb=rgb, opacity=opacity, depth=depth, num_samples=num_samples)
+        if fo.normal is not None:
+            out.normal = acc(weights, fo.normal)
+            # Ref-NeRF orientation penalty: visible normals should not face away from the camera
+            # (n . d > 0). Weights are detached, as stable-dreamfusion does, so the penalty turns
+            # normals rather than thinning out density.
+            facing_away = (fo.normal * dirs).sum(dim=-1, keepdim=True).clamp_min(0.0).square()
+            out.orientation = acc(weights.detach(), facing_away)[..., 0].mean(dim=-1)  # [K]
+        return out
+
+    # -- occupancy grids --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_occupancy(self, step: int) -> None:
+        """Refresh the nerfacc occupancy grids every ``render.grid_update_every`` steps with the
+        field's density times the march step (threshold ``render.occupancy_threshold``).
+        Call once per training step before rendering. No-op for the torch sampler and in eval mode."""
+        if self.estimators is None or not self.training or self.backend_for(self._device()) != "nerfacc":
+            return
+        for i, est in enumerate(self.estimators):
+
+            def occ_eval_fn(x: torch.Tensor, i: int = i) -> torch.Tensor:  # [N, 3] -> [N]
+                sigma = torch.cat(
+                    [
+                        self.field.density(chunk[None], prompts=slice(i, i + 1))[0]
+                        for chunk in x.split(OCC_EVAL_CHUNK)
+                    ]
+                )
+                return sigma * self.step_size
+
+            est.update_every_n_steps(
+                step=step,
+                occ_eval_fn=occ_eval_fn,
+                occ_thre=self.cfg.occupancy_threshold,
+                n=max(self.cfg.grid_update_every, 1),
+            )
+
+    def occupied_fraction(self) -> list[float]:
+        """Share of occupied cells in each prompt's grid (for logs); empty for the torch sampler."""
+        if self.estimators is None:
+            return []
+        return [float(est.binaries.float().mean()) for est in self.estimators]
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def render_image(
+        self,
+        cams: CameraBatch,
+        height: int,
+        width: int,
+        shading: str = "albedo",
+        ambient_ratio: float = 0.1,
+        chunk: int = 4096,
+        need_normals: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Full images for K cameras, rendered `chunk` rays per prompt at a time, without jitter.
+
+        Returns ``rgb [K, H, W, 3]``, ``opacity [K, H, W, 1]``, ``depth [K, H, W, 1]`` and, when
+        normals were computed, ``normal [K, H, W, 3]``."""
+        if len(cams) != self.num_prompts:
+            raise ValueError(f"expected {self.num_prompts} cameras (one per prompt), got {len(cams)}")
+        if height < 1 or width < 1 or chunk < 1:
+            raise ValueError(f"image size and chunk must be positive, got {height!r}x{width!r}, chunk={chunk!r}")
+        device = self._device()
+        cams = cams.to(device)
+        rays_o, rays_d = get_rays(cams, height, width)  # [K, H*W, 3]
+        # A random background is drawn once per image, not once per chunk.
+        bg = self.background(rays_d[:, :1], generator=generator) if self.background.kind == "random" else None
+        parts: dict[str, list[torch.Tensor]] = {"rgb": [], "opacity": [], "depth": [], "normal": []}
+        for s in range(0, height * width, chunk):
+            out = self.render(
+                rays_o[:, s : s + chunk],
+                rays_d[:, s : s + chunk],
+                cams.light_dir,
+                shading=shading,
+                ambient_ratio=ambient_ratio,
+                generator=generator,
+                need_normals=need_normals,
+                stratified=False,
+                background=bg,
+            )
+            parts["rgb"].append(out.rgb)
+            parts["opacity"].append(out.opacity[..., None])
+            parts["depth"].append(out.depth[..., None])
+            if out.normal is not None:
+                parts["normal"].append(out.normal)
+        k = self.num_prompts
+        return {
+            name: torch.cat(chunks, dim=1).reshape(k, height, width, -1)
+            for name, chunks in parts.items()
+            if chunks
+        }

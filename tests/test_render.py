@@ -1,0 +1,414 @@
+"""Compositing against hand-computed values and nerfacc; the renderer's shapes, shading and gradients."""
+
+import dataclasses
+import math
+
+import nerfacc
+import pytest
+import torch
+
+from dreamfusion_trt.cameras import get_rays, orbit_cameras
+from dreamfusion_trt.config import FieldConfig, RenderConfig
+from dreamfusion_trt.field import Background, NeRFField
+from dreamfusion_trt.render import Renderer, shade
+from dreamfusion_trt.render import volrend
+from dreamfusion_trt.render.sampling import ray_aabb_intersect, stratified_intervals
+
+FIELD = FieldConfig(
+    num_levels=4, level_dim=2, log2_hashmap_size=10, base_resolution=4, max_resolution=32, hidden_dim=16
+)
+SOLID = dataclasses.replace(FIELD, background="solid", background_color=(0.2, 0.4, 0.6))
+RENDER = RenderConfig(backend="torch", num_samples=24, grid_resolution=8)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _renderer(k=2, field_cfg=SOLID, render_cfg=RENDER, flat=False):
+    """A fresh blob field; with `flat`, the network output is constant (density = pure blob)."""
+    field = NeRFField(field_cfg, num_prompts=k)
+    if flat:
+        with torch.no_grad():
+            field.mlp.layers[-1].weight.zero_()
+    return Renderer(field, Background(field_cfg, k), render_cfg)
+
+
+def _rays_to_centre(k, r, radius=3.0):
+    """Rays from random points on a sphere towards points near the centre, [K, R, 3] each."""
+    d = torch.randn(k, r, 3)
+    origins = radius * d / d.norm(dim=-1, keepdim=True)
+    target = 0.2 * (torch.rand(k, r, 3) - 0.5)
+    dirs = target - origins
+    return origins, dirs / dirs.norm(dim=-1, keepdim=True)
+
+
+def _random_packed(n_rays, max_samples, device="cpu"):
+    counts = torch.randint(0, max_samples + 1, (n_rays,))
+    counts[0] = max_samples  # at least one full ray
+    ray_indices = torch.repeat_interleave(torch.arange(n_rays), counts)
+    gaps = torch.rand(len(ray_indices)) * 0.1
+    lengths = torch.rand(len(ray_indices)) * 0.1 + 0.01
+    t_starts = torch.zeros_like(gaps)
+    pos = 0
+    for c in counts.tolist():  # monotone intervals per ray
+        seg = slice(pos, pos + c)
+        t_starts[seg] = torch.cumsum(gaps[seg] + lengths[seg], 0) - lengths[seg]
+        pos += c
+    t_ends = t_starts + lengths
+    sigmas = torch.rand(len(ray_indices)) * 5
+    return [t.to(device) for t in (t_starts, t_ends, sigmas, ray_indices)]
+
+
+# ---------------------------------------------------------------------------------------------
+# volrend: hand-computed values
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_constant_slab_has_analytic_transmittance(packed):
+    sigma, a, b = 1.7, 1.0, 2.25
+    edges = torch.linspace(0.0, 3.0, 121)  # bin width 0.025 puts a and b on bin edges
+    t_starts, t_ends = edges[:-1], edges[1:]
+    mid = (t_starts + t_ends) / 2
+    sigmas = torch.where((mid > a) & (mid < b), sigma, 0.0)
+    if packed:
+        ray_indices = torch.zeros(120, dtype=torch.long)
+        weights, trans, _ = volrend.weights_from_density_packed(t_starts, t_ends, sigmas, ray_indices, 1)
+        opacity = volrend.accumulate_packed(weights, None, ray_indices, 1)[0, 0]
+    else:
+        weights, trans, _ = volrend.weights_from_density(t_starts, t_ends, sigmas)
+        opacity = volrend.accumulate(weights)[0]
+    expected = 1.0 - math.exp(-sigma * (b - a))
+    assert abs(float(opacity) - expected) < 1e-5
+    assert abs(float(trans[-1]) - math.exp(-sigma * (b - a))) < 1e-5  # behind the slab
+    assert float(trans[int(a / 0.025)]) == pytest.approx(1.0)  # in front of it
+
+
+def test_weights_sum_to_opacity():
+    t_starts, t_ends, sigmas, _ = _random_packed(1, 50)
+    t_starts, t_ends, sigmas = (x.view(1, 50).expand(4, 50) * torch.rand(4, 1) for x in (t_starts, t_ends, sigmas))
+    weights, trans, alphas = volrend.weights_from_density(t_starts, t_ends, sigmas)
+    opacity = volrend.accumulate(weights)[..., 0]
+    torch.testing.assert_close(opacity, 1.0 - torch.exp(-(sigmas * (t_ends - t_starts)).sum(-1)))
+    torch.testing.assert_close(weights, trans * alphas)
+
+
+def test_packed_and_fixed_count_agree():
+    r, s = 6, 10
+    t = torch.sort(torch.rand(r, s + 1) * 4, dim=-1).values
+    t_starts, t_ends = t[:, :-1], t[:, 1:]
+    sigmas = torch.rand(r, s) * 3
+    keep = torch.rand(r, s) > 0.3
+    keep[2] = False  # a ray with no samples
+    values = torch.rand(r, s, 3)
+    # Dropping a sample from the packed list equals giving it zero density in the fixed layout.
+    w_fixed, _, _ = volrend.weights_from_density(t_starts, t_ends, torch.where(keep, sigmas, 0.0))
+    ps, pe, psig, ri = volrend.pack_fixed(t_starts, t_ends, sigmas, keep)
+    w_packed, _, _ = volrend.weights_from_density_packed(ps, pe, psig, ri, r)
+    torch.testing.assert_close(w_packed, w_fixed[keep])
+    torch.testing.assert_close(
+        volrend.accumulate_packed(w_packed, values[keep], ri, r), volrend.accumulate(w_fixed, values)
+    )
+    torch.testing.assert_close(volrend.accumulate_packed(w_packed, None, ri, r), volrend.accumulate(w_fixed))
+
+
+def test_compositing_matches_nerfacc_batched_on_cpu():
+    r, s = 16, 32
+    t = torch.sort(torch.rand(r, s + 1) * 3, dim=-1).values
+    t_starts, t_ends = t[:, :-1], t[:, 1:]
+    sigmas = (torch.rand(r, s) * 4).requires_grad_(True)
+    rgbs = torch.rand(r, s, 3).requires_grad_(True)
+    bg = torch.tensor([0.3, 0.5, 0.7])
+
+    w_ref, trans_ref, alpha_ref = nerfacc.render_weight_from_density(t_starts, t_ends, sigmas)
+    w, trans, alpha = volrend.weights_from_density(t_starts, t_ends, sigmas)
+    torch.testing.assert_close(w, w_ref)
+    torch.testing.assert_close(trans, trans_ref)
+    torch.testing.assert_close(alpha, alpha_ref)
+
+    colors_ref, opacity_ref, depth_ref, _ = nerfacc.rendering(
+        t_starts, t_ends, rgb_sigma_fn=lambda *_: (rgbs, sigmas), render_bkgd=bg
+    )
+    opacity = volrend.accumulate(w)
+    colors = volrend.composite_background(volrend.accumulate(w, rgbs), opacity, bg)
+    depth = volrend.accumulate(w, ((t_starts + t_ends) / 2)[..., None]) / opacity
+    torch.testing.assert_close(colors, colors_ref)
+    torch.testing.assert_close(opacity, opacity_ref)
+    torch.testing.assert_close(depth, depth_ref)
+
+    probe = torch.rand(r, 3)
+    grads_ref = torch.autograd.grad((colors_ref * probe).sum(), (sigmas, rgbs))
+    grads = torch.autograd.grad((colors * probe).sum(), (sigmas, rgbs))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.gpu
+def test_packed_compositing_matches_nerfacc_cuda():
+    t_starts, t_ends, sigmas, ray_indices = _random_packed(64, 40, device="cuda")
+    sigmas.requires_grad_(True)
+    values = torch.rand(len(sigmas), 3, device="cuda")
+    w_ref, trans_ref, alpha_ref = nerfacc.render_weight_from_density(
+        t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=64
+    )
+    w, trans, alpha = volrend.weights_from_density_packed(t_starts, t_ends, sigmas, ray_indices, 64)
+    torch.testing.assert_close(w, w_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(trans, trans_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(alpha, alpha_ref)
+    acc_ref = nerfacc.accumulate_along_rays(w_ref, values, ray_indices=ray_indices, n_rays=64)
+    acc = volrend.accumulate_packed(w, values, ray_indices, 64)
+    torch.testing.assert_close(acc, acc_ref, atol=1e-5, rtol=1e-4)
+    (g_ref,) = torch.autograd.grad(acc_ref.sum(), sigmas)
+    (g,) = torch.autograd.grad(acc.sum(), sigmas)
+    torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling and shading
+
+
+def test_ray_box_intersection():
+    o = torch.tensor([[-3.0, 0.0, 0.0], [0.0, 0.0, 5.0], [0.2, 0.1, 0.0], [3.0, 0.0, 0.0]])
+    d = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    near, far, hit = ray_aabb_intersect(o, d, bound=1.0)
+    assert hit.tolist() == [True, False, True, False]  # the last one points away from the box
+    torch.testing.assert_close(near, torch.tensor([2.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(far, torch.tensor([4.0, 0.0, 1.0, 0.0]))  # a camera inside starts at 0
+
+
+def test_stratified_samples_stay_in_their_bins():
+    near, far = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0])
+    t0, t1, t = stratified_intervals(near, far, 8, jitter=True, generator=torch.Generator().manual_seed(0))
+    assert bool(((t >= t0) & (t <= t1)).all())
+    torch.testing.assert_close(t1[0] - t0[0], torch.full((8,), 0.25))
+    assert float((t1[1] - t0[1]).abs().max()) == 0  # an empty interval has empty bins
+    _, _, t_mid = stratified_intervals(near, far, 8, jitter=False)
+    torch.testing.assert_close(t_mid, (t0 + t1) / 2)
+
+
+def test_shading_functions():
+    albedo = torch.rand(5, 3)
+    n = torch.nn.functional.normalize(torch.randn(5, 3), dim=-1)
+    torch.testing.assert_close(shade("lambertian", albedo, n, n, 0.1), albedo)  # light along the normal
+    torch.testing.assert_close(shade("lambertian", albedo, n, -n, 0.1), 0.1 * albedo)  # lit from behind
+    grey = shade("textureless", albedo, n, torch.tensor([0.0, 0.0, 1.0]), 0.2)
+    assert bool((grey == grey[:, :1]).all())
+    torch.testing.assert_close(shade("normal", albedo, n, None, 0.0), (n + 1) / 2)
+    with pytest.raises(ValueError, match="'phong'"):
+        shade("phong", albedo, n, n, 0.1)
+    with pytest.raises(ValueError, match="needs normals"):
+        shade("lambertian", albedo, None, n, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# renderer
+
+
+def test_render_shapes():
+    renderer = _renderer(k=2)
+    o, d = _rays_to_centre(2, 10)
+    out = renderer.render(o, d, torch.tensor([[0.0, 0.0, 1.0]] * 2), shading="albedo")
+    assert out.rgb.shape == (2, 10, 3) and out.opacity.shape == (2, 10) and out.depth.shape == (2, 10)
+    assert out.background.shape == (2, 10, 3)
+    assert out.normal is None and out.orientation is None
+    out = renderer.render(o, d, torch.tensor([[0.0, 0.0, 1.0]] * 2), shading="albedo", need_normals=True)
+    assert out.normal.shape == (2, 10, 3) and out.orientation.shape == (2,)
+    assert out.num_samples == 2 * 10 * RENDER.num_samples
+    # The blob is opaque at the centre; depth lies between the camera and the far side of the box.
+    assert float(out.opacity.detach().min()) > 0.99
+    assert bool(((out.depth > 3.0 - 0.5) & (out.depth < 3.0)).all())
+
+
+def test_render_rejects_mismatched_shapes():
+    renderer = _renderer(k=2)
+    o, d = _rays_to_centre(3, 4)
+    with pytest.raises(ValueError, match=r"\[2, R, 3\]"):
+        renderer.render(o, d, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="'phong'"):
+        renderer.render(o[:2], d[:2], torch.zeros(2, 3), shading="phong")
+
+
+@pytest.mark.parametrize("bg_kind", ["solid", "mlp"])
+def test_background_shows_where_rays_miss(bg_kind):
+    renderer = _renderer(k=2, field_cfg=dataclasses.replace(SOLID, background=bg_kind))
+    o = torch.tensor([[0.0, 0.0, 5.0], [0.0, 3.0, 3.0], [3.0, 0.0, 0.0]]).expand(2, 3, 3).contiguous()
+    d = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]).expand(2, 3, 3).contiguous()
+    out = renderer.render(o, d, torch.tensor([[0.0, 0.0, 1.0]] * 2))
+    assert float(out.opacity[:, :2].detach().abs().max()) == 0  # the first two rays miss the box
+    torch.testing.assert_close(out.rgb[:, :2], out.background[:, :2])
+    if bg_kind == "solid":
+        torch.testing.assert_close(out.rgb[:, :2], torch.tensor([0.2, 0.4, 0.6]).expand(2, 2, 3))
+    assert float(out.opacity[:, 2].detach().min()) > 0.99  # the third goes through the blob
+
+
+def test_lambertian_with_light_along_normal_equals_albedo():
+    renderer = _renderer(k=2, flat=True).eval()
+    # Rays along the x axis towards the centre: every sample's normal is +x (prompt 0) / -x (prompt 1).
+    o = torch.tensor([[[3.0, 0.0, 0.0]] * 4, [[-3.0, 0.0, 0.0]] * 4])
+    d = -o / 3.0
+    towards = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    albedo = renderer.render(o, d, towards, shading="albedo").rgb
+    lit = renderer.render(o, d, towards, shading="lambertian", ambient_ratio=0.1)
+    torch.testing.assert_close(lit.rgb, albedo, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lit.normal, -d * lit.opacity[..., None], atol=1e-4, rtol=1e-4)
+    behind = renderer.render(o, d, -towards, shading="lambertian", ambient_ratio=0.1).rgb
+    bg = torch.tensor([0.2, 0.4, 0.6])
+    opacity = lit.opacity[..., None]
+    torch.testing.assert_close(behind - (1 - opacity) * bg, 0.1 * (albedo - (1 - opacity) * bg), atol=1e-5, rtol=1e-4)
+
+
+def test_textureless_is_greyscale():
+    cfg = dataclasses.replace(SOLID, background_color=(0.5, 0.5, 0.5))
+    renderer = _renderer(k=2, field_cfg=cfg).eval()
+    cams = orbit_cameras(2, elevation_deg=20.0, radius=2.5, fovy_deg=50.0)
+    img = renderer.render_image(cams, 12, 12, shading="textureless", ambient_ratio=0.2)["rgb"]
+    torch.testing.assert_close(img[..., 0], img[..., 1])
+    torch.testing.assert_close(img[..., 1], img[..., 2])
+    albedo = renderer.render_image(cams, 12, 12, shading="albedo")["rgb"]
+    assert float((albedo[..., 0] - albedo[..., 1]).abs().max()) > 1e-3  # the albedo itself is coloured
+
+
+def test_orientation_penalty_is_small_for_outward_normals_and_large_for_inward():
+    o, d = _rays_to_centre(2, 16)
+    light = torch.tensor([[0.0, 0.0, 1.0]] * 2)
+    out = _renderer(k=2).eval().render(o, d, light, need_normals=True)
+    inverted = _renderer(k=2, field_cfg=dataclasses.replace(SOLID, blob_density=-10.0)).eval()
+    out_inv = inverted.render(o, d, light, need_normals=True)
+    assert bool((out.orientation >= 0).all())
+    assert float(out.orientation.detach().max()) < 0.01
+    assert float(out_inv.orientation.detach().min()) > 0.1
+
+
+def test_backward_through_render_reaches_field_and_background():
+    renderer = _renderer(k=2, field_cfg=FIELD).train()
+    o, d = _rays_to_centre(2, 12)
+    d[:, :3] = -d[:, :3]  # some rays leave the box, so the background contributes
+    out = renderer.render(o, d, torch.tensor([[0.0, 0.6, 0.8]] * 2), shading="lambertian", need_normals=True)
+    (out.rgb.square().sum() + out.orientation.sum() + out.opacity.sum()).backward()
+    for name, p in renderer.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+        assert float(p.grad.abs().sum()) > 0, name
+
+
+def test_eval_mode_is_deterministic_and_training_jitter_follows_the_generator():
+    renderer = _renderer(k=2, field_cfg=FIELD)
+    o, d = _rays_to_centre(2, 8)
+    light = torch.tensor([[0.0, 0.0, 1.0]] * 2)
+    renderer.eval()
+    a = renderer.render(o, d, light, shading="lambertian")
+    b = renderer.render(o, d, light, shading="lambertian")
+    assert torch.equal(a.rgb, b.rgb) and torch.equal(a.depth, b.depth)
+    renderer.train()
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    c = renderer.render(o, d, light, generator=g(1)).depth
+    assert torch.equal(c, renderer.render(o, d, light, generator=g(1)).depth)
+    assert not torch.equal(c, renderer.render(o, d, light, generator=g(2)).depth)
+
+
+def test_render_image_is_chunk_independent_and_matches_render():
+    renderer = _renderer(k=2, field_cfg=FIELD).eval()
+    cams = orbit_cameras(2, elevation_deg=10.0, radius=2.5, fovy_deg=45.0)
+    full = renderer.render_image(cams, 8, 10, shading="normal", chunk=1000)
+    chunked = renderer.render_image(cams, 8, 10, shading="normal", chunk=7)
+    assert full["rgb"].shape == (2, 8, 10, 3) and full["opacity"].shape == (2, 8, 10, 1)
+    assert full["depth"].shape == (2, 8, 10, 1) and full["normal"].shape == (2, 8, 10, 3)
+    for key in full:
+        torch.testing.assert_close(chunked[key], full[key], atol=1e-6, rtol=1e-5)
+    o, d = get_rays(cams, 8, 10)
+    out = renderer.render(o, d, cams.light_dir, shading="normal")
+    torch.testing.assert_close(full["rgb"].reshape(2, 80, 3), out.rgb, atol=1e-6, rtol=1e-5)
+    assert not full["rgb"].requires_grad  # evaluation images carry no graph
+
+
+def test_state_dict_round_trip_renders_the_same_image():
+    cfg = dataclasses.replace(RENDER, backend="auto")
+    a = _renderer(k=2, field_cfg=FIELD, render_cfg=cfg).eval()
+    with torch.no_grad():
+        a.field.encoding.tables.normal_(0, 0.5)
+    state = a.state_dict()
+    assert any(key.startswith("estimators.1.") for key in state)  # occupancy grids are saved too
+    b = _renderer(k=2, field_cfg=FIELD, render_cfg=cfg).eval()
+    b.load_state_dict(state)
+    cams = orbit_cameras(2, elevation_deg=30.0, radius=2.0, fovy_deg=50.0)
+    torch.testing.assert_close(b.render_image(cams, 6, 6)["rgb"], a.render_image(cams, 6, 6)["rgb"])
+
+
+def test_backend_choice_on_cpu():
+    auto = _renderer(k=1, render_cfg=dataclasses.replace(RENDER, backend="auto"))
+    assert auto.backend_for(torch.device("cpu")) == "torch"
+    before = auto.estimators[0].binaries.clone()
+    auto.train().update_occupancy(0)  # a no-op while the torch sampler is in use
+    assert torch.equal(auto.estimators[0].binaries, before)
+    forced = _renderer(k=1, render_cfg=dataclasses.replace(RENDER, backend="nerfacc"))
+    o, d = _rays_to_centre(1, 2)
+    with pytest.raises(ValueError, match="'cpu'"):
+        forced.render(o, d, torch.zeros(1, 3))
+
+
+def test_packed_path_with_pytorch_kernels_matches_torch_renderer(monkeypatch):
+    """The nerfacc code path (marching per prompt, padding, packed compositing) on the CPU, with
+    nerfacc's CUDA-only pieces replaced by their PyTorch twins and the marcher replaced by the torch
+    sampler's bins: it must reproduce the torch renderer exactly."""
+    cfg = dataclasses.replace(RENDER, backend="auto", num_samples=16)
+    renderer = _renderer(k=3, field_cfg=FIELD, render_cfg=cfg).eval()
+    with torch.no_grad():
+        renderer.field.encoding.tables.normal_(0, 0.3)
+    o, d = _rays_to_centre(3, 9)
+    o[1, :4] = torch.tensor([0.0, 0.0, 5.0])  # rays that miss: prompts get different sample counts
+    d[1, :4] = torch.tensor([1.0, 0.0, 0.0])
+    light = torch.nn.functional.normalize(torch.randn(3, 3), dim=-1)
+    expected = renderer.render(o, d, light, shading="lambertian", need_normals=True)
+
+    def fake_sampling(rays_o, rays_d, sigma_fn=None, render_step_size=None, stratified=False, **_):
+        near, far, hit = ray_aabb_intersect(rays_o, rays_d, renderer.bound)
+        t0, t1, _ = stratified_intervals(near, far, cfg.num_samples, jitter=False)
+        keep = hit[:, None].expand_as(t0)
+        ts, te, _, ri = volrend.pack_fixed(t0, t1, t0, keep)
+        assert sigma_fn(ts, te, ri).shape == ts.shape
+        return ri.int(), ts, te
+
+    for est in renderer.estimators:
+        monkeypatch.setattr(est, "sampling", fake_sampling)
+    monkeypatch.setattr(renderer, "backend_for", lambda device: "nerfacc")
+    monkeypatch.setattr(
+        nerfacc,
+        "render_weight_from_density",
+        lambda t0, t1, s, ray_indices, n_rays: volrend.weights_from_density_packed(t0, t1, s, ray_indices, n_rays),
+    )
+    monkeypatch.setattr(
+        nerfacc,
+        "accumulate_along_rays",
+        lambda w, v, ray_indices, n_rays: volrend.accumulate_packed(w, v, ray_indices, n_rays),
+    )
+    got = renderer.render(o, d, light, shading="lambertian", need_normals=True)
+    assert got.num_samples < expected.num_samples
+    for name in ("rgb", "opacity", "depth", "normal", "orientation"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_nerfacc_and_torch_renderers_draw_the_same_blob():
+    device = torch.device("cuda")
+    field = NeRFField(SOLID, num_prompts=2).to(device)
+    background = Background(SOLID, 2).to(device)
+    torch_r = Renderer(field, background, dataclasses.replace(RENDER, backend="torch", num_samples=512)).eval()
+    acc_r = Renderer(
+        field, background, dataclasses.replace(RENDER, backend="nerfacc", num_samples=512, grid_resolution=64)
+    ).to(device)
+    assert acc_r.backend_for(device) == "nerfacc"
+    cams = orbit_cameras(2, elevation_deg=20.0, radius=2.5, fovy_deg=50.0)
+    ref = torch_r.render_image(cams, 32, 32, shading="lambertian", ambient_ratio=0.2)
+    for update in (False, True):
+        if update:  # prune empty cells; the image must not change
+            acc_r.train().update_occupancy(0)
+            assert max(acc_r.occupied_fraction()) < 0.5
+        got = acc_r.eval().render_image(cams, 32, 32, shading="lambertian", ambient_ratio=0.2)
+        assert float((got["opacity"] - ref["opacity"]).abs().mean()) < 0.02
+        assert float((got["rgb"] - ref["rgb"]).abs().mean()) < 0.02
+    # Training through the nerfacc path reaches the field parameters.
+    acc_r.train()
+    o, d = _rays_to_centre(2, 64)
+    out = acc_r.render(o.to(device), d.to(device), cams.light_dir.to(device), shading="lambertian", need_normals=True)
+    (out.rgb.sum() + out.orientation.sum()).backward()
+    assert float(field.encoding.tables.grad.abs().sum()) > 0
