@@ -1,0 +1,244 @@
+"""SDS math against hand-computed values, and the two ways a render becomes latents."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_sd import tiny_sd_paths  # noqa: F401  (session fixture)
+
+from dreamfusion_trt.config import SDSConfig
+from dreamfusion_trt.engines.eager import EagerImageEncoder, EagerNoisePredictor
+from dreamfusion_trt.guidance.latents import LinearLatentMap, encode_rgb, fit_rgb_to_latent
+from dreamfusion_trt.guidance.sds import SDSGuidance, sds_loss, sds_weight
+from dreamfusion_trt.sdmodel import load_diffusion
+
+K, C, H, W, D = 3, 4, 8, 8, 32
+
+
+@pytest.fixture(scope="module")
+def model(tiny_sd_paths):
+    return load_diffusion(str(tiny_sd_paths.folder), device="cpu", dtype="auto")
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+class RecordingPredictor:
+    """A NoisePredictor whose output depends on all three inputs, recording every call."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, emb):
+        self.calls.append((x.clone(), t.clone(), emb.clone()))
+        return self.eps(x, t, emb)
+
+    @staticmethod
+    def eps(x, t, emb):
+        return 0.3 * x + 1e-3 * t.view(-1, 1, 1, 1).to(x.dtype) + emb.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+def inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(K, C, H, W, generator=gen).requires_grad_(True)
+    cond = torch.randn(K, 77, D, generator=gen)
+    uncond = torch.randn(K, 77, D, generator=gen)
+    return latents, cond, uncond
+
+
+def test_sds_loss_gradient_is_exactly_grad():
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float16):
+        latents = (100 * torch.randn(2, 4, 16, 16, generator=gen)).to(dtype).requires_grad_(True)
+        grad = (1e-3 * torch.randn(2, 4, 16, 16, generator=gen)).to(dtype)
+        loss = sds_loss(latents, grad)
+        loss.backward()
+        assert latents.grad.dtype == dtype
+        assert torch.equal(latents.grad, grad)
+        assert loss.item() == pytest.approx(0.5 * grad.double().square().sum().item(), rel=1e-5)
+
+
+def test_sds_matches_hand_computed_cfg():
+    ac = sd_alphas_cumprod()
+    cfg = SDSConfig(guidance_scale=7.5, weighting="one_minus_alpha")
+    pred = RecordingPredictor()
+    sds = SDSGuidance(pred, ac, cfg)
+    latents, cond, uncond = inputs()
+    out = sds(latents, cond, uncond, progress=0.3, generator=torch.Generator().manual_seed(7))
+
+    # Same draws, in the documented order: t first, then the noise.
+    gen = torch.Generator().manual_seed(7)
+    t = torch.randint(20, 981, (K,), generator=gen)
+    noise = torch.randn(K, C, H, W, generator=gen)
+    a = ac[t].view(K, 1, 1, 1)
+    x_t = a.sqrt() * latents.detach() + (1 - a).sqrt() * noise
+
+    assert len(pred.calls) == 1
+    x_in, t_in, emb_in = pred.calls[0]
+    assert x_in.shape == (2 * K, C, H, W)
+    torch.testing.assert_close(x_in[:K], x_t)
+    torch.testing.assert_close(x_in[K:], x_t)
+    assert torch.equal(t_in, torch.cat([t, t])) and torch.equal(out.t, t) and out.t.dtype == torch.long
+    assert torch.equal(emb_in[:K], uncond) and torch.equal(emb_in[K:], cond)  # uncond first
+
+    eps_u = RecordingPredictor.eps(x_t, t, uncond)
+    eps_c = RecordingPredictor.eps(x_t, t, cond)
+    eps_hat = eps_u + 7.5 * (eps_c - eps_u)
+    torch.testing.assert_close(out.noise_pred, eps_hat)
+    torch.testing.assert_close(out.grad, (1 - a) * (eps_hat - noise))
+    assert not out.grad.requires_grad
+
+    out.loss.backward()
+    assert torch.equal(latents.grad, out.grad)
+
+
+def test_no_gradient_reaches_the_unet(model):
+    unet = model.unet
+    unet.requires_grad_(True)  # even if someone unfroze it, SDS must not build a graph through it
+    try:
+        sds = SDSGuidance(EagerNoisePredictor(unet), model.alphas_cumprod, SDSConfig())
+        latents, cond, uncond = inputs()
+        out = sds(latents, cond, uncond, progress=0.0, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        assert all(p.grad is None for p in unet.parameters())
+        assert torch.equal(latents.grad, out.grad)
+        assert torch.isfinite(out.grad).all() and out.grad.abs().sum() > 0
+    finally:
+        unet.requires_grad_(False)
+
+
+def test_nan_predictions_give_a_finite_gradient():
+    class NaNPredictor:
+        name = "nan"
+
+        def __call__(self, x, t, emb):
+            return torch.full_like(x, float("nan"))
+
+    latents, cond, uncond = inputs()
+    out = SDSGuidance(NaNPredictor(), sd_alphas_cumprod(), SDSConfig())(latents, cond, uncond, 0.5)
+    assert torch.isfinite(out.grad).all() and torch.isfinite(out.loss)
+
+
+def test_weightings():
+    a = torch.tensor([0.25, 0.64])
+    torch.testing.assert_close(sds_weight(a, "one_minus_alpha"), torch.tensor([0.75, 0.36]))
+    torch.testing.assert_close(sds_weight(a, "sqrt_one_minus_alpha"), torch.tensor([math.sqrt(0.75), 0.6]))
+    torch.testing.assert_close(sds_weight(a, "uniform"), torch.ones(2))
+    with pytest.raises(ValueError, match="'sigma'"):
+        sds_weight(a, "sigma")
+    with pytest.raises(ValueError, match="'sigma'"):
+        SDSGuidance(RecordingPredictor(), sd_alphas_cumprod(), SDSConfig(weighting="sigma"))
+
+
+def test_t_range_annealing():
+    ac = sd_alphas_cumprod()
+    fixed = SDSGuidance(RecordingPredictor(), ac, SDSConfig(t_min=0.02, t_max=0.98))
+    assert fixed.t_range(0.0) == fixed.t_range(1.0) == (20, 980)
+    lin = SDSGuidance(RecordingPredictor(), ac, SDSConfig(t_anneal="linear", t_max_final=0.5))
+    assert [lin.t_range(p) for p in (0.0, 0.5, 1.0, 2.0)] == [(20, 980), (20, 740), (20, 500), (20, 500)]
+    sq = SDSGuidance(RecordingPredictor(), ac, SDSConfig(t_anneal="sqrt", t_max_final=0.5))
+    assert sq.t_range(0.25) == (20, 740)
+    low = SDSGuidance(RecordingPredictor(), ac, SDSConfig(t_min=0.3, t_anneal="linear", t_max_final=0.1))
+    assert low.t_range(1.0) == (300, 300)  # never below t_min
+    with pytest.raises(ValueError, match="t_min <= t_max"):
+        SDSGuidance(RecordingPredictor(), ac, SDSConfig(t_min=0.9, t_max=0.5))
+
+
+def test_sampled_t_covers_the_range_inclusively():
+    sds = SDSGuidance(RecordingPredictor(), sd_alphas_cumprod(), SDSConfig(t_min=0.1, t_max=0.105))
+    latents = torch.zeros(2000, 1, 1, 1, requires_grad=True)
+    emb = torch.zeros(2000, 1, 1)
+    out = sds(latents, emb, emb, progress=0.0, generator=torch.Generator().manual_seed(0))
+    assert set(out.t.tolist()) == set(range(100, 106))
+
+
+def test_shape_errors():
+    latents, cond, uncond = inputs()
+    sds = SDSGuidance(RecordingPredictor(), sd_alphas_cumprod(), SDSConfig())
+    with pytest.raises(ValueError, match="cond, uncond"):
+        sds(latents, cond[:2], uncond[:2], 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# renders -> latents
+
+
+class AffineEncoder:
+    """An exactly per-pixel-affine 'VAE': mean colour of each 8x8 patch through W, b."""
+
+    name = "affine"
+
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, images):  # [-1, 1] -> latents
+        colors = F.avg_pool2d((images + 1) / 2, 8)
+        return torch.einsum("cj,kjhw->kchw", self.weight, colors) + self.bias.view(1, -1, 1, 1)
+
+
+def test_fit_recovers_an_affine_encoder():
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(4, 3, generator=gen), torch.randn(4, generator=gen)
+    enc = AffineEncoder(weight, bias)
+    fitted = fit_rgb_to_latent(enc, "cpu", torch.float32, n_colors=16, size=64)
+    torch.testing.assert_close(fitted.weight, weight, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fitted.bias, bias, rtol=1e-4, atol=1e-4)
+    assert fitted.r2.item() > 0.9999
+    # It reproduces the encoder on flat colours.
+    colors = torch.rand(5, 3, 1, 1, generator=gen)
+    expected = enc(colors.expand(5, 3, 64, 64) * 2 - 1)
+    torch.testing.assert_close(fitted(colors.expand(5, 3, 8, 8)), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fit_on_the_tiny_vae_is_the_least_squares_optimum(model, caplog):
+    enc = EagerImageEncoder(model.vae, model.vae_scaling_factor)
+    with caplog.at_level("INFO", logger="dreamfusion_trt.guidance.latents"):
+        fitted = fit_rgb_to_latent(enc, "cpu", torch.float32, n_colors=8, size=64, seed=0)
+    assert "R^2 =" in caplog.text
+    assert 0.0 <= fitted.r2.item() <= 1.0
+    # Flat colours, interior latent pixels: the fitted map beats any perturbation of itself.
+    colors = torch.rand(8, 3, 1, 1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = enc(colors.expand(8, 3, 64, 64) * 2 - 1)[..., 1:-1, 1:-1]
+
+    def err(m):
+        return (m(colors.expand(8, 3, 6, 6)) - target).square().mean().item()
+
+    base = err(fitted)
+    for delta in (0.05, -0.05):
+        worse = LinearLatentMap(fitted.weight + delta, fitted.bias, fitted.r2)
+        assert err(worse) > base
+
+
+def test_linear_latent_map_is_differentiable_and_saves():
+    gen = torch.Generator().manual_seed(0)
+    m = LinearLatentMap(torch.randn(4, 3, generator=gen), torch.randn(4, generator=gen), 0.9).double()
+    images = torch.rand(2, 3, 5, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (images,))
+    out = m(images)
+    assert out.shape == (2, 4, 5, 5)
+    torch.testing.assert_close(out[1, :, 2, 3], m.weight @ images[1, :, 2, 3] + m.bias)
+
+    state = m.float().state_dict()
+    assert set(state) == {"weight", "bias", "r2"}
+    loaded = LinearLatentMap(torch.zeros(4, 3), torch.zeros(4))
+    loaded.load_state_dict(state)
+    assert torch.equal(loaded.weight, m.weight) and loaded.r2.item() == pytest.approx(0.9)
+    with pytest.raises(ValueError, match=r"\[K, 3, h, w\]"):
+        m(images[:, :2])
+
+
+def test_encode_rgb_resizes_and_backpropagates(model):
+    enc = EagerImageEncoder(model.vae, model.vae_scaling_factor)
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    latents = encode_rgb(images, enc, size=64)
+    assert latents.shape == (2, 4, 8, 8)
+    up = F.interpolate(images.detach(), size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(latents.detach(), enc(up * 2 - 1).detach())
+    sds_loss(latents, torch.ones_like(latents)).backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
