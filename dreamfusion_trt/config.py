@@ -99,7 +99,7 @@ class RenderConfig:
 class CameraConfig:
     """Random training cameras (DreamFusion's distribution) and validation orbits."""
 
-    render_size: int = 64  # the NeRF is rendered at render_size x render_size
+    render_size: int = 64  # RGB phase render size; the latent phase renders at the model's latent size (64 for SD)
     radius_range: tuple[float, float] = (1.0, 1.5)
     elevation_range: tuple[float, float] = (-10.0, 90.0)  # degrees
     azimuth_range: tuple[float, float] = (-180.0, 180.0)  # degrees, 0 = front
@@ -125,7 +125,7 @@ class TrainConfig:
 
     iters: int = 10000
     latent_fraction: float = 0.3  # first fraction of iterations in latent space, then RGB through the VAE
-    encode_size: int = 512  # RGB phase: renders are resized to this before the VAE encoder
+    encode_size: int = 0  # RGB phase: renders are resized to this before the VAE encoder; 0 = the model's native size (512 for SD)
     lr: float = 1e-3  # MLP learning rate; the hash grid uses grid_lr_scale times this
     grid_lr_scale: float = 10.0
     betas: tuple[float, float] = (0.9, 0.99)
@@ -135,6 +135,7 @@ class TrainConfig:
     tf32: bool = True
     compile: bool = False  # torch.compile the field and renderer (CUDA only)
     seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume, somewhat slower
     device: str = "auto"
     ckpt_every: int = 1000
     log_every: int = 10

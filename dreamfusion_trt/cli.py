@@ -1,0 +1,231 @@
+"""Command line: generate · render · export-mesh · build-engines · bench.
+
+Every error the user can cause ends in one `dreamfusion-trt: error: ...` line and exit code 2;
+Ctrl-C exits 130 after the trainer has written a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from .config import RunConfig, add_config_arguments, from_dict, load_yaml, overrides_from_args
+
+log = logging.getLogger("dreamfusion_trt")
+
+# Short flags for the options people set most; each one is an alias of a --section.field.
+SHORTCUTS = {
+    "model": ("model", "model"),
+    "backend": ("model", "backend"),
+    "out": ("output", "out"),
+    "iters": ("train", "iters"),
+    "seed": ("train", "seed"),
+    "device": ("train", "device"),
+    "negative": ("prompt", "negative"),
+}
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=40, width=110)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", help="YAML file of config sections; command-line flags override it")
+    p.add_argument("--model", help="hub id, local diffusers folder, or single-file .safetensors/.ckpt checkpoint "
+                   f"(default: {RunConfig().model.model})")  # fmt: skip
+    p.add_argument("--backend", help="noise-predictor backend: auto, eager, inductor, aotinductor, tensorrt (default: eager)")
+    p.add_argument("--out", help=f"output folder (default: {RunConfig().output.out})")
+    p.add_argument("--iters", type=int, help=f"training iterations (default: {RunConfig().train.iters})")
+    p.add_argument("--seed", type=int, help="random seed (default: 0)")
+    p.add_argument("--device", help="cuda, cuda:N, cpu or auto (default: auto)")
+    p.add_argument("--negative", help="negative prompt (default: empty)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    add_config_arguments(p)
+
+
+def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """defaults (or a checkpoint's config) < --config YAML < --section.field < shortcut flags."""
+    cfg = base if base is not None else RunConfig()
+    if getattr(args, "config", None):
+        cfg = load_yaml(args.config, cfg)
+    cfg = from_dict(overrides_from_args(args), cfg)
+    short: dict[str, dict[str, object]] = {}
+    for flag, (section, name) in SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            short.setdefault(section, {})[name] = value
+    if getattr(args, "prompt", None) is not None:
+        short.setdefault("prompt", {})["text"] = args.prompt
+    return from_dict(short, cfg)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .train.generate import generate
+
+    base = None
+    if args.resume:
+        out = Path(args.out or build_config(args).output.out)
+        base = load_checkpoint(out).config
+        if args.prompt is not None and args.prompt != base.prompt.text:
+            raise ValueError(f"--resume: '{out}' was trained on {base.prompt.text!r}, not {args.prompt!r}")
+    cfg = build_config(args, base)
+    outputs = generate(cfg, resume=args.resume, progress=not args.quiet)
+    for name, value in dataclasses.asdict(outputs).items():
+        log.info("%s: %s", name, value)
+    print(outputs.out_dir)
+    return 0
+
+
+def _open_scene(ckpt_path: str, device_name: str):
+    from .checkpoint import load_checkpoint
+    from .scene import build_scene, resolve_device
+
+    device = resolve_device(device_name)
+    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    renderer = build_scene(ckpt.config, num_prompts=int(ckpt.state.get("num_prompts", 1)), device=device)
+    try:
+        renderer.load_state_dict(ckpt.model)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint '{ckpt_path}' does not match its own config: {exc}") from exc
+    return ckpt, renderer.eval()
+
+
+def _parse_light(text: str | None) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ValueError(f"--light must be three numbers x,y,z, got {text!r}") from exc
+    if len(values) != 3 or all(v == 0 for v in values):
+        raise ValueError(f"--light must be a non-zero direction x,y,z, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .export.artifacts import write_grids, write_turntables
+
+    light = _parse_light(args.light)
+    ckpt, renderer = _open_scene(args.checkpoint, args.device)
+    cfg = ckpt.config
+    cfg.output = dataclasses.replace(
+        cfg.output,
+        video_frames=args.frames or cfg.output.video_frames,
+        video_size=args.size or cfg.output.video_size,
+    )
+    out = Path(args.out) if args.out else Path(args.checkpoint if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent)
+    stems = [f"prompt{k}_" if renderer.num_prompts > 1 else "" for k in range(renderer.num_prompts)]
+    write_grids(renderer, cfg, [out / f"{s}relit.png" if light else out / f"{s}validation.png" for s in stems], light_dir=light)
+    if not args.no_video:
+        write_turntables(renderer, cfg, [out / f"{s}turntable.mp4" for s in stems])
+    print(out)
+    return 0
+
+
+def cmd_export_mesh(args: argparse.Namespace) -> int:
+    from .export.artifacts import write_meshes
+
+    ckpt, renderer = _open_scene(args.checkpoint, args.device)
+    cfg = ckpt.config
+    formats = tuple(f.strip() for f in args.formats.split(",")) if args.formats else cfg.output.mesh_formats
+    cfg = from_dict(
+        {"output": {
+            "mesh_formats": list(formats),
+            "mesh_resolution": args.resolution or cfg.output.mesh_resolution,
+            "mesh_threshold": args.threshold if args.threshold is not None else cfg.output.mesh_threshold,
+        }},
+        cfg,
+    )  # fmt: skip
+    for fmt in cfg.output.mesh_formats:
+        if fmt not in ("glb", "obj", "ply"):
+            raise ValueError(f"--formats: {fmt!r} is not one of glb, obj, ply")
+    out = Path(args.out) if args.out else Path(args.checkpoint if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent)
+    for paths in write_meshes(renderer, cfg, [out] * renderer.num_prompts, stem="mesh"):
+        for p in paths:
+            print(p)
+    return 0
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from .engines.build import main as build_main
+
+    return build_main(args.rest)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "engines":
+        from .bench.engines import main as bench_main
+    else:
+        raise ValueError(f"unknown benchmark {args.what!r}")
+    return bench_main(args.rest)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamfusion-trt", description=__doc__, formatter_class=_formatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="train a NeRF for one prompt and export it", formatter_class=_formatter)
+    g.add_argument("prompt", nargs="?", help="text prompt, e.g. \"a DSLR photo of a hamburger\"")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    _add_run_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("render", help="render a checkpoint: image grid (optionally relit) and turntable MP4")
+    r.add_argument("checkpoint", help="run folder or checkpoint.safetensors")
+    r.add_argument("--out", help="output folder (default: beside the checkpoint)")
+    r.add_argument("--light", help="world-space light direction x,y,z for relit renders (z is up)")
+    r.add_argument("--frames", type=int, help="turntable frames")
+    r.add_argument("--size", type=int, help="image size in pixels")
+    r.add_argument("--no-video", action="store_true", help="image grid only")
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=cmd_render)
+
+    m = sub.add_parser("export-mesh", help="marching-cubes mesh of a checkpoint (GLB, OBJ, PLY)")
+    m.add_argument("checkpoint", help="run folder or checkpoint.safetensors")
+    m.add_argument("--out", help="output folder (default: beside the checkpoint)")
+    m.add_argument("--formats", help="comma-separated: glb,obj,ply (default: the run's output.mesh_formats)")
+    m.add_argument("--resolution", type=int, help="grid cells per axis")
+    m.add_argument("--threshold", type=float, help="density iso-level")
+    m.add_argument("--device", default="auto")
+    m.set_defaults(func=cmd_export_mesh)
+
+    b = sub.add_parser("build-engines", help="export ONNX and build engines once (see build_scripts/build_engines.py)", add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_build_engines)
+
+    bench = sub.add_parser("bench", help="benchmarks that write JSON (engines)")
+    bench.add_argument("what", choices=["engines"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("dreamfusion-trt: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError) as exc:
+        if args.verbose:
+            log.exception("failed")
+        message = " ".join(str(exc).split())  # one line, however the library formatted it
+        print(f"dreamfusion-trt: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

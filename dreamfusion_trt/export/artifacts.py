@@ -1,0 +1,91 @@
+"""Everything a finished run leaves for people to open: turntable MP4, image grids, relit views,
+meshes. Works on any scene (fresh from training or reopened from a checkpoint) and writes one
+set of files per prompt of a K-prompt scene."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..cameras import orbit_cameras
+from ..config import RunConfig
+from ..render.renderer import Renderer
+from .media import image_grid, to_uint8, write_png, write_video
+from .mesh import extract_mesh, save_meshes
+
+log = logging.getLogger(__name__)
+
+TURNTABLE_PANELS = ("lambertian", "normal", "textureless")
+
+
+def _orbit(cfg: RunConfig, n: int, light_dir=None):
+    return orbit_cameras(n, cfg.camera.val_elevation, cfg.camera.val_radius, cfg.camera.val_fovy, light_dir)
+
+
+def _repeat_for_prompts(cams, index: int, k: int):
+    """Camera `index` of an orbit, repeated for all K prompts: [K] cameras."""
+    from ..cameras import CameraBatch
+
+    return CameraBatch(**{name: t[index : index + 1].expand(k, *t.shape[1:]).contiguous() for name, t in cams.__dict__.items()})
+
+
+@torch.no_grad()
+def render_views(renderer: Renderer, cfg: RunConfig, n: int, size: int, shading: str, light_dir=None) -> torch.Tensor:
+    """Render `n` orbit views of every prompt: float [K, n, H, W, 3] in [0, 1] on the CPU."""
+    k = renderer.num_prompts
+    cams = _orbit(cfg, n, light_dir)
+    device = next(renderer.parameters()).device
+    frames = []
+    for i in range(n):
+        view = _repeat_for_prompts(cams, i, k).to(device)
+        out = renderer.render_image(view, size, size, shading, cfg.render.ambient_ratio)
+        frames.append(out["rgb"].float().clamp(0, 1).cpu())  # [K, H, W, 3]
+    return torch.stack(frames, dim=1)
+
+
+def write_turntables(renderer: Renderer, cfg: RunConfig, paths: list[Path]) -> None:
+    """One MP4 per prompt: lambertian | normals | textureless, side by side, one orbit."""
+    n, size = cfg.output.video_frames, cfg.output.video_size
+    panels = [render_views(renderer, cfg, n, size, shading) for shading in TURNTABLE_PANELS]
+    video = torch.cat(panels, dim=3)  # [K, n, H, 3W, 3]
+    for k, path in enumerate(paths):
+        write_video(to_uint8(video[k]), path, fps=cfg.output.video_fps)
+        log.info("turntable: %s", path)
+
+
+def write_grids(renderer: Renderer, cfg: RunConfig, paths: list[Path], light_dir=None) -> None:
+    """One PNG per prompt: a row of albedo views over a row of shaded views (relit when
+    `light_dir` is a world-space direction, otherwise lit from each camera)."""
+    n, size = cfg.output.grid_views, cfg.output.video_size
+    albedo = render_views(renderer, cfg, n, size, "albedo")
+    shaded = render_views(renderer, cfg, n, size, "lambertian", light_dir)
+    normal = render_views(renderer, cfg, n, size, "normal")
+    for k, path in enumerate(paths):
+        rows = torch.cat([albedo[k], shaded[k], normal[k]], dim=0)
+        write_png(image_grid(to_uint8(rows), cols=n), path)
+        log.info("image grid: %s", path)
+
+
+def write_meshes(renderer: Renderer, cfg: RunConfig, out_dirs: list[Path], stem: str = "mesh") -> list[list[Path]]:
+    """Marching cubes on each prompt's density, vertex colours from its albedo, world units."""
+    field = renderer.field
+    written = []
+    for i, out_dir in enumerate(out_dirs):
+        one = slice(i, i + 1)  # evaluate prompt i alone, without copying the stacked tables
+
+        def density_fn(x: torch.Tensor, one=one) -> torch.Tensor:  # [N, 3] -> [N]
+            return field.density(x[None], prompts=one)[0].float()
+
+        def color_fn(x: torch.Tensor, one=one) -> torch.Tensor:  # [N, 3] -> [N, 3]
+            return field(x[None], prompts=one)[1][0].float()
+
+        device = next(renderer.parameters()).device
+        mesh = extract_mesh(
+            density_fn, color_fn, bound=cfg.field.bound, resolution=cfg.output.mesh_resolution,
+            threshold=cfg.output.mesh_threshold, device=device,
+        )  # fmt: skip
+        written.append(save_meshes(mesh, out_dir, stem, cfg.output.mesh_formats))
+        log.info("mesh: %d vertices, %d faces -> %s", len(mesh.vertices), len(mesh.faces), ", ".join(map(str, written[-1])))
+    return written

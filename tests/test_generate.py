@@ -1,0 +1,132 @@
+"""End to end on CPU: the `generate`, `render` and `export-mesh` commands on a tiny SD model."""
+
+import csv
+import json
+
+import imageio.v2 as imageio
+import pytest
+import torch
+import trimesh
+from tiny_sd import tiny_sd_paths  # noqa: F401  (session fixture)
+
+from dreamfusion_trt import cli
+from dreamfusion_trt.checkpoint import load_checkpoint
+from dreamfusion_trt.train import trainer as trainer_mod
+
+# A run small enough for two CPU cores: tiny field, few samples, a handful of steps.
+FAST = [
+    "--field.num_levels", "4", "--field.log2_hashmap_size", "12", "--field.max_resolution", "64",
+    "--field.hidden_dim", "16", "--render.num_samples", "12", "--camera.render_size", "16",
+    "--render.albedo_iters", "2", "--train.latent_fraction", "0.5", "--train.log_every", "1",
+    "--output.video_frames", "4", "--output.video_size", "24", "--output.grid_views", "2",
+    "--output.mesh_resolution", "32", "--device", "cpu", "--quiet",
+]  # fmt: skip
+
+
+def _generate(tmp_path, tiny, out, *extra):
+    return cli.main(
+        ["generate", "a red cube", "--model", str(tiny.folder), "--out", str(out),
+         "--model.cache_dir", str(tmp_path / "cache"), *FAST, *extra]
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_generate_writes_every_output(tmp_path, tiny_sd_paths, capsys):
+    out = tmp_path / "run"
+    assert _generate(tmp_path, tiny_sd_paths, out, "--iters", "6", "--output.mesh_formats", "glb,ply") == 0
+    for name in ("checkpoint.safetensors", "checkpoint.json", "turntable.mp4", "validation.png", "mesh.glb", "mesh.ply", "metrics.csv"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    assert [r["phase"] for r in rows] == ["latent"] * 3 + ["rgb"] * 3
+    assert all(float(r["it_per_s"]) > 0 for r in rows)
+    state = json.loads((out / "checkpoint.json").read_text())
+    assert state["step"] == 6 and state["config"]["prompt"]["text"] == "a red cube"
+    mesh = trimesh.load(out / "mesh.glb", force="mesh")
+    assert len(mesh.faces) > 0 and mesh.bounds.max() <= 1.0 + 1e-6
+    reader = imageio.get_reader(out / "turntable.mp4", format="FFMPEG")
+    frames = [frame for frame in reader]
+    reader.close()
+    assert len(frames) == 4 and frames[0].shape[1] >= 3 * 24  # three panels side by side
+    assert not list(out.glob(".*tmp*"))
+
+    # Reopen the run: relit grid without video, then a mesh in another format.
+    assert cli.main(["render", str(out), "--light", "0,0,1", "--no-video", "--device", "cpu"]) == 0
+    assert (out / "relit.png").is_file()
+    other = tmp_path / "mesh_only"
+    assert cli.main(["export-mesh", str(out / "checkpoint.safetensors"), "--out", str(other), "--formats", "obj", "--device", "cpu"]) == 0
+    assert (other / "mesh.obj").is_file()
+
+
+@pytest.mark.slow
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tmp_path, tiny_sd_paths, monkeypatch):
+    straight = tmp_path / "straight"
+    exact = ("--train.deterministic", "true")  # the resumed run reads it back from the checkpoint
+    assert _generate(tmp_path, tiny_sd_paths, straight, "--iters", "6", "--train.ckpt_every", "0", *exact) == 0
+
+    real_step = trainer_mod.Trainer.train_step
+
+    def interrupt_at_4(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", interrupt_at_4)
+    broken = tmp_path / "broken"
+    assert _generate(tmp_path, tiny_sd_paths, broken, "--iters", "6", "--train.ckpt_every", "0", *exact) == 130
+    assert load_checkpoint(broken).step == 4  # Ctrl-C left a resumable checkpoint
+    assert not (broken / "mesh.glb").exists()
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    assert cli.main(["generate", "--resume", "--out", str(broken), "--quiet", "--device", "cpu"]) == 0
+
+    a, b = load_checkpoint(straight), load_checkpoint(broken)
+    assert a.step == b.step == 6
+    for key, value in a.model.items():
+        torch.testing.assert_close(b.model[key], value, rtol=0, atol=0, msg=key)
+    rows = list(csv.DictReader((broken / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "   "], "prompt is empty"),
+        (["generate", "a red cube", "--iters", "0"], "--iters must be a positive number of iterations, got 0"),
+        (["generate", "a red cube", "--iters", "-5"], "got -5"),
+        (["generate", "a red cube", "--model", "no-such-org/no-such-model"], "no-such-org/no-such-model"),
+        (["generate", "a red cube", "--model", "/nonexistent/model.safetensors"], "/nonexistent/model.safetensors"),
+        (["generate", "a red cube", "--render.shading", "phong"], "render.shading: 'phong' is not one of"),
+        (["render", "/nonexistent/run"], "checkpoint not found"),
+        (["export-mesh", "/nonexistent/run"], "checkpoint not found"),
+        (["render", "RUN", "--light", "0,0,0"], "--light must be a non-zero direction"),
+    ],
+)
+def test_bad_input_gets_one_error_line_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    args = [a.replace("RUN", str(tmp_path)) for a in args]
+    code = cli.main([*args, "--out", str(out)] if args[0] == "generate" else args)
+    assert code == 2
+    line = _error(capsys)
+    assert line.startswith("dreamfusion-trt: error: ") and message in line
+    assert not out.exists()
+
+
+def test_corrupt_checkpoint_and_unwritable_output(tmp_path, capsys, tiny_sd_paths):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
+    assert cli.main(["render", str(run)]) == 2
+    assert "corrupt" in _error(capsys)
+    assert cli.main(["generate", "--resume", "--out", str(run)]) == 2
+    assert "corrupt" in _error(capsys)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert cli.main(["generate", "a red cube", "--model", str(tiny_sd_paths.folder), "--out", str(blocker / "sub")]) == 2
+    assert "is not writable" in _error(capsys)
+    assert cli.main(["generate", "a red cube", "--out", str(run)]) == 2  # holds a run, no --resume
+    assert "pass --resume" in _error(capsys)
