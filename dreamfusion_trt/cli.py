@@ -207,7 +207,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "build-engines":
+        # Its flags belong to its own parser; argparse's REMAINDER would not capture a first
+        # word that starts with '--', so hand everything after the command over as it is.
+        args = argparse.Namespace(command="build-engines", func=cmd_build_engines, rest=argv[1:], verbose=False)
+    else:
+        args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),

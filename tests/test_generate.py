@@ -66,10 +66,10 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tmp_path, tiny_sd_path
 
     real_step = trainer_mod.Trainer.train_step
 
-    def interrupt_at_4(self):
-        if self.step == 4:
+    def interrupt_at_4(self, *args, **kwargs):
+        if self.slots[0].step == 4:
             raise KeyboardInterrupt
-        return real_step(self)
+        return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", interrupt_at_4)
     broken = tmp_path / "broken"
@@ -130,3 +130,23 @@ def test_corrupt_checkpoint_and_unwritable_output(tmp_path, capsys, tiny_sd_path
     assert "is not writable" in _error(capsys)
     assert cli.main(["generate", "a red cube", "--out", str(run)]) == 2  # holds a run, no --resume
     assert "pass --resume" in _error(capsys)
+
+
+@pytest.mark.gpu
+def test_generate_on_gpu_with_nerfacc_and_fp16(tmp_path, tiny_sd_paths):
+    """The CUDA path end to end: nerfacc occupancy grid, fp16 autocast with a grad scaler."""
+    out = tmp_path / "gpu"
+    args = [a if a != "cpu" else "cuda" for a in FAST]
+    code = cli.main(
+        ["generate", "a red cube", "--model", str(tiny_sd_paths.folder), "--out", str(out), "--iters", "40",
+         "--model.cache_dir", str(tmp_path / "cache"), "--render.backend", "nerfacc", "--render.grid_update_every", "4",
+         "--train.precision", "fp16", *args]
+    )  # fmt: skip
+    assert code == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 40 and all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    ckpt = load_checkpoint(out)
+    assert ckpt.state["scaler"]["scale"] > 0
+    assert any(k.startswith("estimators.") for k in ckpt.model)  # occupancy grids are saved
+    for name in ("turntable.mp4", "validation.png", "mesh.glb"):
+        assert (out / name).is_file()

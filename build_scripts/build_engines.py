@@ -1,0 +1,25 @@
+#!/usr/bin/env python
+"""Export ONNX and build TensorRT / AOTInductor engines for a Stable Diffusion model, once.
+
+Same as ``dreamfusion-trt build-engines``; see ``--help`` and engines/README.md. Example:
+
+    python build_scripts/build_engines.py --model stabilityai/stable-diffusion-2-1-base --batch-sizes 2,8,32
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+try:
+    from dreamfusion_trt.engines.build import main
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dreamfusion_trt.engines.build import main
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (ValueError, FileNotFoundError) as exc:
+        logging.getLogger("build_engines").error("%s", exc)
+        sys.exit(2)

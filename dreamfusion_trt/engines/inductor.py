@@ -1,0 +1,170 @@
+"""Torch-native engines: `torch.compile` (Inductor) in-process, and AOTInductor packages on disk.
+
+`compile_network` compiles a wrapper from `wrappers.py` with static shapes and warms it up for
+every batch size in use, so no step of training pays for a recompile. On CUDA it also switches
+diffusers attention to the fused SDPA processor (`AttnProcessor2_0`) and the weights to
+channels_last. Modes:
+
+- ``"max-autotune-no-cudagraphs"`` (default): autotuned GEMM/conv templates, no CUDA graphs;
+  outputs are fresh tensors.
+- ``"reduce-overhead"``: CUDA graphs around the compiled call (what helps at small batches,
+  where launch overhead shows); the output lives in the graph's memory pool and **is
+  overwritten by the next call** (the `engines.base` contract allows that).
+- ``"max-autotune"`` (both) and ``"default"`` (fast to compile, e.g. on a CPU).
+
+AOTInductor: `aoti_compile` runs `torch.export.export` of the wrapper with the spec's dynamic
+batch, then `torch._inductor.aoti_compile_and_package` into a ``.pt2`` file that `aoti_load`
+loads with `torch._inductor.aoti_load_package`, without recompiling. A package is bound to the
+torch version and device kind it was built with (the manifest records both). It also works on
+a CPU (with a C++ compiler), which is how the tests exercise it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_path
+from .adapters import NetworkImageEncoder, NetworkLatentDecoder, NetworkNoisePredictor, Runner
+from .spec import NetworkSpec
+from .wrappers import UNetWrapper, VaeDecoderWrapper, VaeEncoderWrapper, module_device
+
+log = logging.getLogger(__name__)
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def use_fused_attention(module: nn.Module) -> int:
+    """Swap diffusers' classic attention processors for SDPA ones; returns how many changed."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    changed = 0
+    for m in module.modules():
+        if isinstance(m, Attention) and type(m.processor) is AttnProcessor:
+            m.set_processor(AttnProcessor2_0())
+            changed += 1
+    return changed
+
+
+def compile_network(
+    module: nn.Module,
+    spec: NetworkSpec,
+    *,
+    mode: CompileMode = "max-autotune-no-cudagraphs",
+    batch_sizes: tuple[int, ...] = (),
+    channels_last: bool | None = None,
+) -> Runner:
+    """`torch.compile` a wrapper (static shapes) and warm it up at `batch_sizes`; returns a
+    runner taking the spec's inputs. `channels_last` defaults to True on CUDA. The wrapped
+    network is changed in place (attention processors, weight memory format)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown torch.compile mode {mode!r} (expected one of {', '.join(COMPILE_MODES)})")
+    device = module_device(module)
+    if device.type == "cuda":
+        use_fused_attention(module)
+    if channels_last if channels_last is not None else device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    compiled = torch.compile(module, mode=mode, dynamic=False)
+    graphs = mode in _CUDAGRAPH_MODES and device.type == "cuda"
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*inputs)
+
+    gen = torch.Generator().manual_seed(0)
+    for b in batch_sizes:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(3 if graphs else 1):  # cudagraph trees record on the 2nd/3rd call
+                run(*spec.sample_inputs(b, device, gen).values())
+        log.info("compiled %s (%s) for batch %d in %.1f s", spec.network, mode, b, time.perf_counter() - start)
+    return run
+
+
+def aoti_compile(
+    module: nn.Module,
+    spec: NetworkSpec,
+    package_path: str | Path,
+    *,
+    inductor_configs: dict[str, Any] | None = None,
+) -> Path:
+    """Export `module` with the spec's dynamic batch and compile it into an AOTInductor
+    package at `package_path` (``.pt2``), written atomically."""
+    package_path = Path(package_path)
+    if package_path.suffix != ".pt2":
+        raise ValueError(f"AOTInductor package path must end in .pt2, got '{package_path}'")
+    device = module_device(module)
+    batch = min(max(2, spec.batch.min), spec.batch.max)
+    inputs = tuple(spec.sample_inputs(batch, device, torch.Generator().manual_seed(0)).values())
+    start = time.perf_counter()
+    with torch.no_grad():
+        exported = torch.export.export(module, inputs, dynamic_shapes=spec.export_dynamic_shapes(), strict=False)
+        with atomic_path(package_path) as tmp:
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp), inductor_configs=inductor_configs or {})
+    log.info("AOTInductor package for %s written to %s in %.0f s", spec.network, package_path, time.perf_counter() - start)
+    return package_path
+
+
+def aoti_load(package_path: str | Path, device: torch.device | str) -> Runner:
+    """Load a package written by `aoti_compile` (no recompilation); returns a runner."""
+    package_path = Path(package_path)
+    if not package_path.is_file():
+        raise FileNotFoundError(f"AOTInductor package not found: '{package_path}'")
+    device = torch.device(device)
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else -1
+    model = torch._inductor.aoti_load_package(str(package_path), device_index=index)
+
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        out = model(*inputs)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# protocol adapters
+
+
+class InductorNoisePredictor(NetworkNoisePredictor):
+    def __init__(self, unet: nn.Module, spec: NetworkSpec, *, mode: CompileMode = "max-autotune-no-cudagraphs",
+                 batch_sizes: tuple[int, ...] = (), channels_last: bool | None = None) -> None:  # fmt: skip
+        module = UNetWrapper(unet).eval()
+        run = compile_network(module, spec, mode=mode, batch_sizes=batch_sizes, channels_last=channels_last)
+        super().__init__("inductor", run, spec, module_device(module))
+
+
+class InductorImageEncoder(NetworkImageEncoder):
+    def __init__(self, vae: nn.Module, scaling_factor: float, spec: NetworkSpec, *,
+                 mode: CompileMode = "max-autotune-no-cudagraphs", batch_sizes: tuple[int, ...] = ()) -> None:  # fmt: skip
+        module = VaeEncoderWrapper(vae, scaling_factor).eval()
+        super().__init__("inductor", compile_network(module, spec, mode=mode, batch_sizes=batch_sizes), spec, module_device(module))
+
+
+class InductorLatentDecoder(NetworkLatentDecoder):
+    def __init__(self, vae: nn.Module, scaling_factor: float, spec: NetworkSpec, *,
+                 mode: CompileMode = "max-autotune-no-cudagraphs", batch_sizes: tuple[int, ...] = ()) -> None:  # fmt: skip
+        module = VaeDecoderWrapper(vae, scaling_factor).eval()
+        super().__init__("inductor", compile_network(module, spec, mode=mode, batch_sizes=batch_sizes), spec, module_device(module))
+
+
+class AOTINoisePredictor(NetworkNoisePredictor):
+    def __init__(self, package_path: str | Path, spec: NetworkSpec, device: torch.device | str) -> None:
+        super().__init__("aotinductor", aoti_load(package_path, device), spec, device)
+
+
+class AOTIImageEncoder(NetworkImageEncoder):
+    def __init__(self, package_path: str | Path, spec: NetworkSpec, device: torch.device | str) -> None:
+        super().__init__("aotinductor", aoti_load(package_path, device), spec, device)
+
+
+class AOTILatentDecoder(NetworkLatentDecoder):
+    def __init__(self, package_path: str | Path, spec: NetworkSpec, device: torch.device | str) -> None:
+        super().__init__("aotinductor", aoti_load(package_path, device), spec, device)

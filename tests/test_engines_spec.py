@@ -1,0 +1,301 @@
+"""Network specs, the engine manifest, backend selection, engine-only image SDS and the
+benchmark's CPU smoke run, on the tiny SD model."""
+
+import json
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+from tiny_sd import make_tiny_sd_folder
+
+from dreamfusion_trt.engines.eager import EagerImageEncoder, EagerLatentDecoder, EagerNoisePredictor
+from dreamfusion_trt.engines.image_sds import image_sds
+from dreamfusion_trt.engines.registry import (
+    Manifest,
+    RuntimeEnv,
+    engine_filename,
+    find_artifact,
+    make_image_encoder,
+    make_latent_decoder,
+    make_noise_predictor,
+    model_folder,
+)
+from dreamfusion_trt.engines.spec import AxisRange, batch_range, make_spec, network_batch_sizes
+from dreamfusion_trt.engines.tensorrt import TENSORRT_INSTALL
+from dreamfusion_trt.engines.wrappers import wrap_network
+from dreamfusion_trt.sdmodel import load_diffusion
+
+H100 = RuntimeEnv("2.13.0", "10.9.0", "cuda", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = make_tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd") / "folder")
+    return load_diffusion(str(folder), device="cpu", dtype="float32")
+
+
+# ---------------------------------------------------------------------------------------------
+# specs
+
+
+def test_unet_spec_derives_every_view_from_one_shape_table(model):
+    spec = make_spec(model, "unet", [2, 8, 32])
+    assert spec.batch == AxisRange(2, 32, 32)
+    assert spec.input_names == ["sample", "timestep", "encoder_hidden_states"]
+    # shapes come from the model config: 4 latent channels, 8x8 latents, 77 tokens of width 32
+    assert spec.shape("sample", B=8) == (8, 4, 8, 8)
+    assert spec.shape("encoder_hidden_states", B=2) == (2, 77, 32)
+    assert spec.shape("noise_pred") == (32, 4, 8, 8)  # opt batch by default
+    assert spec.tensors["timestep"].dtype == torch.float32
+    assert spec.dynamic_axes() == {n: {0: "B"} for n in ("sample", "timestep", "encoder_hidden_states", "noise_pred")}
+    for name, (lo, opt, hi) in spec.profile().items():
+        assert (lo, opt, hi) == (spec.shape(name, B=2), spec.shape(name, B=32), spec.shape(name, B=32))
+    outs = spec.allocate_outputs(8, "cpu")
+    assert outs["noise_pred"].shape == (8, 4, 8, 8) and outs["noise_pred"].dtype == torch.float32
+    inputs = spec.sample_inputs(8, generator=torch.Generator().manual_seed(0))
+    assert list(inputs) == spec.input_names
+    for name, x in inputs.items():
+        assert tuple(x.shape) == spec.shape(name, B=8) and x.dtype == spec.tensors[name].dtype
+    t = inputs["timestep"]
+    assert t.min() >= 0 and t.max() < model.alphas_cumprod.shape[0] and torch.equal(t, t.round())
+    assert spec.check_inputs(list(inputs.values())) == 8
+
+
+@pytest.mark.parametrize("network", ["unet", "vae_encoder", "vae_decoder", "text_encoder"])
+def test_spec_output_shape_matches_the_network(model, network):
+    spec = make_spec(model, network, network_batch_sizes(network, [2, 6]))
+    batch = spec.batch.max
+    inputs = spec.sample_inputs(batch, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = wrap_network(model, network)(*inputs.values())
+    assert tuple(out.shape) == spec.shape(spec.output_names[0], B=batch)
+    assert out.dtype == spec.outputs[0].dtype
+
+
+def test_vae_and_text_specs(model):
+    enc = make_spec(model, "vae_encoder", [1, 4])
+    dec = make_spec(model, "vae_decoder", [1, 4])
+    assert enc.shape("images", B=4) == (4, 3, 64, 64) and enc.shape("latents", B=4) == (4, 4, 8, 8)
+    assert dec.shape("latents", B=1) == (1, 4, 8, 8) and dec.shape("images", B=1) == (1, 3, 64, 64)
+    text = make_spec(model, "text_encoder", [1, 3])
+    ids = text.sample_inputs(3)["input_ids"]
+    assert ids.dtype == torch.int64 and ids.shape == (3, 77)
+    assert ids.max() < model.text_encoder.config.vocab_size
+    # a different latent size is derived everywhere from the one argument
+    big = make_spec(model, "vae_decoder", [1], latent_size=(16, 12))
+    assert big.shape("images", B=1) == (1, 3, 128, 96)
+
+
+def test_network_batch_sizes_count_prompts_for_the_vae():
+    assert network_batch_sizes("unet", [8, 2, 32]) == (2, 8, 32)
+    assert network_batch_sizes("vae_encoder", [2, 8, 32]) == (1, 4, 16)
+    assert network_batch_sizes("text_encoder", [2]) == (1,)
+
+
+@pytest.mark.parametrize("bad", [[], [0], [2, -1], [True], [2.0]])
+def test_bad_batch_sizes_are_rejected(bad):
+    with pytest.raises(ValueError, match="batch"):
+        batch_range(bad)
+
+
+def test_batch_outside_the_range_is_rejected(model):
+    spec = make_spec(model, "unet", [2, 8, 32])
+    with pytest.raises(ValueError, match=r"batch size 64 is outside the engine's range \[2, 32\]"):
+        spec.allocate_outputs(64, "cpu")
+    with pytest.raises(ValueError, match=r"batch size 1 is outside"):
+        spec.sample_inputs(1)
+    x = spec.sample_inputs(2)
+    with pytest.raises(ValueError, match=r"'encoder_hidden_states' must have shape \[2, 77, 32\]"):
+        spec.check_inputs([x["sample"], x["timestep"], torch.zeros(2, 76, 32)])
+    with pytest.raises(ValueError, match="unknown network 'clip'"):
+        make_spec(model, "clip", [2])
+
+
+def test_export_shapes_and_fingerprint(model):
+    spec = make_spec(model, "unet", [2, 8])
+    shapes = spec.export_dynamic_shapes()
+    assert [set(s) for s in shapes] == [{0}, {0}, {0}]
+    assert shapes[0][0] is shapes[1][0] is shapes[2][0]  # one shared batch dimension
+    assert make_spec(model, "unet", [4]).export_dynamic_shapes() == ({}, {}, {})
+    # the fingerprint ignores the batch range but not the precision
+    assert spec.io_fingerprint() == make_spec(model, "unet", [1, 64]).io_fingerprint()
+    assert spec.io_fingerprint() != make_spec(model, "unet", [2, 8], dtype=torch.float16).io_fingerprint()
+    assert spec.profile_tag() == "b2-8-8"
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest
+
+
+def _fake_engine(model, tmp_path, env, batch_sizes=(2, 8)):
+    """A manifest entry for an 'engine' file of made-up bytes, as if built on `env`."""
+    spec = make_spec(model, "unet", batch_sizes)
+    folder = model_folder(tmp_path, model.key)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = engine_filename(spec, env)
+    (folder / name).write_bytes(b"not really a plan")
+    manifest = Manifest.load(folder, model.key)
+    manifest.record(name, backend="tensorrt", spec=spec, env=env, recipe={"profile": spec.profile_tag()})
+    return folder, name
+
+
+def test_manifest_round_trip_and_staleness(model, tmp_path):
+    folder, name = _fake_engine(model, tmp_path, H100)
+    assert name == "unet.fp32.b2-8-8.trt10.9.0.nvidia-h100-80gb-hbm3-sm90.plan"
+    loaded = Manifest.load(folder, model.key)
+    entry = loaded.files[name]
+    assert entry == json.loads((folder / "manifest.json").read_text())["files"][name]
+    assert (entry["network"], entry["precision"], entry["backend"]) == ("unet", "fp32", "tensorrt")
+    assert entry["profile"]["axes"] == {"B": {"min": 2, "opt": 8, "max": 8}}
+    assert entry["profile"]["inputs"]["sample"] == {"min": [2, 4, 8, 8], "opt": [8, 4, 8, 8], "max": [8, 4, 8, 8]}
+    assert (entry["tensorrt_version"], entry["gpu"], entry["compute_capability"]) == ("10.9.0", H100.gpu, "9.0")
+    assert entry["torch_version"] == "2.13.0"
+    assert loaded.stale_reason(name, {"profile": "b2-8-8"}) is None
+    assert loaded.stale_reason(name, {"profile": "b2-4-4"}) == "profile changed: 'b2-8-8' -> 'b2-4-4'"
+    assert loaded.stale_reason("other.plan", {}) == "not built yet"
+    (folder / name).write_bytes(b"tampered")
+    assert "sha256" in loaded.stale_reason(name, {"profile": "b2-8-8"})
+    (folder / name).unlink()
+    assert "missing" in loaded.verify_file(name)
+
+
+def test_manifest_of_another_model_is_refused(model, tmp_path):
+    folder, _ = _fake_engine(model, tmp_path, H100)
+    with pytest.raises(ValueError, match="belongs to model"):
+        Manifest.load(folder, "some-other-model")
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Manifest.load(folder, model.key)
+
+
+def test_find_artifact_names_the_field_that_differs(model, tmp_path):
+    folder, name = _fake_engine(model, tmp_path, H100)
+    path, spec = find_artifact(model, "tensorrt", "unet", tmp_path, [2, 4], H100)
+    assert path == folder / name and spec.batch == AxisRange(2, 8, 8)
+    a100 = replace(H100, gpu="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
+    with pytest.raises(ValueError, match=r"gpu differs: built with 'NVIDIA H100 80GB HBM3', running 'NVIDIA A100-SXM4-80GB'"):
+        find_artifact(model, "tensorrt", "unet", tmp_path, [2], a100)
+    with pytest.raises(ValueError, match=r"tensorrt_version differs: built with '10.9.0', running '11.0.0'"):
+        find_artifact(model, "tensorrt", "unet", tmp_path, [2], replace(H100, tensorrt_version="11.0.0"))
+    with pytest.raises(ValueError, match=r"batch range \[2, 8\] does not cover \(2, 16\)"):
+        find_artifact(model, "tensorrt", "unet", tmp_path, [2, 16], H100)
+    with pytest.raises(FileNotFoundError, match="no aotinductor file for unet"):
+        find_artifact(model, "aotinductor", "unet", tmp_path, [2], H100)
+    (folder / name).write_bytes(b"changed after the build")
+    with pytest.raises(ValueError, match="sha256"):
+        find_artifact(model, "tensorrt", "unet", tmp_path, [2], H100)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend selection
+
+
+def test_auto_on_cpu_is_eager(model, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="dreamfusion_trt.engines.registry"):
+        predictor = make_noise_predictor(model, "auto", tmp_path, batch_sizes=(2,))
+    assert isinstance(predictor, EagerNoisePredictor)
+    assert "backend auto -> eager for unet" in caplog.text and "tensorrt: needs a CUDA GPU" in caplog.text
+    assert isinstance(make_image_encoder(model, "auto", tmp_path), EagerImageEncoder)
+    assert isinstance(make_latent_decoder(model, "eager", tmp_path), EagerLatentDecoder)
+
+
+def test_tensorrt_backend_without_tensorrt_says_how_to_install(model, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorrt is importable here")
+    with pytest.raises(ValueError) as info:
+        make_noise_predictor(model, "tensorrt", tmp_path)
+    assert str(info.value) == TENSORRT_INSTALL
+    assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_unknown_backend_and_bad_batches(model, tmp_path):
+    with pytest.raises(ValueError, match="unknown backend 'onnxruntime'"):
+        make_noise_predictor(model, "onnxruntime", tmp_path)
+    with pytest.raises(ValueError, match="batch sizes must be positive"):
+        make_noise_predictor(model, "eager", tmp_path, batch_sizes=(0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# engine-only image SDS
+
+
+class _NoisePassThrough:
+    """A 'perfect' noise predictor that returns the noise it was told about."""
+
+    name = "oracle"
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    def __call__(self, noisy_latents, t, text_embeddings):
+        return torch.cat([self.noise, self.noise]).to(noisy_latents.dtype)
+
+
+def test_image_sds_gradient_is_the_analytic_one(model):
+    gen = torch.Generator().manual_seed(0)
+    k = 2
+    images = (torch.rand(k, 3, 64, 64, generator=gen) * 2 - 1).requires_grad_(True)
+    t = torch.tensor([100, 700])
+    noise = torch.randn(k, 4, 8, 8, generator=gen)
+    cond, uncond = torch.randn(2, k, 77, 32, generator=gen)
+    weight = 1 - model.alphas_cumprod[t]
+    encoder = EagerImageEncoder(model.vae, model.vae_scaling_factor)
+    decoder = EagerLatentDecoder(model.vae, model.vae_scaling_factor)
+    out = image_sds(images, t, noise, cond, uncond, encoder=encoder, predictor=EagerNoisePredictor(model.unet),
+                    decoder=decoder, alphas_cumprod=model.alphas_cumprod, weight=weight, guidance_scale=7.5)  # fmt: skip
+    out.loss.backward()
+    expected = weight.view(k, 1, 1, 1) * (images.detach() - out.target)
+    torch.testing.assert_close(images.grad, expected, rtol=1e-5, atol=1e-7)
+    assert not out.target.requires_grad
+    # the target is the decoded x0 estimate, computed here by hand
+    with torch.no_grad():
+        z = encoder(images)
+        a = model.alphas_cumprod[t].view(k, 1, 1, 1)
+        x_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        eps = EagerNoisePredictor(model.unet)(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        e_u, e_c = eps.chunk(2)
+        z0 = (x_t - (1 - a).sqrt() * (e_u + 7.5 * (e_c - e_u))) / a.sqrt()
+    torch.testing.assert_close(out.denoised, z0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.target, decoder(z0), rtol=1e-4, atol=1e-5)
+
+
+def test_image_sds_with_a_perfect_predictor_denoises_to_the_encoded_latents(model):
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1
+    noise = torch.randn(1, 4, 8, 8, generator=gen)
+    encoder = EagerImageEncoder(model.vae, model.vae_scaling_factor)
+    out = image_sds(images, torch.tensor([500]), noise, torch.zeros(1, 77, 32), torch.zeros(1, 77, 32),
+                    encoder=encoder, predictor=_NoisePassThrough(noise),
+                    decoder=EagerLatentDecoder(model.vae, model.vae_scaling_factor),
+                    alphas_cumprod=model.alphas_cumprod, weight=torch.ones(1), guidance_scale=100.0)  # fmt: skip
+    torch.testing.assert_close(out.denoised, out.latents, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="noise must have the latents' shape"):
+        image_sds(images, torch.tensor([500]), noise[:, :3], torch.zeros(1, 77, 32), torch.zeros(1, 77, 32),
+                  encoder=encoder, predictor=_NoisePassThrough(noise), decoder=encoder,
+                  alphas_cumprod=model.alphas_cumprod, weight=torch.ones(1), guidance_scale=1.0)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark smoke run
+
+
+def test_engine_bench_tiny_on_cpu(tmp_path):
+    from dreamfusion_trt.bench.engines import make_parser, run_engine_bench
+
+    out = tmp_path / "bench.json"
+    args = make_parser().parse_args(["--tiny", "--backends", "eager,tensorrt", "--batch-sizes", "2,4", "--reps", "2",
+                                     "--warmup", "1", "--device", "cpu", "--out", str(out), "--work-dir", str(tmp_path / "w")])  # fmt: skip
+    result = run_engine_bench(args)
+    assert json.loads(out.read_text()) == result
+    rows = [r for r in result["results"] if r["backend"] == "eager"]
+    assert [r["batch"] for r in rows] == [2, 4]
+    assert rows[1]["gflop_per_call"] == pytest.approx(2 * rows[0]["gflop_per_call"])  # FLOPs scale with the batch
+    assert all(r["median_ms"] > 0 and r["tflops"] > 0 and r["vs_matmul"] > 0 for r in rows)
+    assert result["matmul"]["tflops"] > 0
+    skipped = {s["backend"]: s["reason"] for s in result["skipped"]}
+    assert "tensorrt" in skipped or any(r["backend"] == "tensorrt" for r in result["results"])
