@@ -393,19 +393,23 @@ def test_nerfacc_and_torch_renderers_draw_the_same_blob():
     field = NeRFField(SOLID, num_prompts=2).to(device)
     background = Background(SOLID, 2).to(device)
     torch_r = Renderer(field, background, dataclasses.replace(RENDER, backend="torch", num_samples=512)).eval()
+    # A conservative pruning threshold: cells are dropped only where one march step's alpha is
+    # below 1e-4. (With the default 0.01 the blob's faint tail, sigma < 1.5, is skipped on
+    # purpose, which visibly thins its silhouette: a speed/fidelity trade, not a bug.)
     acc_r = Renderer(
-        field, background, dataclasses.replace(RENDER, backend="nerfacc", num_samples=512, grid_resolution=64)
-    ).to(device)
+        field, background,
+        dataclasses.replace(RENDER, backend="nerfacc", num_samples=512, grid_resolution=64, occupancy_threshold=1e-4),
+    ).to(device)  # fmt: skip
     assert acc_r.backend_for(device) == "nerfacc"
     cams = orbit_cameras(2, elevation_deg=20.0, radius=2.5, fovy_deg=50.0)
     ref = torch_r.render_image(cams, 32, 32, shading="lambertian", ambient_ratio=0.2)
-    for update in (False, True):
-        if update:  # prune empty cells; the image must not change
+    for update, tol in ((False, 1e-3), (True, 5e-3)):
+        if update:  # prune empty cells; the image must not change beyond the pruned alpha
             acc_r.train().update_occupancy(0)
             assert max(acc_r.occupied_fraction()) < 0.5
         got = acc_r.eval().render_image(cams, 32, 32, shading="lambertian", ambient_ratio=0.2)
-        assert float((got["opacity"] - ref["opacity"]).abs().mean()) < 0.02
-        assert float((got["rgb"] - ref["rgb"]).abs().mean()) < 0.02
+        assert float((got["opacity"] - ref["opacity"]).abs().mean()) < tol
+        assert float((got["rgb"] - ref["rgb"]).abs().mean()) < tol
     # Training through the nerfacc path reaches the field parameters.
     acc_r.train()
     o, d = _rays_to_centre(2, 64)

@@ -50,7 +50,15 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
     ),  # fmt: skip
 }
-BENCH_BACKENDS = ("eager", "inductor", "inductor-reduce-overhead", "aotinductor", "tensorrt", "tensorrt-cudagraph")
+BENCH_BACKENDS = (
+    "eager", "inductor", "inductor-reduce-overhead", "inductor-max-autotune", "aotinductor", "tensorrt", "tensorrt-cudagraph",
+)  # fmt: skip
+# torch.compile mode of each inductor variant
+INDUCTOR_MODES = {
+    "inductor": "max-autotune-no-cudagraphs",
+    "inductor-reduce-overhead": "reduce-overhead",
+    "inductor-max-autotune": "max-autotune",
+}
 MAX_LENGTH = 77
 
 
@@ -129,8 +137,8 @@ def _runner(backend: str, arch: str, unet: Any, batch_sizes: list[int], device: 
     if backend == "eager":
         return wrapper
     if backend.startswith("inductor"):
-        mode = "reduce-overhead" if backend == "inductor-reduce-overhead" else "max-autotune-no-cudagraphs"
-        if mode == "reduce-overhead" and device.type != "cuda":
+        mode = INDUCTOR_MODES[backend]
+        if mode in ("reduce-overhead", "max-autotune") and device.type != "cuda":
             raise ValueError("reduce-overhead (CUDA graphs) needs a CUDA GPU")
         return compile_network(wrapper, make_spec(model, "unet", batch_sizes), mode=mode, batch_sizes=tuple(batch_sizes))
     artifact = "tensorrt" if backend.startswith("tensorrt") else "aotinductor"
@@ -166,6 +174,8 @@ def run_engine_bench(args: argparse.Namespace) -> dict[str, Any]:
         if b not in BENCH_BACKENDS:
             raise ValueError(f"unknown backend {b!r} (expected some of {', '.join(BENCH_BACKENDS)})")
     batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
     from ..engines.tensorrt import tensorrt_version
 
     result: dict[str, Any] = {
@@ -174,6 +184,7 @@ def run_engine_bench(args: argparse.Namespace) -> dict[str, Any]:
         "tensorrt": tensorrt_version(),
         "dtype": str(dtype).removeprefix("torch."),
         "batch_sizes": batch_sizes,
+        "inductor_freezing": bool(torch._inductor.config.freezing),  # TORCHINDUCTOR_FREEZING=1
         "matmul": matmul_tflops(device, dtype, args.matmul_n or (8192 if device.type == "cuda" else 512), 3, max(args.reps, 5)),
         "results": [],
         "skipped": [],
