@@ -89,7 +89,7 @@ def test_aotinductor_package_round_trip_on_cpu(folder, tmp_path, caplog):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["max-autotune-no-cudagraphs", "reduce-overhead"])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # max-autotune: see the benchmark
 def test_inductor_fp16_matches_eager_on_gpu(folder, mode):
     model = load_diffusion(str(folder), device="cuda", dtype="float16")
     eager = EagerNoisePredictor(model.unet)

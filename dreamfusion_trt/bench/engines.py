@@ -161,6 +161,22 @@ def _runner(backend: str, arch: str, unet: Any, batch_sizes: list[int], device: 
     return lambda *xs: engine(*xs)[0]
 
 
+SDPA_CHOICES = ("default", "cudnn", "flash", "efficient")
+
+
+def select_sdpa_backend(choice: str) -> None:
+    """Restrict scaled-dot-product attention to one kernel family ("default" leaves PyTorch's
+    own priority order). cuDNN's fused attention has Hopper-specific kernels."""
+    if choice not in SDPA_CHOICES:
+        raise ValueError(f"unknown --sdpa {choice!r} (expected one of {', '.join(SDPA_CHOICES)})")
+    if choice == "default":
+        return
+    torch.backends.cuda.enable_cudnn_sdp(choice == "cudnn")
+    torch.backends.cuda.enable_flash_sdp(choice == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(choice == "efficient")
+    torch.backends.cuda.enable_math_sdp(True)  # the fallback for shapes the chosen kernel rejects
+
+
 def run_engine_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by `args` (see `make_parser`); returns the JSON-able result,
     also written to ``args.out``."""
@@ -176,6 +192,7 @@ def run_engine_bench(args: argparse.Namespace) -> dict[str, Any]:
     batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
+        select_sdpa_backend(args.sdpa)
     from ..engines.tensorrt import tensorrt_version
 
     result: dict[str, Any] = {
@@ -185,6 +202,7 @@ def run_engine_bench(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "batch_sizes": batch_sizes,
         "inductor_freezing": bool(torch._inductor.config.freezing),  # TORCHINDUCTOR_FREEZING=1
+        "sdpa": args.sdpa,
         "matmul": matmul_tflops(device, dtype, args.matmul_n or (8192 if device.type == "cuda" else 512), 3, max(args.reps, 5)),
         "results": [],
         "skipped": [],
@@ -241,6 +259,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="2,8,32", help="UNet batch sizes, CFG doubling included (default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
     p.add_argument("--device", default="auto")
+    p.add_argument("--sdpa", default="default", choices=SDPA_CHOICES, help="attention kernel family (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--matmul-n", type=int, default=0, help="reference matmul size (default: 8192 on CUDA, 512 on CPU)")

@@ -1,0 +1,294 @@
+"""Training throughput benchmark: iterations/s per phase, prompts/hour for K prompts at once,
+peak memory and a per-stage breakdown of the step.
+
+A full-size Stable Diffusion 2.1-base (UNet, VAE, OpenCLIP-H text encoder) is built from its
+configs with random weights (nothing is downloaded; the UNet config comes from
+`bench.engines`). For every noise-predictor backend and every K, a K-slot trainer with the
+default run config (full-size hash grid, the renderer `render.backend` picks, fp16 autocast)
+runs warm-up steps and then timed steps in the latent phase and in the RGB phase (forced for all
+slots). Each timed step records CUDA events between its stages (plan: host draws and the upload;
+render; vae_encode: the VAE encoder in the RGB phase, the linear colour map in the latent phase;
+guidance: the UNet with classifier-free guidance; backward; optimizer: Adam and the occupancy
+grids); medians are reported with the wall-clock step rate and `max_memory_allocated`.
+Prompts/hour at the default schedule (``train.iters`` with ``train.latent_fraction`` of it in
+the latent phase) is ``K * 3600 / (latent_iters / it_s_latent + rgb_iters / it_s_rgb)``, without
+the time spent writing outputs. Steps start from the initial density blob, so the render cost
+is that of early training. A K that runs out of memory is reported as such and larger K skipped.
+
+    dreamfusion-trt bench train --out bench_train.json                      # GPU, ~3 min per backend
+    dreamfusion-trt bench train --backends eager,tensorrt --engines-dir engines --build-engines
+    dreamfusion-trt bench train --tiny --out bench_train_tiny.json           # CPU smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..atomic import atomic_write_text
+from ..config import RunConfig, from_dict, to_dict
+from ..guidance.text import NO_VIEW, VIEWS, PromptEmbeddings
+from ..sdmodel import DiffusionModel
+from ..train.monitor import StageTimer
+from .engines import UNET_CONFIGS, build_unet
+
+log = logging.getLogger(__name__)
+
+STAGES = ("plan", "render", "vae_encode", "guidance", "backward", "optimizer")
+VAE_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd21base": dict(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2, norm_num_groups=32,
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+    ),
+    "tiny": dict(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+    ),
+}  # fmt: skip
+TEXT_CONFIGS: dict[str, dict[str, Any]] = {  # OpenCLIP ViT-H/14 text tower, as SD 2.x uses it
+    "sd21base": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                     num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512),
+    "tiny": dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=32),
+}  # fmt: skip
+# The CPU smoke check: a field and renders small enough for a few steps in seconds.
+TINY_OVERRIDES = {
+    "field": {"num_levels": 4, "log2_hashmap_size": 12, "max_resolution": 64, "hidden_dim": 16},
+    "render": {"num_samples": 12, "albedo_iters": 0},
+    "camera": {"render_size": 16},
+}
+
+
+def build_random_sd(arch: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> DiffusionModel:
+    """A `DiffusionModel` of `arch` ("sd21base" or "tiny") with random weights: UNet, VAE, CLIP
+    text encoder (no tokenizer) and SD's scaled-linear noise schedule."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if arch not in VAE_CONFIGS:
+        raise ValueError(f"unknown architecture {arch!r} (expected one of {', '.join(VAE_CONFIGS)})")
+    unet = build_unet(arch, device, dtype, seed=seed)
+    torch.manual_seed(seed + 1)
+    vae_cfg = dict(VAE_CONFIGS[arch])
+    scaling = vae_cfg.pop("scaling_factor")
+    with torch.device(device):
+        vae = AutoencoderKL(**vae_cfg, scaling_factor=scaling)
+        text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIGS[arch]))
+    vae = vae.to(dtype).eval().requires_grad_(False)
+    text = text.to(dtype).eval().requires_grad_(False)
+    schedule = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return DiffusionModel(
+        tokenizer=None, text_encoder=text, unet=unet, vae=vae,
+        alphas_cumprod=schedule.alphas_cumprod.to(device=device, dtype=torch.float32),
+        vae_scaling_factor=scaling, latent_channels=int(unet.config.in_channels),
+        text_dim=int(unet.config.cross_attention_dim), max_length=77,
+        key=f"bench-{arch}-random", source=f"random {arch}", device=device, dtype=dtype,
+    )  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_text_encoder(model: DiffusionModel, prompts: int, reps: int) -> dict[str, Any]:
+    """Milliseconds to encode `prompts` x 5 texts (4 view variants + 1 negative) of 77 tokens."""
+    device = model.device
+    ids = torch.randint(0, model.text_encoder.config.vocab_size, (prompts * 5, model.max_length), device=device)
+    times = []
+    with torch.no_grad():
+        model.text_encoder(ids[:2])
+        for _ in range(reps):
+            _sync(device)
+            start = time.perf_counter()
+            model.text_encoder(ids)
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1e3)
+    return {"prompts": prompts, "texts": prompts * 5, "median_ms": statistics.median(times)}
+
+
+def make_predictor(model: DiffusionModel, backend: str, max_k: int, engines_dir: Path, build: bool) -> Any:
+    """The noise predictor of `backend` for up to `max_k` prompts (UNet batch 2 * max_k);
+    ValueError/FileNotFoundError when it cannot run here."""
+    from ..engines.registry import current_env, make_noise_predictor
+    from ..train.frozen import predictor_batch_sizes
+
+    sizes = predictor_batch_sizes(backend, max_k)
+    if build and backend in ("tensorrt", "aotinductor"):
+        from ..engines.build import build_engines
+
+        report = build_engines(model, engines_dir, batch_sizes=list(sizes), networks=("unet",), backends=(backend,),
+                               parity=False, env=current_env(model.device))  # fmt: skip
+        failed = report.of("failed") + report.of("not built")
+        if failed:
+            raise ValueError(f"{backend} build failed: {failed[0].reason}")
+    return make_noise_predictor(model, backend, engines_dir, batch_sizes=sizes)
+
+
+def bench_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
+    cfg = from_dict(TINY_OVERRIDES) if args.tiny else RunConfig()
+    overrides: dict[str, dict[str, Any]] = {"train": {"device": str(device), "compile": args.compile}}
+    if args.render_backend:
+        overrides["render"] = {"backend": args.render_backend}
+    return from_dict(overrides, cfg)
+
+
+def time_phase(trainer: Any, phase: str, warmup: int, steps: int) -> dict[str, Any]:
+    """Warm up, then time `steps` steps with every slot in `phase`."""
+    device = trainer.device
+    trainer.phase_override = phase
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
+            trainer.train_step()
+        _sync(device)
+        timers = [StageTimer(device) for _ in range(steps)]
+        start = time.perf_counter()
+        for timer in timers:
+            trainer.train_step(timer)
+        _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    finally:
+        trainer.phase_override = None
+    per_step = [t.durations() for t in timers]
+    stages = {s: statistics.median(d.get(s, 0.0) for d in per_step) for s in STAGES}
+    return {
+        "step_ms": statistics.median(sum(d.values()) for d in per_step),
+        "wall_step_ms": wall_ms,
+        "it_per_s": 1e3 / wall_ms,  # iterations per second of each prompt
+        "prompt_it_per_s": trainer.num_slots * 1e3 / wall_ms,
+        "stages_ms": stages,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+
+
+def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark described by `args` (see `make_parser`); returns the JSON-able result,
+    also written to ``args.out`` after every backend."""
+    from ..engines.eager import EagerImageEncoder
+    from ..guidance.latents import fit_rgb_to_latent
+    from ..train.frozen import Frozen, new_trainer
+    from ..train.slots import fresh_slot_state
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    arch = "tiny" if args.tiny else "sd21base"
+    ks = sorted({int(k) for k in args.concurrency.split(",") if k.strip()})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"--concurrency must list positive numbers of prompts, got {args.concurrency!r}")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    cfg = bench_config(args, device)
+    latent_iters = int(round(cfg.train.latent_fraction * cfg.train.iters))
+    out = Path(args.out)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "arch": arch,
+        "dtype": str(dtype).removeprefix("torch."),
+        "schedule": {"iters": cfg.train.iters, "latent_iters": latent_iters, "rgb_iters": cfg.train.iters - latent_iters},
+        "config": to_dict(cfg),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "text_encoder": None,
+        "results": [],
+        "prompts_per_hour": [],
+        "skipped": [],
+    }
+    model = build_random_sd(arch, device, dtype)
+    result["text_encoder"] = time_text_encoder(model, prompts=32, reps=3)
+    model.free_text_encoder()
+    encoder = EagerImageEncoder(model.vae, model.vae_scaling_factor)
+    latent_map = fit_rgb_to_latent(encoder, device=device, dtype=dtype)
+    latent_size = int(model.unet.config.sample_size)
+    image_size = latent_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    views = VIEWS if cfg.prompt.view_dependent else (NO_VIEW,)
+    gen = torch.Generator().manual_seed(0)
+    embedding = PromptEmbeddings(
+        cond=torch.randn(len(views), model.max_length, model.text_dim, generator=gen).to(dtype),
+        uncond=torch.randn(model.max_length, model.text_dim, generator=gen).to(dtype),
+        views=views, prompt="benchmark", truncated=False,
+    )  # fmt: skip
+    init_state = fresh_slot_state(cfg, 0, device)
+    renderer_backend = None
+    for backend in backends:
+        try:
+            predictor = make_predictor(model, backend, max(ks), Path(args.engines_dir), args.build_engines)
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:
+            log.warning("backend %s skipped: %s", backend, exc)
+            result["skipped"].append({"backend": backend, "reason": str(exc)})
+            continue
+        frozen = Frozen(model, predictor, encoder, latent_map, latent_size, image_size)
+        for k in ks:
+            trainer = None
+            rows = {}
+            try:
+                trainer = new_trainer(frozen, cfg, k, device)
+                renderer_backend = trainer.renderer.backend_for(device)
+                for slot in range(k):
+                    trainer.assign(slot, cfg, embedding, init_state=init_state)
+                for phase in ("latent", "rgb"):
+                    rows[phase] = time_phase(trainer, phase, args.warmup, args.steps)
+                    row = {"backend": backend, "K": k, "phase": phase, "oom": False, **rows[phase]}
+                    result["results"].append(row)
+                    log.info("%s K=%d %s: %.2f it/s (%.1f prompt-it/s), step %.1f ms, peak %s", backend, k, phase,
+                             row["it_per_s"], row["prompt_it_per_s"], row["step_ms"], row["peak_memory_bytes"])  # fmt: skip
+            except torch.OutOfMemoryError:
+                log.warning("%s K=%d: out of memory; larger K skipped", backend, k)
+                result["results"].append({"backend": backend, "K": k, "phase": "latent" if "latent" not in rows else "rgb", "oom": True})
+                del trainer
+                gc.collect()
+                torch.cuda.empty_cache()
+                break
+            del trainer
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            s = result["schedule"]
+            hours = (s["latent_iters"] / rows["latent"]["it_per_s"] + s["rgb_iters"] / rows["rgb"]["it_per_s"]) / 3600
+            result["prompts_per_hour"].append({"backend": backend, "K": k, "prompts_per_hour": k / hours})
+        result["renderer"] = renderer_backend
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        del predictor, frozen
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dreamfusion-trt bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--tiny", action="store_true", help="tiny SD and field on the CPU (smoke check)")
+    p.add_argument("--backends", default="eager,tensorrt", help="noise-predictor backends: eager, inductor, aotinductor, "
+                   "tensorrt (those without a built engine in --engines-dir are skipped) (default: %(default)s)")  # fmt: skip
+    p.add_argument("--concurrency", default=None, help="K values, prompts trained at once (default: 1,4,16,32; tiny: 1,2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per phase (default: 3; tiny: 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per phase (default: 8; tiny: 2)")
+    p.add_argument("--render-backend", choices=("auto", "nerfacc", "torch"), help="render.backend (default: auto)")
+    p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the renderer / field")
+    p.add_argument("--engines-dir", default="engines", help="built TensorRT/AOTInductor files (default: %(default)s)")
+    p.add_argument("--build-engines", action="store_true", help="build missing TensorRT/AOTInductor UNets first (slow)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="bench_train.json", help="JSON output (default: %(default)s)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    tiny_defaults = {"concurrency": "1,2", "warmup": 1, "steps": 2}
+    full_defaults = {"concurrency": "1,4,16,32", "warmup": 3, "steps": 8}
+    for key, value in (tiny_defaults if args.tiny else full_defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    run_train_bench(args)
+    return 0
+
