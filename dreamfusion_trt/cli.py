@@ -1,4 +1,4 @@
-"""Command line: generate · render · export-mesh · build-engines · bench.
+"""Command line: generate · batch · render · export-mesh · build-engines · bench.
 
 Every error the user can cause ends in one `dreamfusion-trt: error: ...` line and exit code 2;
 Ctrl-C exits 130 after the trainer has written a resumable checkpoint.
@@ -77,6 +77,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for name, value in dataclasses.asdict(outputs).items():
         log.info("%s: %s", name, value)
     print(outputs.out_dir)
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .train.batch import load_batch_config, run_batch
+
+    out = Path(args.out).expanduser() if args.out else Path("runs") / Path(args.prompts).stem
+    base = load_batch_config(out)  # a re-run continues with the settings the batch started with
+    cfg = build_config(args, base)
+    cfg.output = dataclasses.replace(cfg.output, out=str(out))
+    result = run_batch(cfg, args.prompts, concurrency=args.concurrency, progress=not args.quiet, retry_failed=args.retry_failed)
+    log.info("%d done, %d failed, %d finished earlier, %d line(s) skipped; manifest: %s",
+             len(result.done), len(result.failed), len(result.skipped), len(result.problems), out / "manifest.jsonl")  # fmt: skip
+    print(result.out_dir)
+    if result.failed:
+        print(f"dreamfusion-trt: {len(result.failed)} prompt(s) failed; their errors are in {out / 'manifest.jsonl'}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -159,6 +176,8 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engines":
         from .bench.engines import main as bench_main
+    elif args.what == "train":
+        from .bench.train import main as bench_main
     else:
         raise ValueError(f"unknown benchmark {args.what!r}")
     return bench_main(args.rest)
@@ -174,6 +193,14 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     _add_run_options(g)
     g.set_defaults(func=cmd_generate)
+
+    bt = sub.add_parser("batch", help="train many prompts, K at a time on one GPU, each into its own folder",
+                        formatter_class=_formatter)  # fmt: skip
+    bt.add_argument("prompts", help="prompts file: one prompt per line (.txt) or JSON lines with prompt, seed, negative, iters (.jsonl)")
+    bt.add_argument("--concurrency", type=int, help="prompts trained at once (default: from GPU memory; 2 on a CPU)")
+    bt.add_argument("--retry-failed", action="store_true", help="run prompts that failed in an earlier run again")
+    _add_run_options(bt)
+    bt.set_defaults(func=cmd_batch)
 
     r = sub.add_parser("render", help="render a checkpoint: image grid (optionally relit) and turntable MP4")
     r.add_argument("checkpoint", help="run folder or checkpoint.safetensors")
@@ -198,8 +225,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_build_engines)
 
-    bench = sub.add_parser("bench", help="benchmarks that write JSON (engines)")
-    bench.add_argument("what", choices=["engines"])
+    bench = sub.add_parser("bench", help="benchmarks that write JSON (engines, train)")
+    bench.add_argument("what", choices=["engines", "train"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser

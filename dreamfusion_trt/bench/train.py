@@ -15,9 +15,9 @@ the latent phase) is ``K * 3600 / (latent_iters / it_s_latent + rgb_iters / it_s
 the time spent writing outputs. Steps start from the initial density blob, so the render cost
 is that of early training. A K that runs out of memory is reported as such and larger K skipped.
 
-    dreamfusion-trt bench train --out bench_train.json                      # GPU, ~3 min per backend
+    dreamfusion-trt bench train --out bench_train.json                      # GPU: eager, TensorRT if built
     dreamfusion-trt bench train --backends eager,tensorrt --engines-dir engines --build-engines
-    dreamfusion-trt bench train --tiny --out bench_train_tiny.json           # CPU smoke check
+    dreamfusion-trt bench train --tiny --device cpu --out bench_train_tiny.json   # CPU smoke check
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from ..config import RunConfig, from_dict, to_dict
 from ..guidance.text import NO_VIEW, VIEWS, PromptEmbeddings
 from ..sdmodel import DiffusionModel
 from ..train.monitor import StageTimer
-from .engines import UNET_CONFIGS, build_unet
+from .engines import build_unet
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dreamfusion-trt bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--tiny", action="store_true", help="tiny SD and field on the CPU (smoke check)")
+    p.add_argument("--tiny", action="store_true", help="tiny SD and field: a smoke check that runs on a CPU in seconds")
     p.add_argument("--backends", default="eager,tensorrt", help="noise-predictor backends: eager, inductor, aotinductor, "
                    "tensorrt (those without a built engine in --engines-dir are skipped) (default: %(default)s)")  # fmt: skip
     p.add_argument("--concurrency", default=None, help="K values, prompts trained at once (default: 1,4,16,32; tiny: 1,2)")

@@ -103,7 +103,7 @@ class HashGridEncoding(nn.Module):
             cell = pos.detach().floor().clamp_(0, res - 1)
             frac = pos - cell  # [K', N, 3], differentiable w.r.t. x
             # Per axis, the two vertex coordinates and their linear weights: [K', N, 3, 2].
-            coords = cell.long()[..., None] + torch.tensor([0, 1], device=x.device)
+            coords = cell.long()[..., None] + torch.arange(2, device=x.device)  # arange: no host-to-device copy
             w_axis = torch.stack([1.0 - frac, frac], dim=-1)
             rows = self._corner_rows(coords, level) + prompt_base + level * self.table_size  # [K', N, 8]
             w = (

@@ -15,8 +15,11 @@ Two samplers feed one compositing path:
   its first `update_occupancy`.
 - ``auto``: nerfacc when the rays are on CUDA and nerfacc imports, else torch.
 
-Shading happens per sample (see `shading.py`), then colours, opacity, depth, normals and the
-Ref-NeRF orientation penalty are accumulated along the rays and the background is composited.
+Shading happens per sample (see `shading.py`), one mode for all prompts or one mode per prompt,
+then colours, opacity, depth, normals and the Ref-NeRF orientation penalty are accumulated along
+the rays and the background is composited. A trainer that keeps each prompt's randomness apart
+passes the stratified jitter and the background in (``jitter=``, ``background=``) instead of a
+generator.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +38,7 @@ from ..field.background import Background
 from ..field.nerf import FieldOutput, NeRFField
 from . import volrend
 from .sampling import ray_aabb_intersect, stratified_intervals
-from .shading import NEEDS_NORMALS, SHADING_MODES, shade
+from .shading import NEEDS_NORMALS, SHADING_MODES, shade, shade_per_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,25 @@ OCC_EVAL_CHUNK = 2**18  # points per density query while refreshing an occupancy
 
 # weights, per-sample values [..., C] -> per-ray [K, R, C]
 Accumulator = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+# One mode for every prompt, one per prompt, or [K] indices into SHADING_MODES (device-side choice).
+Shading = str | Sequence[str] | torch.Tensor
+
+
+def to_device_async(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to `device` without a host synchronisation (pinned memory and a
+    non-blocking copy on CUDA)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass
+class _PromptShading:
+    """Per-prompt shading resolved for one render: `modes` to evaluate and `index` [K] (long, on
+    the rays' device) picking one of them per prompt."""
+
+    modes: tuple[str, ...]
+    index: torch.Tensor
 
 
 @dataclass
@@ -54,6 +76,7 @@ class RenderOutput:
     background: torch.Tensor | None = None  # [K, R, 3] the background colour behind each ray
     normal: torch.Tensor | None = None  # [K, R, 3] sum of w * world normal (not renormalised)
     orientation: torch.Tensor | None = None  # [K] Ref-NeRF penalty, mean over rays of sum w max(0, n.d)^2
+    orientation_rays: torch.Tensor | None = None  # [K, R] the penalty of each ray (before that mean)
     num_samples: int = 0  # field samples composited (for logs)
 
 
@@ -135,12 +158,17 @@ class Renderer(nn.Module):
         need_normals: bool = False,
         stratified: bool | None = None,
         background: torch.Tensor | None = None,
+        jitter: torch.Tensor | None = None,
     ) -> RenderOutput:
         """Render rays ``[K, R, 3]`` (unit directions) lit from ``light_dir [K, 3]`` (towards the light).
 
-        Normals (and the orientation penalty) are computed when `shading` needs them or when
-        `need_normals` is set. `stratified` (default: training mode) jitters the samples; the
-        torch sampler and the "random" background draw from `generator` when given.
+        `shading` is one mode for all prompts, a sequence of K modes (one per prompt), or a long
+        tensor ``[K]`` of indices into `SHADING_MODES` (chosen on the device: normals are then
+        always computed). Normals (and the orientation penalty) are computed when the shading
+        needs them or when `need_normals` is set. `stratified` (default: training mode) jitters
+        the samples; the torch sampler and the "random" background draw from `generator` when
+        given. `jitter` (``[K, R, S]`` uniform numbers in [0, 1), S = ``render.num_samples``)
+        places the torch sampler's stratified samples instead (the nerfacc marcher ignores it).
         `background` (``[K, R, 3]`` or ``[K, 1, 3]``) replaces the Background module's colours.
         """
         k = self.num_prompts
@@ -150,15 +178,21 @@ class Renderer(nn.Module):
             )
         if light_dir.shape != (k, 3):
             raise ValueError(f"expected light_dir of shape [{k}, 3], got {tuple(light_dir.shape)}")
-        if shading not in SHADING_MODES:
-            raise ValueError(f"shading must be one of {', '.join(SHADING_MODES)}, got {shading!r}")
-        need_normals = need_normals or shading in NEEDS_NORMALS
-        jitter = self.training if stratified is None else stratified
+        mode = self._resolve_shading(shading, k, rays_o.device)
+        if isinstance(mode, str):
+            need_normals = need_normals or mode in NEEDS_NORMALS
+        else:
+            need_normals = need_normals or any(m in NEEDS_NORMALS for m in mode.modes)
+        stratify = self.training if stratified is None else stratified
+        if jitter is not None:
+            want = (k, rays_o.shape[1], self.cfg.num_samples)
+            if tuple(jitter.shape) != want:
+                raise ValueError(f"expected jitter of shape {list(want)}, got {tuple(jitter.shape)}")
         rays_o, rays_d, light_dir = rays_o.float(), rays_d.float(), light_dir.float()
         if self.backend_for(rays_o.device) == "nerfacc":
-            out = self._render_nerfacc(rays_o, rays_d, light_dir, shading, ambient_ratio, need_normals, jitter)
+            out = self._render_nerfacc(rays_o, rays_d, light_dir, mode, ambient_ratio, need_normals, stratify)
         else:
-            out = self._render_torch(rays_o, rays_d, light_dir, shading, ambient_ratio, need_normals, jitter, generator)
+            out = self._render_torch(rays_o, rays_d, light_dir, mode, ambient_ratio, need_normals, stratify, generator, jitter)
         if background is None:
             bg = self.background(rays_d, generator=generator)  # [K, R, 3]
         else:
@@ -171,21 +205,48 @@ class Renderer(nn.Module):
         out.rgb = volrend.composite_background(out.rgb, out.opacity[..., None], bg)
         return out
 
+    @staticmethod
+    def _resolve_shading(shading: Shading, k: int, device: torch.device) -> str | _PromptShading:
+        if isinstance(shading, str):
+            if shading not in SHADING_MODES:
+                raise ValueError(f"shading must be one of {', '.join(SHADING_MODES)}, got {shading!r}")
+            return shading
+        if isinstance(shading, torch.Tensor):
+            if shading.shape != (k,) or shading.dtype != torch.long:
+                raise ValueError(f"a shading tensor must be long of shape [{k}], got {shading.dtype} {tuple(shading.shape)}")
+            return _PromptShading(SHADING_MODES, shading.to(device))
+        modes = list(shading)
+        if len(modes) != k:
+            raise ValueError(f"expected one shading mode per prompt ({k}), got {len(modes)}: {modes!r}")
+        for m in modes:
+            if m not in SHADING_MODES:
+                raise ValueError(f"shading must be one of {', '.join(SHADING_MODES)}, got {m!r}")
+        present = tuple(m for m in SHADING_MODES if m in modes)
+        if len(present) == 1:
+            return present[0]
+        index = torch.tensor([present.index(m) for m in modes], dtype=torch.long)
+        return _PromptShading(present, to_device_async(index, device))
+
     def _render_torch(
         self,
         rays_o: torch.Tensor,
         rays_d: torch.Tensor,
         light_dir: torch.Tensor,
-        shading: str,
+        shading: str | _PromptShading,
         ambient_ratio: float,
         need_normals: bool,
-        jitter: bool,
+        stratify: bool,
         generator: torch.Generator | None,
+        jitter: torch.Tensor | None = None,
     ) -> RenderOutput:
         k, r = rays_o.shape[:2]
         s = self.cfg.num_samples
         near, far, _ = ray_aabb_intersect(rays_o, rays_d, self.bound)  # [K, R]
-        t_starts, t_ends, t = stratified_intervals(near, far, s, jitter, generator)  # [K, R, S]
+        if jitter is not None and stratify:
+            t_starts, t_ends, _ = stratified_intervals(near, far, s, False)
+            t = t_starts + (t_ends - t_starts) * jitter.to(t_starts.dtype)  # [K, R, S]
+        else:
+            t_starts, t_ends, t = stratified_intervals(near, far, s, stratify, generator)  # [K, R, S]
         pts = rays_o[:, :, None, :] + rays_d[:, :, None, :] * t[..., None]  # [K, R, S, 3]
         fo = self.field.query(pts.reshape(k, r * s, 3), with_normals=need_normals)
         sigma = fo.sigma.reshape(k, r, s)
@@ -205,6 +266,7 @@ class Renderer(nn.Module):
             shading=shading,
             ambient_ratio=ambient_ratio,
             num_samples=k * r * s,
+            sample_prompt=torch.arange(k, device=rays_o.device).view(k, 1, 1),
         )
 
     def _render_nerfacc(
@@ -212,7 +274,7 @@ class Renderer(nn.Module):
         rays_o: torch.Tensor,
         rays_d: torch.Tensor,
         light_dir: torch.Tensor,
-        shading: str,
+        shading: str | _PromptShading,
         ambient_ratio: float,
         need_normals: bool,
         jitter: bool,
@@ -279,6 +341,7 @@ class Renderer(nn.Module):
             shading=shading,
             ambient_ratio=ambient_ratio,
             num_samples=len(ray_indices),
+            sample_prompt=prompt_of,
         )
 
     def _composite(
@@ -289,13 +352,19 @@ class Renderer(nn.Module):
         fo: FieldOutput,
         dirs: torch.Tensor,
         light: torch.Tensor,
-        shading: str,
+        shading: str | _PromptShading,
         ambient_ratio: float,
         num_samples: int,
+        sample_prompt: torch.Tensor | None = None,
     ) -> RenderOutput:
         """Shade samples and accumulate them into per-ray ``[K, R, C]`` quantities; `dirs` and
-        `light` broadcast against the per-sample values (fixed-count or packed alike)."""
-        colors = shade(shading, fo.albedo, fo.normal, light, ambient_ratio)
+        `light` broadcast against the per-sample values (fixed-count or packed alike), and so
+        does `sample_prompt` (the prompt of each sample, for per-prompt shading)."""
+        if isinstance(shading, str):
+            colors = shade(shading, fo.albedo, fo.normal, light, ambient_ratio)
+        else:
+            index = shading.index[sample_prompt]  # mode of each sample's prompt
+            colors = shade_per_prompt(shading.modes, index, fo.albedo, fo.normal, light, ambient_ratio)
         rgb = acc(weights, colors)  # [K, R, 3]
         opacity = acc(weights, None)[..., 0]  # [K, R]
         depth_sum = acc(weights, t_mid[..., None])[..., 0]
@@ -307,19 +376,27 @@ class Renderer(nn.Module):
             # (n . d > 0). Weights are detached, as stable-dreamfusion does, so the penalty turns
             # normals rather than thinning out density.
             facing_away = (fo.normal * dirs).sum(dim=-1, keepdim=True).clamp_min(0.0).square()
-            out.orientation = acc(weights.detach(), facing_away)[..., 0].mean(dim=-1)  # [K]
+            out.orientation_rays = acc(weights.detach(), facing_away)[..., 0]  # [K, R]
+            out.orientation = out.orientation_rays.mean(dim=-1)  # [K]
         return out
 
     # -- occupancy grids --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def update_occupancy(self, step: int) -> None:
+    def update_occupancy(self, step: int | Sequence[int | None]) -> None:
         """Refresh the nerfacc occupancy grids every ``render.grid_update_every`` steps with the
         field's density times the march step (threshold ``render.occupancy_threshold``).
-        Call once per training step before rendering. No-op for the torch sampler and in eval mode."""
+        `step` is the training step of every prompt, or one step per prompt (None skips that
+        prompt's grid). Call once per training step before rendering. No-op for the torch
+        sampler and in eval mode."""
         if self.estimators is None or not self.training or self.backend_for(self._device()) != "nerfacc":
             return
+        steps = [step] * self.num_prompts if isinstance(step, int) else list(step)
+        if len(steps) != self.num_prompts:
+            raise ValueError(f"expected one step per prompt ({self.num_prompts}), got {len(steps)}")
         for i, est in enumerate(self.estimators):
+            if steps[i] is None:
+                continue
 
             def occ_eval_fn(x: torch.Tensor, i: int = i) -> torch.Tensor:  # [N, 3] -> [N]
                 sigma = torch.cat(
@@ -331,7 +408,7 @@ class Renderer(nn.Module):
                 return sigma * self.step_size
 
             est.update_every_n_steps(
-                step=step,
+                step=steps[i],
                 occ_eval_fn=occ_eval_fn,
                 occ_thre=self.cfg.occupancy_threshold,
                 n=max(self.cfg.grid_update_every, 1),

@@ -8,7 +8,7 @@ towards the light.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -63,3 +63,22 @@ def shade(
     if mode == "lambertian":
         return lambertian(albedo, normals, light_dir, ambient_ratio)
     return textureless(normals, light_dir, ambient_ratio)
+
+
+def shade_per_prompt(
+    modes: Sequence[str],
+    index: torch.Tensor,
+    albedo: torch.Tensor,
+    normals: torch.Tensor | None,
+    light_dir: torch.Tensor | None,
+    ambient_ratio: float,
+) -> torch.Tensor:
+    """Colour ``[..., 3]`` where each sample takes ``modes[index]``: `index` (long) is the mode of
+    each sample, broadcastable against ``albedo[..., 0]``. Every listed mode is evaluated and
+    the choice is made on the device, so nothing waits for the host."""
+    if not modes:
+        raise ValueError("shade_per_prompt needs at least one mode")
+    out = shade(modes[0], albedo, normals, light_dir, ambient_ratio)
+    for i, mode in enumerate(modes[1:], start=1):
+        out = torch.where((index == i)[..., None], shade(mode, albedo, normals, light_dir, ambient_ratio), out)
+    return out

@@ -14,17 +14,13 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CHECKPOINT_NAME
+from ..checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
 from ..config import RunConfig
-from ..engines.eager import EagerImageEncoder
-from ..engines.registry import make_noise_predictor
 from ..export.artifacts import write_grids, write_meshes, write_turntables
-from ..guidance.latents import fit_rgb_to_latent
-from ..guidance.sds import SDSGuidance
-from ..guidance.text import encode_prompt
+from ..render.renderer import Renderer
 from ..scene import build_scene, resolve_device
-from ..sdmodel import load_diffusion, resolve_dtype
-from .trainer import Embeddings, Trainer
+from .frozen import load_frozen, new_trainer
+from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +48,8 @@ def check_writable_dir(path: Path) -> None:
         raise ValueError(f"output folder '{path}' is not writable (no write permission on '{probe}')")
 
 
-def validate(cfg: RunConfig, resume: bool) -> Path:
-    """Check the run's input; return the output folder. Raises ValueError/FileNotFoundError."""
-    if not cfg.prompt.text.strip():
-        raise ValueError("prompt is empty: give a text prompt, e.g. dreamfusion-trt generate \"a DSLR photo of a hamburger\"")
+def validate_training(cfg: RunConfig) -> None:
+    """Check the settings every prompt of a run shares. Raises ValueError."""
     if cfg.train.iters <= 0:
         raise ValueError(f"--iters must be a positive number of iterations, got {cfg.train.iters}")
     if not 0.0 <= cfg.train.latent_fraction <= 1.0:
@@ -65,6 +59,13 @@ def validate(cfg: RunConfig, resume: bool) -> Path:
     for fmt in cfg.output.mesh_formats:
         if fmt not in ("glb", "obj", "ply"):
             raise ValueError(f"output.mesh_formats: {fmt!r} is not one of glb, obj, ply")
+
+
+def validate(cfg: RunConfig, resume: bool) -> Path:
+    """Check the run's input; return the output folder. Raises ValueError/FileNotFoundError."""
+    if not cfg.prompt.text.strip():
+        raise ValueError("prompt is empty: give a text prompt, e.g. dreamfusion-trt generate \"a DSLR photo of a hamburger\"")
+    validate_training(cfg)
     out_dir = Path(cfg.output.out).expanduser()
     check_writable_dir(out_dir)
     has_ckpt = (out_dir / CHECKPOINT_NAME).is_file()
@@ -75,30 +76,25 @@ def validate(cfg: RunConfig, resume: bool) -> Path:
     return out_dir
 
 
-def build_trainer(cfg: RunConfig, device: torch.device) -> Trainer:
-    """Load the frozen model, embed the prompt, and assemble a Trainer for one prompt."""
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    model = load_diffusion(
-        cfg.model.model, device=device, dtype=dtype, revision=cfg.model.revision,
-        local_files_only=cfg.model.local_files_only,
-    )  # fmt: skip
-    cache_dir = Path(cfg.model.cache_dir).expanduser()
-    emb = encode_prompt(model, cfg.prompt, cache_dir)
-    model.free_text_encoder()
-    embeddings = Embeddings(cond=emb.cond[None].to(device, dtype), uncond=emb.uncond[None].to(device, dtype))
-    predictor = make_noise_predictor(model, cfg.model.backend, Path(cfg.model.engines_dir), batch_sizes=(2,))
-    encoder = EagerImageEncoder(model.vae, model.vae_scaling_factor)
-    latent_map = fit_rgb_to_latent(encoder, device=device, dtype=dtype, seed=cfg.train.seed)
-    renderer = build_scene(cfg, num_prompts=1, device=device)
-    guidance = SDSGuidance(predictor, model.alphas_cumprod, cfg.sds)
-    latent_size = int(model.unet.config.sample_size)
-    image_size = latent_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
-    return Trainer(cfg, renderer, guidance, embeddings, encoder, latent_map, device, latent_size, image_size)
+def build_trainer(cfg: RunConfig, device: torch.device, checkpoint: Checkpoint | None = None) -> Trainer:
+    """Load the frozen model, embed the prompt, and assemble a one-slot Trainer holding it
+    (fresh from ``train.seed``, or from `checkpoint`)."""
+    frozen, (embedding,) = load_frozen(cfg, device, [cfg.prompt], max_prompts=1)
+    trainer = new_trainer(frozen, cfg, 1, device)
+    trainer.assign(0, cfg, embedding, checkpoint=checkpoint)
+    return trainer
 
 
-def write_outputs(trainer: Trainer, out_dir: Path) -> RunOutputs:
-    cfg = trainer.cfg
-    renderer = trainer.renderer.eval()
+def scene_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> Renderer:
+    """The one-prompt scene of a checkpoint, in eval mode."""
+    renderer = build_scene(ckpt.config, num_prompts=int(ckpt.state.get("num_prompts", 1)), device=device)
+    renderer.load_state_dict(ckpt.model)
+    return renderer.eval()
+
+
+def write_outputs(renderer: Renderer, cfg: RunConfig, out_dir: Path) -> RunOutputs:
+    """Turntable, image grid and meshes of a one-prompt scene into `out_dir`."""
+    renderer = renderer.eval()
     turntable, grid = out_dir / "turntable.mp4", out_dir / "validation.png"
     write_turntables(renderer, cfg, [turntable])
     write_grids(renderer, cfg, [grid])
@@ -116,10 +112,12 @@ def generate(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Run
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    trainer = build_trainer(cfg, device)
-    if resume:
-        trainer.restore(out_dir)
+    cfg.output.out = str(out_dir)
+    checkpoint = load_checkpoint(out_dir, map_location=device) if resume else None
+    if checkpoint is not None and int(checkpoint.state.get("num_prompts", 1)) != 1:
+        raise ValueError(f"checkpoint '{out_dir}' holds {checkpoint.state.get('num_prompts')} prompts, --resume continues one")
+    trainer = build_trainer(cfg, device, checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("training '%s' for %d iterations on %s -> %s", cfg.prompt.text, cfg.train.iters, device, out_dir)
-    trainer.fit(out_dir, progress=progress)
-    return write_outputs(trainer, out_dir)
+    trainer.fit(progress=progress)
+    return write_outputs(trainer.renderer, cfg, out_dir)

@@ -1,0 +1,92 @@
+"""The frozen side of a run, loaded once: Stable Diffusion, the prompts' text embeddings (all
+encoded up front, then the text encoder is freed), the noise-predictor backend, the VAE encoder
+and the fitted RGB -> latent map. `new_trainer` puts a K-slot trainer on top of them; a batch
+builds several over its lifetime (start-up at a lower K after running out of memory, a smaller
+one for the last prompts) without reloading anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..config import PromptConfig, RunConfig
+from ..engines.base import ImageEncoder, NoisePredictor
+from ..engines.eager import EagerImageEncoder, EagerNoisePredictor
+from ..engines.registry import make_noise_predictor
+from ..guidance.latents import LinearLatentMap, fit_rgb_to_latent
+from ..guidance.sds import SDSGuidance
+from ..guidance.text import PromptEmbeddings, encode_prompts
+from ..scene import build_scene
+from ..sdmodel import DiffusionModel, load_diffusion, resolve_dtype
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+LATENT_MAP_SEED = 0  # the colour -> latent fit is a property of the VAE, not of a prompt's seed
+
+
+@dataclass
+class Frozen:
+    model: DiffusionModel
+    predictor: NoisePredictor
+    encoder: ImageEncoder
+    latent_map: LinearLatentMap
+    latent_size: int  # UNet latent resolution (64 for SD)
+    image_size: int  # matching VAE image resolution (512 for SD)
+
+
+def predictor_batch_sizes(backend: str, max_prompts: int) -> tuple[int, ...]:
+    """UNet batch sizes (classifier-free guidance doubles the prompts) a run may call with:
+    built engines must cover one prompt up to `max_prompts`; an in-process compile is warmed
+    up at the largest only (others compile on first use)."""
+    top = 2 * max(1, max_prompts)
+    return (top,) if backend == "inductor" else tuple(sorted({2, top}))
+
+
+def make_predictor(model: DiffusionModel, cfg: RunConfig, max_prompts: int) -> NoisePredictor:
+    """The ``model.backend`` noise predictor for up to `max_prompts` prompts per step.
+    ValueError/FileNotFoundError when no built engine covers that batch."""
+    sizes = predictor_batch_sizes(cfg.model.backend, max_prompts)
+    return make_noise_predictor(model, cfg.model.backend, Path(cfg.model.engines_dir), batch_sizes=sizes)
+
+
+def load_frozen(
+    cfg: RunConfig,
+    device: torch.device,
+    prompts: Sequence[PromptConfig],
+    max_prompts: int | None = 1,
+    model: DiffusionModel | None = None,
+) -> tuple[Frozen, list[PromptEmbeddings]]:
+    """Load the model (unless given), embed every prompt (disk cache first), free the text
+    encoder, and build the noise predictor for up to `max_prompts` prompts per step (None: the
+    eager one for now, to be replaced once the number is known)."""
+    if model is None:
+        dtype = resolve_dtype(cfg.model.dtype, device)
+        model = load_diffusion(
+            cfg.model.model, device=device, dtype=dtype, revision=cfg.model.revision,
+            local_files_only=cfg.model.local_files_only,
+        )  # fmt: skip
+    embeddings = encode_prompts(model, list(prompts), Path(cfg.model.cache_dir).expanduser()) if prompts else []
+    model.free_text_encoder()
+    predictor = make_predictor(model, cfg, max_prompts) if max_prompts else EagerNoisePredictor(model.unet)
+    encoder = EagerImageEncoder(model.vae, model.vae_scaling_factor)  # the RGB phase backpropagates through it
+    latent_map = fit_rgb_to_latent(encoder, device=device, dtype=model.dtype, seed=LATENT_MAP_SEED)
+    latent_size = int(model.unet.config.sample_size)
+    image_size = latent_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    return Frozen(model, predictor, encoder, latent_map, latent_size, image_size), embeddings
+
+
+def new_trainer(frozen: Frozen, cfg: RunConfig, num_slots: int, device: torch.device) -> Trainer:
+    """A trainer of `num_slots` empty slots over a fresh K-prompt scene (fill them with `assign`)."""
+    renderer = build_scene(cfg, num_prompts=num_slots, device=device)
+    guidance = SDSGuidance(frozen.predictor, frozen.model.alphas_cumprod, cfg.sds)
+    model = frozen.model
+    return Trainer(
+        cfg, renderer, guidance, frozen.encoder, frozen.latent_map, device, frozen.latent_size, frozen.image_size,
+        text_shape=(model.max_length, model.text_dim), text_dtype=model.dtype,
+    )  # fmt: skip
