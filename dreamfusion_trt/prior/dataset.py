@@ -1,0 +1,176 @@
+"""Training renders of the known objects, made the way SDS training renders a NeRF.
+
+Every image comes out of the project's own `Renderer` (torch sampler, no jitter) looking at an
+`AnalyticObject`, from cameras drawn by `sample_random_cameras` with the trainer's `CameraConfig`
+and lit by the light those cameras carry. Its caption is the object's caption with the view
+suffix the trainer would append for that camera (``view_prompt(caption, VIEWS[view_indices(...)])``),
+or, for a share `plain_caption_prob` of the images, the bare caption, so the prior also serves runs
+with ``prompt.view_dependent=false``.
+
+Shading is drawn per image like the trainer's ``render.shading=random`` over a whole run: albedo
+(the trainer's warm-up), lambertian (albedo lit by the camera's light, `ambient_ratio`) and
+textureless (white material, same light). The prior thus knows what an unlit, a shaded and an
+untextured version of each object look like, which are the three kinds of render SDS asks it about.
+A textureless render keeps its object's caption, as in SDS training.
+
+Backgrounds are solid colours: white with probability `white_background_prob`, otherwise a
+uniformly random colour. The trainer's learned background starts as a smooth near-grey colour
+and drifts; random solid colours cover that without teaching the prior any particular backdrop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cameras import CameraBatch, get_rays, sample_random_cameras
+from ..config import CameraConfig, FieldConfig, PromptConfig, RenderConfig
+from ..field.background import Background
+from ..guidance.text import VIEWS, view_indices, view_prompt
+from ..render.renderer import Renderer
+from .scenes import KNOWN_CAPTIONS, KNOWN_OBJECTS
+
+logger = logging.getLogger(__name__)
+
+SHADINGS = ("albedo", "lambertian", "textureless")
+PLAIN = len(VIEWS)  # view index of a caption without a view suffix
+
+
+@dataclass
+class DatasetConfig:
+    images_per_object: int = 1500
+    multicolor_factor: int = 3  # the six-colored cube gets this many times more renders: its views all differ
+    image_size: int = 64  # renders are image_size x image_size (the trainer's camera.render_size)
+    num_samples: int = 96  # samples per ray of the torch renderer (the trainer marches about as finely)
+    shading_probs: tuple[float, float, float] = (0.35, 0.5, 0.15)  # albedo, lambertian, textureless
+    ambient_ratio: float = 0.1  # the trainer's render.ambient_ratio
+    white_background_prob: float = 0.4  # otherwise a uniformly random solid colour
+    plain_caption_prob: float = 0.1  # share of captions without a view suffix
+    batch: int = 64  # cameras per renderer call
+    seed: int = 0
+    captions: tuple[str, ...] = KNOWN_CAPTIONS  # which known objects to render
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+
+@dataclass
+class RenderedDataset:
+    """N renders with their labels; texts are indexed ``object * (len(VIEWS) + 1) + view`` where
+    view ``len(VIEWS)`` means the bare caption."""
+
+    images: torch.Tensor  # [N, 3, H, W] uint8
+    object_index: torch.Tensor  # [N] long, into `captions`
+    view_index: torch.Tensor  # [N] long, into VIEWS (the camera's view, also for bare captions)
+    text_index: torch.Tensor  # [N] long, into `texts`
+    shading_index: torch.Tensor  # [N] long, into SHADINGS
+    elevation_deg: torch.Tensor  # [N] the cameras' elevations
+    azimuth_deg: torch.Tensor  # [N] the cameras' azimuths
+    captions: tuple[str, ...]  # the objects' captions
+    texts: tuple[str, ...]  # every caption text, view variants included
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def float_images(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Images as float in [0, 1], ``[n, 3, H, W]``."""
+        imgs = self.images if index is None else self.images[index]
+        return imgs.float() / 255.0
+
+    def to(self, device: torch.device | str) -> "RenderedDataset":
+        move = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.__dict__.items()}
+        return RenderedDataset(**move)
+
+
+def caption_texts(captions: tuple[str, ...]) -> tuple[str, ...]:
+    """Per caption: its four view variants in `VIEWS` order, then the bare caption."""
+    return tuple(t for c in captions for t in (*(view_prompt(c, v) for v in VIEWS), c))
+
+
+def text_index(object_index: int | torch.Tensor, view: int | torch.Tensor) -> int | torch.Tensor:
+    return object_index * (len(VIEWS) + 1) + view
+
+
+def _check(cfg: DatasetConfig) -> None:
+    if min(cfg.images_per_object, cfg.batch, cfg.num_samples, cfg.multicolor_factor) < 1 or cfg.image_size < 8:
+        raise ValueError(
+            f"dataset needs images_per_object, batch, num_samples, multicolor_factor >= 1 and image_size >= 8; got "
+            f"{cfg.images_per_object!r}, {cfg.batch!r}, {cfg.num_samples!r}, {cfg.multicolor_factor!r}, {cfg.image_size!r}"
+        )
+    probs = torch.tensor(cfg.shading_probs, dtype=torch.float64)
+    if probs.shape != (3,) or (probs < 0).any() or float(probs.sum()) <= 0:
+        raise ValueError(f"shading_probs must be three non-negative weights, got {cfg.shading_probs!r}")
+    unknown = [c for c in cfg.captions if c not in KNOWN_OBJECTS]
+    if unknown or not cfg.captions:
+        raise ValueError(f"dataset captions must be known objects, got {unknown or cfg.captions!r}")
+
+
+@torch.no_grad()
+def render_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> RenderedDataset:
+    """Render ``images_per_object`` views of every object in ``cfg.captions`` on `device`
+    (``multicolor_factor`` times as many of the six-colored cube).
+
+    All random draws (cameras, shading, backgrounds, caption variants) of an object come from a
+    CPU generator seeded from ``cfg.seed`` and its caption, so the dataset depends neither on the
+    device nor on which other objects are rendered. Returns the images on `device`.
+    """
+    _check(cfg)
+    device = torch.device(device)
+    size = cfg.image_size
+    render_cfg = RenderConfig(backend="torch", num_samples=cfg.num_samples, ambient_ratio=cfg.ambient_ratio)
+    probs = torch.tensor(cfg.shading_probs, dtype=torch.float64)
+    images, objects, views, texts, shadings, elevations, azimuths = [], [], [], [], [], [], []
+    start = time.perf_counter()
+    for o, caption in enumerate(cfg.captions):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(caption.encode()))
+        n = cfg.images_per_object * (cfg.multicolor_factor if KNOWN_OBJECTS[caption].multicolored else 1)
+        cams = sample_random_cameras(n, cfg.camera, gen)
+        shading = torch.multinomial(probs, n, replacement=True, generator=gen)
+        white = torch.rand(n, generator=gen) < cfg.white_background_prob
+        bg = torch.where(white[:, None], torch.ones(n, 3), torch.rand(n, 3, generator=gen))
+        plain = torch.rand(n, generator=gen) < cfg.plain_caption_prob
+        view = view_indices(cams.elevation_deg, cams.azimuth_deg, cfg.prompt)
+        out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
+        obj = KNOWN_OBJECTS[caption].build().to(device)
+        for s, mode in enumerate(SHADINGS):
+            idx = torch.nonzero(shading == s)[:, 0]
+            for chunk in idx.split(cfg.batch):
+                k = len(chunk)
+                renderer = Renderer(
+                    obj.with_prompts(k), Background(FieldConfig(background="solid"), k), render_cfg, bound=obj.bound
+                ).eval()
+                sub = _select(cams, chunk).to(device)
+                rays_o, rays_d = get_rays(sub, size, size)  # [k, H*W, 3]
+                result = renderer.render(
+                    rays_o, rays_d, sub.light_dir, shading=mode, ambient_ratio=cfg.ambient_ratio,
+                    stratified=False, background=bg[chunk, None, :].to(device),
+                )  # fmt: skip
+                rgb = result.rgb.reshape(k, size, size, 3).permute(0, 3, 1, 2)
+                out[chunk.to(device)] = (rgb.clamp(0, 1) * 255.0).round().to(torch.uint8)
+        images.append(out)
+        objects.append(torch.full((n,), o, dtype=torch.long))
+        views.append(view)
+        texts.append(text_index(o, torch.where(plain, torch.full_like(view, PLAIN), view)))
+        shadings.append(shading)
+        elevations.append(cams.elevation_deg)
+        azimuths.append(cams.azimuth_deg)
+        logger.info("rendered %d views of %r (%d/%d objects, %.1f s)", n, caption, o + 1, len(cfg.captions),
+                    time.perf_counter() - start)  # fmt: skip
+    return RenderedDataset(
+        images=torch.cat(images),
+        object_index=torch.cat(objects).to(device),
+        view_index=torch.cat(views).to(device),
+        text_index=torch.cat(texts).to(device),
+        shading_index=torch.cat(shadings).to(device),
+        elevation_deg=torch.cat(elevations).to(device),
+        azimuth_deg=torch.cat(azimuths).to(device),
+        captions=tuple(cfg.captions),
+        texts=caption_texts(tuple(cfg.captions)),
+    )
+
+
+def _select(cams: CameraBatch, index: torch.Tensor) -> CameraBatch:
+    return CameraBatch(**{k: v[index] for k, v in cams.__dict__.items()})

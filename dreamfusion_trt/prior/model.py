@@ -1,0 +1,655 @@
+"""The built-in known-answer prior: a small Stable Diffusion trained on renders of known objects.
+
+`train_prior` renders the dataset once (`dataset.render_dataset`, on the training device), then
+
+1. trains a small `AutoencoderKL` (two downsamplings: 64x64 images -> 16x16x4 latents) on
+   L1 + L2 reconstruction plus a small KL term, and sets its ``scaling_factor`` to one over the
+   standard deviation of the dataset's latents, as SD does;
+2. encodes the whole dataset once, then trains a small `UNet2DConditionModel` to predict the
+   noise (epsilon) of latents noised with SD's scaled-linear schedule, conditioned on a small
+   `CLIPTextModel`. The text encoder is trained jointly with the UNet (it starts from a seeded
+   random initialisation, so there is no pretrained text space to keep); captions are dropped to
+   the empty prompt with probability `caption_dropout` so classifier-free guidance works; the
+   saved UNet and text encoder are exponential moving averages of the trained weights;
+3. saves a diffusers folder (`StableDiffusionPipeline.save_pretrained`: model_index.json,
+   tokenizer/ with the vocabulary written here, text_encoder/, unet/, vae/, scheduler/), plus
+   ``prompts.json`` (the known captions), ``dreamfusion_preset.yaml`` (RunConfig overrides suited
+   to this prior), ``prior_train.json`` (settings, losses, timings) and ``prior_eval.json``
+   (`score.evaluate_prior_samples` on the saved weights). Everything is written to a temporary
+   folder beside `out` and renamed into place at the end.
+
+Everything is seeded: on the CPU two runs with the same settings produce the same weights; on a
+GPU, kernels with atomic adds make runs agree only closely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..atomic import atomic_write_text
+from ..guidance.text import VIEWS
+from ..scene import resolve_device
+from . import PRESET_NAME, PROMPTS_NAME, WEIGHTS_DIR
+from .dataset import DatasetConfig, RenderedDataset, render_dataset
+from .scenes import KNOWN_CAPTIONS, SIX_COLORED_CAPTION
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = WEIGHTS_DIR
+MAX_LENGTH = 77
+MAX_WEIGHT_BYTES = 20 * 2**20  # all safetensors of the folder together
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+EVAL_NAME = "prior_eval.json"
+TRAIN_NAME = "prior_train.json"
+
+
+@dataclass
+class PriorArchitecture:
+    """Sizes of the four networks."""
+
+    image_size: int = 64  # pixels; latents are image_size / 2^(len(vae_channels) - 1)
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (64, 128, 128)  # first level without attention only if 1 level
+    unet_layers_per_block: int = 1
+    attention_heads: int = 4
+    text_dim: int = 64  # CLIP width = UNet cross_attention_dim
+    text_layers: int = 2
+    text_heads: int = 4
+    norm_groups: int = 16
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae_factor
+
+
+TINY_ARCHITECTURE = PriorArchitecture(
+    image_size=32, vae_channels=(8, 16, 16), unet_channels=(16, 32), attention_heads=2,
+    text_dim=16, text_layers=1, text_heads=2, norm_groups=4,
+)  # fmt: skip
+
+
+@dataclass
+class PriorTrainConfig:
+    out: str = str(DEFAULT_OUT)
+    device: str = "auto"  # cuda when available, else cpu
+    steps_vae: int = 2500
+    steps_unet: int = 12000
+    batch_size: int = 128
+    seed: int = 0
+    lr_vae: float = 1e-3
+    lr_unet: float = 5e-4  # UNet and text encoder
+    warmup: int = 200  # linear warm-up steps, then cosine decay to 10 %
+    kl_weight: float = 1e-4  # per latent element, against per-pixel L1 + L2
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    save_dtype: Literal["float16", "float32"] = "float16"
+    eval_per_caption: int = 16  # DDIM samples per caption text (view variants included); 0 skips the check
+    eval_steps: int = 50
+    eval_guidance: float = 5.0
+    log_every: int = 250
+    arch: PriorArchitecture = field(default_factory=PriorArchitecture)
+    data: DatasetConfig = field(default_factory=DatasetConfig)
+
+
+def tiny_config(out: str | Path, seed: int = 0) -> PriorTrainConfig:
+    """A seconds-long CPU run of the whole pipeline (tests): tiny networks, 2 renders per object."""
+    arch = TINY_ARCHITECTURE
+    data = DatasetConfig(images_per_object=2, image_size=arch.image_size, num_samples=24, batch=8, seed=seed)
+    return PriorTrainConfig(
+        out=str(out), device="cpu", steps_vae=2, steps_unet=2, batch_size=4, seed=seed, warmup=1,
+        save_dtype="float32", eval_per_caption=1, eval_steps=2, log_every=1, arch=arch, data=data,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def caption_words(captions: tuple[str, ...] = KNOWN_CAPTIONS) -> list[str]:
+    """The words of the captions and of the view suffixes, as CLIP's pre-tokenizer splits them."""
+    import re
+
+    text = " ".join([*captions, *(f"{v} view" for v in VIEWS)]).lower()
+    return sorted(set(re.findall(r"[^\W\d_]+", text)))
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet: one printable character per byte value."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
+
+
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges that make every word of `words` one token: repeatedly merge the most frequent
+    adjacent pair (ties broken by the pair itself), as BPE training does. Encoding replays merges
+    by rank, so each training word comes out whole."""
+    pieces = {w: [*w[:-1], w[-1] + "</w>"] for w in words if w}
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: Counter[tuple[str, str]] = Counter()
+        for parts in pieces.values():
+            counts.update(zip(parts[:-1], parts[1:]))
+        if not counts:
+            return merges
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        for w, parts in pieces.items():
+            out, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                    out.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            pieces[w] = out
+
+
+def write_vocab(folder: Path, words: list[str]) -> Path:
+    """vocab.json and merges.txt of a CLIP-style byte-level BPE: the 256 byte symbols and their
+    end-of-word forms (any text tokenizes), whole-word tokens for `words`, the special tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges = learn_merges(words)
+    seen = set(tokens)
+    for a, b in merges:
+        if a + b not in seen:
+            tokens.append(a + b)
+            seen.add(a + b)
+    tokens += list(SPECIAL_TOKENS)
+    atomic_write_text(folder / "vocab.json", json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return folder
+
+
+def build_tokenizer(captions: tuple[str, ...] = KNOWN_CAPTIONS):
+    """A CLIPTokenizer whose vocabulary has one token per caption/view word."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_vocab(Path(tmp), caption_words(captions))
+        return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_LENGTH)
+
+
+# ---------------------------------------------------------------------------------------------
+# networks
+
+
+def build_components(arch: PriorArchitecture, tokenizer, seed: int) -> dict[str, Any]:
+    """Freshly initialised text encoder, UNet, VAE and scheduler (seeded)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if arch.image_size % arch.vae_factor or arch.latent_size < 4:
+        raise ValueError(f"image_size {arch.image_size} must be a multiple of {arch.vae_factor} giving latents of 4 px or more")
+    levels = len(arch.unet_channels)
+    if arch.latent_size % 2 ** (levels - 1):
+        raise ValueError(f"latent size {arch.latent_size} cannot be halved {levels - 1} times by the UNet")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=arch.text_dim,
+            intermediate_size=4 * arch.text_dim,
+            num_hidden_layers=arch.text_layers,
+            num_attention_heads=arch.text_heads,
+            max_position_embeddings=MAX_LENGTH,
+            projection_dim=arch.text_dim,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # Attention on every level but the coarsest (SD's layout, scaled down).
+    down = ("CrossAttnDownBlock2D",) * max(levels - 1, 1) + ("DownBlock2D",) * (levels > 1)
+    up = ("UpBlock2D",) * (levels > 1) + ("CrossAttnUpBlock2D",) * max(levels - 1, 1)
+    unet = UNet2DConditionModel(
+        sample_size=arch.latent_size,
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
+        block_out_channels=arch.unet_channels,
+        layers_per_block=arch.unet_layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=arch.text_dim,
+        attention_head_dim=arch.attention_heads,  # diffusers' legacy name: the number of heads
+        norm_num_groups=arch.norm_groups,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(arch.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels),
+        block_out_channels=arch.vae_channels,
+        layers_per_block=1,
+        latent_channels=arch.latent_channels,
+        norm_num_groups=arch.norm_groups,
+        sample_size=arch.image_size,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="epsilon",
+        steps_offset=1,
+    )
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae, "scheduler": scheduler}
+
+
+def weight_bytes(arch: PriorArchitecture, dtype: torch.dtype = torch.float16) -> int:
+    """Bytes of all parameters of an architecture at `dtype` (the saved safetensors' payload)."""
+    parts = build_components(arch, build_tokenizer(), seed=0)
+    size = torch.tensor([], dtype=dtype).element_size()
+    return sum(p.numel() * size for n in ("text_encoder", "unet", "vae") for p in parts[n].parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+class Progress:
+    """Logs `name step/total | loss | it/s | ETA` every `every` steps (rates over the interval)."""
+
+    def __init__(self, name: str, total: int, every: int) -> None:
+        self.name, self.total, self.every = name, total, max(every, 1)
+        self.start = self.last = time.perf_counter()
+        self.last_step = 0
+        self.losses: list[float] = []
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        if step % self.every and step != self.total:
+            return
+        value = float(loss.detach())  # one sync per log line
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{self.name} loss is {value} at step {step}")
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        self.last, self.last_step = now, step
+        self.losses.append(value)
+        logger.info("%s %d/%d  loss %.5f  %.1f it/s  ETA %dm%02ds", self.name, step, self.total, value, rate,
+                    int(eta // 60), int(eta % 60))  # fmt: skip
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = (step - warmup) / max(total - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+
+    return f
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float in [-1, 1]."""
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def train_vae(vae, data: RenderedDataset, cfg: PriorTrainConfig, device: torch.device, gen: torch.Generator) -> dict:
+    """Reconstruction (L1 + L2 per pixel) + kl_weight * KL per latent element; returns stats."""
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr_vae, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(cfg.warmup, cfg.steps_vae), cfg.steps_vae))
+    progress = Progress("vae", cfg.steps_vae, cfg.log_every)
+    n = len(data)
+    for step in range(1, cfg.steps_vae + 1):
+        idx = torch.randint(n, (cfg.batch_size,), generator=gen, device=device)
+        x = _to_unit(data.images[idx])
+        with _autocast(device):
+            posterior = vae.encode(x).latent_dist
+            z = posterior.sample(generator=gen)
+            recon = vae.decode(z).sample.float()
+        mu, logvar = posterior.mean.float(), posterior.logvar.float()
+        kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()  # per latent element
+        loss = (recon - x).abs().mean() + (recon - x).square().mean() + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        progress.update(step, loss)
+    vae.eval().requires_grad_(False)
+    return {"seconds": round(progress.seconds, 2), "logged_losses": progress.losses, "psnr": reconstruction_psnr(vae, data, device)}
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae, data: RenderedDataset, device: torch.device, count: int = 512) -> float:
+    """PSNR (dB, images in [0, 1]) of encoding (posterior mean) and decoding `count` images
+    spread evenly over the dataset (every object)."""
+    idx = torch.linspace(0, len(data) - 1, min(count, len(data)), device=device).long()
+    x = _to_unit(data.images[idx])
+    with _autocast(device):
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
+    mse = ((recon.clamp(-1, 1) - x) / 2).square().mean()
+    return round(float(-10.0 * torch.log10(mse.clamp_min(1e-10))), 2)
+
+
+@torch.no_grad()
+def encode_dataset(vae, data: RenderedDataset, device: torch.device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image: each ``[N, C, h, w]`` float32 on `device`."""
+    means, stds = [], []
+    for s in range(0, len(data), batch):
+        with _autocast(device):
+            post = vae.encode(_to_unit(data.images[s : s + batch])).latent_dist
+        means.append(post.mean.float())
+        stds.append(post.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def tokenize(tokenizer, texts: list[str], device: torch.device) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids.to(device)
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual (1 + n) / (10 + n) warm-up."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        self.params = params
+        self.shadow = [p.detach().clone().float() for p in params]
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s.to(p.dtype))
+
+
+def train_unet(
+    unet, text_encoder, tokenizer, alphas_cumprod: torch.Tensor, latents: tuple[torch.Tensor, torch.Tensor],
+    scaling_factor: float, data: RenderedDataset, cfg: PriorTrainConfig, device: torch.device, gen: torch.Generator,
+) -> dict:  # fmt: skip
+    """Epsilon prediction on scaled latents with caption dropout; leaves EMA weights in the models."""
+    mean, std = latents  # [N, C, h, w] each
+    texts = [*data.texts, ""]
+    empty = len(texts) - 1
+    ids = tokenize(tokenizer, texts, device)  # [T + 1, 77]
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    for module in (unet, text_encoder):
+        module.train().requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr_unet, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(cfg.warmup, cfg.steps_unet), cfg.steps_unet))
+    ema = EMA(params, cfg.ema_decay)
+    acp = alphas_cumprod.to(device)
+    progress = Progress("unet", cfg.steps_unet, cfg.log_every)
+    n, b = len(data), cfg.batch_size
+    for step in range(1, cfg.steps_unet + 1):
+        idx = torch.randint(n, (b,), generator=gen, device=device)
+        mu = mean[idx]
+        x0 = (mu + std[idx] * torch.randn(mu.shape, generator=gen, device=device)) * scaling_factor
+        t = torch.randint(acp.shape[0], (b,), generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        a = acp[t].view(b, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+        drop = torch.rand(b, generator=gen, device=device) < cfg.caption_dropout
+        text = torch.where(drop, torch.full_like(idx, empty), data.text_index[idx])
+        with _autocast(device):
+            table = text_encoder(ids)[0]  # [T + 1, 77, D]: every distinct text once per step
+            pred = unet(xt, t, encoder_hidden_states=table[text]).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update()
+        progress.update(step, loss)
+    ema.copy_to()
+    for module in (unet, text_encoder):
+        module.eval().requires_grad_(False)
+    return {"seconds": round(progress.seconds, 2), "logged_losses": progress.losses}
+
+
+# ---------------------------------------------------------------------------------------------
+# the folder
+
+
+def preset_yaml(cfg: PriorTrainConfig) -> str:
+    """RunConfig overrides for SDS with this prior (config.py's YAML sections)."""
+    size = cfg.arch.image_size
+    return f"""\
+# RunConfig overrides for the built-in known-answer prior (dreamfusion_trt.prior).
+# The prior sees {size}x{size} renders through its VAE ({cfg.arch.latent_size}x{cfg.arch.latent_size} latents), so the
+# whole run is in the RGB phase at render_size = encode_size = {size}; a small hash grid suffices for
+# objects this simple.
+field:
+  num_levels: 8
+  log2_hashmap_size: 16
+  base_resolution: 16
+  max_resolution: 256
+  hidden_dim: 32
+  num_layers: 2
+  background: random  # the prior was trained on solid backgrounds; random ones keep them out of the object
+render:
+  num_samples: 64
+  grid_resolution: 64
+  albedo_iters: 300
+  textureless_ratio: {cfg.data.shading_probs[2]:g}  # the prior's share of textureless renders
+  ambient_ratio: {cfg.data.ambient_ratio:g}
+camera:
+  render_size: {size}
+train:
+  iters: 2000
+  latent_fraction: 0.0
+  encode_size: {size}
+sds:
+  guidance_scale: 20.0
+output:
+  mesh_resolution: 128
+  video_size: 128
+  video_frames: 60
+"""
+
+
+def _save_folder(parts: dict[str, Any], folder: Path, dtype: torch.dtype) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    nets = {n: copy.deepcopy(parts[n]).to("cpu", dtype) for n in ("text_encoder", "unet", "vae")}
+    pipe = StableDiffusionPipeline(
+        **nets,
+        tokenizer=parts["tokenizer"],
+        scheduler=parts["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def folder_weight_bytes(folder: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` folder to `out`, replacing an older `out` only once `tmp` is complete."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_config(cfg: PriorTrainConfig) -> None:
+    for name in ("steps_vae", "steps_unet", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+    if cfg.data.image_size != cfg.arch.image_size:
+        raise ValueError(f"dataset image_size {cfg.data.image_size} differs from the prior's {cfg.arch.image_size}")
+    if not 0.0 <= cfg.caption_dropout < 1.0:
+        raise ValueError(f"caption_dropout must be in [0, 1), got {cfg.caption_dropout!r}")
+
+
+def train_prior(cfg: PriorTrainConfig) -> tuple[Path, dict]:
+    """Render, train, save and evaluate; returns (folder, evaluation dict; empty when
+    ``eval_per_caption`` is 0)."""
+    from .score import evaluate_prior_samples
+
+    _check_config(cfg)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    data = render_dataset(cfg.data, device)
+    render_s = time.perf_counter() - started
+    logger.info("dataset: %d renders of %d objects in %.1f s", len(data), len(data.captions), render_s)
+
+    parts = build_components(cfg.arch, build_tokenizer(data.captions), cfg.seed)
+    for n in ("text_encoder", "unet", "vae"):
+        parts[n].to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    vae_stats = train_vae(parts["vae"], data, cfg, device, gen)
+    mean, std = encode_dataset(parts["vae"], data, device)
+    sample = mean + std * torch.randn(mean.shape, generator=gen, device=device)
+    scaling_factor = float(1.0 / sample.std())
+    parts["vae"].register_to_config(scaling_factor=scaling_factor)
+    logger.info("VAE reconstruction PSNR %.2f dB; latent std %.4f -> scaling_factor %.5f",
+                vae_stats["psnr"], 1.0 / scaling_factor, scaling_factor)  # fmt: skip
+    unet_stats = train_unet(
+        parts["unet"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"].alphas_cumprod,
+        (mean, std), scaling_factor, data, cfg, device, gen,
+    )  # fmt: skip
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _save_folder(parts, tmp, getattr(torch, cfg.save_dtype))
+        size = folder_weight_bytes(tmp)
+        if size > MAX_WEIGHT_BYTES:
+            raise ValueError(f"the prior's weights take {size / 2**20:.1f} MiB, over the {MAX_WEIGHT_BYTES / 2**20:.0f} MiB limit")
+        prompts = {"captions": list(data.captions), "views": list(VIEWS), "texts": list(data.texts),
+                   "six_colored": SIX_COLORED_CAPTION}  # fmt: skip
+        atomic_write_text(tmp / PROMPTS_NAME, json.dumps(prompts, indent=2) + "\n")
+        atomic_write_text(tmp / PRESET_NAME, preset_yaml(cfg))
+        del mean, std, sample
+        evaluation: dict[str, Any] = {}
+        if cfg.eval_per_caption > 0:
+            evaluation = evaluate_prior_samples(
+                tmp, n_per_caption=cfg.eval_per_caption, device=device, reference=data,
+                steps=cfg.eval_steps, guidance_scale=cfg.eval_guidance, seed=cfg.seed,
+            )  # fmt: skip
+            atomic_write_text(tmp / EVAL_NAME, json.dumps(evaluation, indent=2) + "\n")
+        record = {
+            "config": asdict(cfg),
+            "device": str(device),
+            "dataset_images": len(data),
+            "render_seconds": round(render_s, 2),
+            "vae": vae_stats,
+            "unet": unet_stats,
+            "scaling_factor": scaling_factor,
+            "weight_bytes": size,
+            "total_seconds": round(time.perf_counter() - started, 2),
+        }
+        atomic_write_text(tmp / TRAIN_NAME, json.dumps(record, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("prior written to %s (%.1f MiB of weights) in %.0f s; object accuracy of its samples %s",
+                out, size / 2**20, time.perf_counter() - started, evaluation.get("object_accuracy", "not checked"))  # fmt: skip
+    return out, evaluation
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def make_parser() -> argparse.ArgumentParser:
+    d = PriorTrainConfig()
+    p = argparse.ArgumentParser(
+        prog="train_prior",
+        description="Train the built-in known-answer prior (a small Stable Diffusion folder) on renders of known objects.",
+    )
+    p.add_argument("--out", default=d.out, help="output diffusers folder (default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="cuda, cuda:N, cpu or auto (default: %(default)s; cpu with --tiny)")
+    p.add_argument("--steps-vae", type=int, help=f"VAE steps (default: {d.steps_vae})")
+    p.add_argument("--steps-unet", type=int, help=f"UNet + text encoder steps (default: {d.steps_unet})")
+    p.add_argument("--batch-size", type=int, help=f"images per step (default: {d.batch_size})")
+    p.add_argument("--images-per-object", type=int, help=f"training renders per object (default: {d.data.images_per_object})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of renders, initialisation and training (default: %(default)s)")
+    p.add_argument("--eval-per-caption", type=int,
+                   help=f"DDIM samples per caption text for prior_eval.json, 0 to skip (default: {d.eval_per_caption})")  # fmt: skip
+    p.add_argument("--log-every", type=int, help=f"steps between progress lines (default: {d.log_every})")
+    p.add_argument("--tiny", action="store_true",
+                   help="a seconds-long CPU run with tiny networks and 2 renders per object (tests, smoke checks); "
+                        "the flags above still override its settings")  # fmt: skip
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PriorTrainConfig:
+    """Defaults (or the --tiny settings) overridden by the flags that were given."""
+    cfg = tiny_config(args.out, args.seed) if args.tiny else PriorTrainConfig(out=args.out, seed=args.seed)
+    if not args.tiny or args.device != "auto":
+        cfg = replace(cfg, device=args.device)
+    given = {
+        name: getattr(args, name)
+        for name in ("steps_vae", "steps_unet", "batch_size", "eval_per_caption", "log_every")
+        if getattr(args, name) is not None
+    }
+    data = replace(cfg.data, seed=args.seed)
+    if args.images_per_object is not None:
+        data = replace(data, images_per_object=args.images_per_object)
+    return replace(cfg, data=data, **given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    out, evaluation = train_prior(config_from_args(args))
+    logger.info("evaluation: %s", json.dumps({k: v for k, v in evaluation.items() if k != "per_text"}))
+    return 0

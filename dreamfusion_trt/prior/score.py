@@ -1,0 +1,383 @@
+"""Numbers for the known-answer prior: how well a run recovered its object, and how well the
+prior itself draws the objects it was trained on.
+
+`score_run(run_dir)` compares a finished run's exported mesh with the analytic object its prompt
+names, all in world units on the run's box ``[-bound, bound]^3``:
+
+- ``iou``: volumetric IoU on a ``resolution^3`` grid of cell centres. The mesh's inside is found
+  by casting one ray per grid column along +z and counting surface crossings above each point
+  (even-odd rule; exact for the closed meshes `export.mesh` writes). Columns are offset by a
+  tiny irrational fraction of a cell so they never run exactly along mesh edges.
+- ``chamfer``: the mean of the two mean point-to-surface distances: from area-uniform samples of
+  the mesh to the true surface (|sdf|, exact) and from area-uniform samples of the true surface
+  to the mesh (closest point on the nearest triangles); also given per direction.
+- ``color_error``: mean Euclidean RGB distance (colours in [0, 1], so at most sqrt(3)) between the
+  mesh's vertex colour, interpolated at the surface samples, and the true colour of the nearest
+  true surface point.
+- ``face_color_share`` (six-colored cube only): the mesh surface is split into the six face
+  regions by the dominant axis of each sample; a region's mean colour is classified as the
+  nearest of the six true face colours; the share of regions that get their own colour. 1.0 is
+  a cube with every face right; a "Janus" cube that repeats its front face scores lower.
+
+`evaluate_prior_samples(folder, ...)` draws DDIM samples (classifier-free guidance) for every
+caption text of a prior folder and labels each with its nearest reference render.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..atomic import atomic_write_text
+from ..guidance.text import VIEWS
+from .dataset import PLAIN, SHADINGS, DatasetConfig, RenderedDataset, caption_texts, render_dataset
+from .scenes import (
+    FACES,
+    KNOWN_CAPTIONS,
+    KNOWN_OBJECTS,
+    PALETTE,
+    SIX_COLORED_CAPTION,
+    SIX_FACE_COLORS,
+    AnalyticObject,
+    face_index,
+    resolve_caption,
+)
+
+logger = logging.getLogger(__name__)
+
+MESH_NAMES = ("mesh.glb", "mesh.obj", "mesh.ply")
+SCORE_NAME = "score.json"
+_COLUMN_OFFSET = (0.1234567, 0.2345678)  # fractions of a grid cell, x and y
+
+
+# ---------------------------------------------------------------------------------------------
+# run scoring
+
+
+def score_run(
+    run_dir: str | Path, resolution: int = 96, surface_samples: int = 20000, seed: int = 0, write: bool = True
+) -> dict[str, Any]:
+    """Score the mesh of the run in `run_dir` against its known object; writes ``score.json``.
+
+    Reads the prompt and the field bound from ``run_dir/checkpoint.json`` (a trailing view
+    suffix such as ", front view" is ignored) and the mesh from ``mesh.glb``, else ``mesh.obj``,
+    else ``mesh.ply``. Raises FileNotFoundError without a run folder or checkpoint.json, and
+    ValueError when the prompt is not a known object (the message lists them) or there is no mesh.
+    """
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "checkpoint.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no run at '{run_dir}': '{meta_path}' does not exist")
+    try:
+        config = json.loads(meta_path.read_text())["config"]
+        prompt = config["prompt"]["text"]
+        bound = float(config["field"]["bound"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"'{meta_path}' is not a dreamfusion-trt checkpoint header: {exc}") from exc
+    spec = resolve_caption(prompt)
+    mesh_path = next((run_dir / n for n in MESH_NAMES if (run_dir / n).is_file()), None)
+    if mesh_path is None:
+        raise ValueError(
+            f"no mesh in '{run_dir}' (looked for {', '.join(MESH_NAMES)}); "
+            f"write one with: dreamfusion-trt export-mesh {run_dir}"
+        )
+    mesh = load_mesh(mesh_path)
+    result = {
+        "prompt": prompt,
+        "object": spec.caption,
+        "mesh": mesh_path.name,
+        **score_mesh(mesh, spec.build(bound=bound), bound, resolution, surface_samples, seed),
+    }
+    if write:
+        atomic_write_text(run_dir / SCORE_NAME, json.dumps(result, indent=2) + "\n")
+    logger.info(
+        "%s: IoU %.3f, Chamfer %.4f, colour error %s", spec.caption, result["iou"], result["chamfer"],
+        "n/a" if result["color_error"] is None else f"{result['color_error']:.3f}",
+    )  # fmt: skip
+    return result
+
+
+def load_mesh(path: str | Path):
+    """One `trimesh.Trimesh` from a GLB/OBJ/PLY file (scenes are concatenated)."""
+    import trimesh
+
+    try:
+        mesh = trimesh.load(str(path), force="mesh", process=False)
+    except Exception as exc:  # noqa: BLE001 -- trimesh raises many types for unreadable files
+        raise ValueError(f"could not read mesh '{path}': {exc}") from exc
+    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+        raise ValueError(f"mesh '{path}' has no triangles")
+    return mesh
+
+
+def score_mesh(
+    mesh, obj: AnalyticObject, bound: float, resolution: int = 96, surface_samples: int = 20000, seed: int = 0
+) -> dict[str, Any]:
+    """IoU, Chamfer distance, colour error and (six-colored cube) face colour share of a
+    `trimesh.Trimesh` in world units against `obj`; see the module docstring."""
+    import trimesh
+
+    if resolution < 2 or surface_samples < 1 or bound <= 0:
+        raise ValueError(f"need resolution >= 2, surface_samples >= 1, bound > 0; got {resolution!r}, {surface_samples!r}, {bound!r}")
+    axes = grid_axes(bound, resolution)
+    inside_mesh = mesh_occupancy(np.asarray(mesh.vertices), np.asarray(mesh.faces), *axes)
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    inside_true = obj.occupancy(torch.as_tensor(pts, dtype=torch.float32)).numpy().reshape(inside_mesh.shape)
+    union = np.logical_or(inside_mesh, inside_true).sum()
+    iou = float(np.logical_and(inside_mesh, inside_true).sum() / union) if union else 0.0
+
+    samples, face_idx = trimesh.sample.sample_surface(mesh, surface_samples, seed=seed)
+    samples = np.asarray(samples, dtype=np.float64)
+    true_pts = obj.sample_surface(surface_samples, torch.Generator().manual_seed(seed)).double().numpy()
+    # Point-to-surface distances, not sample-to-sample ones (those never fall below the sample spacing):
+    # |sdf| is the exact distance to the true surface; the mesh side uses its nearest triangles.
+    d_mesh = obj.sdf(torch.as_tensor(samples, dtype=torch.float32)).abs().double().numpy()
+    d_true = distance_to_mesh(mesh, true_pts)
+    out: dict[str, Any] = {
+        "iou": iou,
+        "chamfer": float(0.5 * (d_mesh.mean() + d_true.mean())),
+        "chamfer_mesh_to_true": float(d_mesh.mean()),
+        "chamfer_true_to_mesh": float(d_true.mean()),
+        "mesh_volume_fraction": float(inside_mesh.mean()),
+        "true_volume_fraction": float(inside_true.mean()),
+        "resolution": resolution,
+        "surface_samples": surface_samples,
+        "color_error": None,
+        "face_color_share": None,
+        "face_colors": None,
+    }
+    colors = mesh_surface_colors(mesh, samples, face_idx)
+    if colors is None:
+        return out
+    truth = obj.surface_color(torch.as_tensor(samples, dtype=torch.float32)).double().numpy()
+    out["color_error"] = float(np.linalg.norm(colors - truth, axis=-1).mean())
+    if obj.spec.multicolored:
+        share, names = face_color_share(samples, colors, obj.shape.half_extent)
+        out["face_color_share"], out["face_colors"] = share, names
+    return out
+
+
+def distance_to_mesh(mesh, points: np.ndarray, candidates: int = 16) -> np.ndarray:
+    """Distance from each of `points` [N, 3] to the mesh surface -> [N]: the closest point on
+    each of the `candidates` triangles with the nearest centroids (all triangles of small meshes)."""
+    import trimesh
+    from scipy.spatial import cKDTree
+
+    tris = np.asarray(mesh.triangles, dtype=np.float64)  # [F, 3, 3]
+    k = min(candidates, len(tris))
+    _, near = cKDTree(tris.mean(axis=1)).query(points, k=k)  # [N, k]
+    near = near.reshape(len(points), k)
+    closest = trimesh.triangles.closest_point(tris[near.ravel()], np.repeat(points, k, axis=0))
+    return np.linalg.norm(closest - np.repeat(points, k, axis=0), axis=-1).reshape(-1, k).min(axis=1)
+
+
+def grid_axes(bound: float, resolution: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cell centres along x, y, z of a resolution^3 grid over [-bound, bound]^3; x and y are
+    nudged by a fraction of a cell (see `mesh_occupancy`)."""
+    cell = 2.0 * bound / resolution
+    centres = -bound + (np.arange(resolution) + 0.5) * cell
+    return centres + _COLUMN_OFFSET[0] * cell, centres + _COLUMN_OFFSET[1] * cell, centres
+
+
+def mesh_occupancy(vertices: np.ndarray, faces: np.ndarray, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> np.ndarray:
+    """Inside test of a closed triangle mesh (vertices [V, 3], faces [F, 3]) on the grid
+    ``xs x ys x zs`` -> bool [X, Y, Z]: each (x, y) column is a ray along +z; a point is inside
+    when an odd number of triangles cross its column above it."""
+    tri = vertices[faces].astype(np.float64)  # [F, 3, 3]
+    nx, ny = len(xs), len(ys)
+    lo_x = np.searchsorted(xs, tri[:, :, 0].min(1), side="left")
+    hi_x = np.searchsorted(xs, tri[:, :, 0].max(1), side="right")
+    lo_y = np.searchsorted(ys, tri[:, :, 1].min(1), side="left")
+    hi_y = np.searchsorted(ys, tri[:, :, 1].max(1), side="right")
+    wy = np.maximum(hi_y - lo_y, 0)
+    counts = np.maximum(hi_x - lo_x, 0) * wy  # columns under each triangle's bounding box
+    f = np.repeat(np.arange(len(tri)), counts)
+    k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    ix = lo_x[f] + k // wy[f]
+    iy = lo_y[f] + k % wy[f]
+    a, b, c = tri[f, 0], tri[f, 1], tri[f, 2]
+    px, py = xs[ix], ys[iy]
+    det = (b[:, 1] - c[:, 1]) * (a[:, 0] - c[:, 0]) + (c[:, 0] - b[:, 0]) * (a[:, 1] - c[:, 1])
+    safe = np.where(det == 0, 1.0, det)
+    l1 = ((b[:, 1] - c[:, 1]) * (px - c[:, 0]) + (c[:, 0] - b[:, 0]) * (py - c[:, 1])) / safe
+    l2 = ((c[:, 1] - a[:, 1]) * (px - c[:, 0]) + (a[:, 0] - c[:, 0]) * (py - c[:, 1])) / safe
+    l3 = 1.0 - l1 - l2
+    hit = (det != 0) & (l1 >= 0) & (l2 >= 0) & (l3 >= 0)
+    z_hit = (l1 * a[:, 2] + l2 * b[:, 2] + l3 * c[:, 2])[hit]
+    col_hit = (ix * ny + iy)[hit]
+    # One sorted key per crossing: column first, then height; count the crossings above each point.
+    z_lo = min(float(zs.min()), float(z_hit.min()) if len(z_hit) else 0.0)
+    span = max(float(zs.max()), float(z_hit.max()) if len(z_hit) else 0.0) - z_lo + 1.0
+    keys = np.sort(col_hit * span + (z_hit - z_lo))
+    col_end = np.cumsum(np.bincount(col_hit, minlength=nx * ny))  # [X*Y]
+    cols = np.arange(nx * ny)
+    q = cols[:, None] * span + (zs[None, :] - z_lo)  # [X*Y, Z]
+    above = col_end[:, None] - np.searchsorted(keys, q.ravel(), side="right").reshape(q.shape)
+    return (above % 2 == 1).reshape(nx, ny, len(zs))
+
+
+def mesh_surface_colors(mesh, points: np.ndarray, face_idx: np.ndarray) -> np.ndarray | None:
+    """Vertex colours of `mesh` interpolated at surface `points` [N, 3] lying on faces
+    `face_idx` [N] -> RGB [N, 3] in [0, 1]; None when the mesh has no vertex colours."""
+    import trimesh
+
+    if getattr(mesh.visual, "kind", None) != "vertex":
+        return None
+    vc = np.asarray(mesh.visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0  # [V, 3]
+    bary = trimesh.triangles.points_to_barycentric(mesh.triangles[face_idx], points)  # [N, 3]
+    corner = vc[mesh.faces[face_idx]]  # [N, 3 corners, 3 channels]
+    return np.clip(np.einsum("nk,nkc->nc", bary, corner), 0.0, 1.0)
+
+
+def face_color_share(
+    points: np.ndarray, colors: np.ndarray, half_extent: tuple[float, float, float]
+) -> tuple[float, dict[str, str | None]]:
+    """Share of the six cube face regions whose mean colour is nearest to their own true colour,
+    and the colour name each region got (None for a region without samples)."""
+    palette = np.array([PALETTE[c] for c in SIX_FACE_COLORS])  # [6, 3]
+    region = face_index(torch.as_tensor(points, dtype=torch.float32), half_extent).numpy()
+    names: dict[str, str | None] = {}
+    right = 0
+    for i, face in enumerate(FACES):
+        sel = region == i
+        if not sel.any():
+            names[face] = None
+            continue
+        guess = int(np.linalg.norm(palette - colors[sel].mean(0), axis=-1).argmin())
+        names[face] = SIX_FACE_COLORS[guess]
+        right += guess == i
+    return right / len(FACES), names
+
+
+# ---------------------------------------------------------------------------------------------
+# prior self-check
+
+
+def _features(images: torch.Tensor, size: int = 32, threshold: float = 0.1) -> torch.Tensor:
+    """Background-neutral thumbnails for nearest-neighbour labels: images [N, 3, H, W] in [0, 1]
+    -> [N, 3 * size * size]. The background colour (median of the border pixels) is replaced by
+    grey wherever a pixel is within `threshold` of it, so the backdrop does not decide the match."""
+    x = F.adaptive_avg_pool2d(images.float(), size)
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # [N, 3, 4 * size]
+    bg = border.median(dim=-1).values[..., None, None]  # [N, 3, 1, 1]
+    is_bg = (x - bg).abs().amax(dim=1, keepdim=True) < threshold
+    return torch.where(is_bg, torch.full_like(x, 0.5), x).flatten(1)
+
+
+def _nearest(queries: torch.Tensor, refs: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Index of the nearest row of `refs` [M, D] for each row of `queries` [N, D] -> [N]."""
+    return torch.cat([torch.cdist(q, refs).argmin(dim=1) for q in queries.split(chunk)])
+
+
+@torch.no_grad()
+def evaluate_prior_samples(
+    folder: str | Path,
+    n_per_caption: int = 16,
+    device: torch.device | str = "cpu",
+    *,
+    reference: RenderedDataset | None = None,
+    steps: int = 50,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    reference_per_object: int = 200,
+    batch: int = 256,
+) -> dict[str, Any]:
+    """Sample the prior in `folder` and check what it draws.
+
+    For every caption text (each known caption with its four view suffixes, and bare), draw
+    `n_per_caption` images from pure noise with DDIM (`steps` steps, classifier-free guidance
+    `guidance_scale`, the folder's scheduler config), decode them, and label each with its nearest
+    `reference` render (default: `reference_per_object` fresh renders per object). A sample counts
+    as the right object when that render shows the caption's object, or, if the render is
+    textureless (colour unknowable), the caption's shape. Returns accuracies (object, shape,
+    view for view captions, view for the six-colored cube) and a per-text breakdown.
+    """
+    from diffusers import DDIMScheduler
+
+    from ..sdmodel import load_diffusion
+
+    if n_per_caption < 1 or steps < 1:
+        raise ValueError(f"need n_per_caption >= 1 and steps >= 1, got {n_per_caption!r} and {steps!r}")
+    folder = Path(folder)
+    device = torch.device(device)
+    model = load_diffusion(str(folder), device=device, dtype=torch.float32)
+    prompts_file = folder / "prompts.json"
+    captions = tuple(json.loads(prompts_file.read_text())["captions"]) if prompts_file.is_file() else KNOWN_CAPTIONS
+    texts = caption_texts(captions)
+    factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    latent_size = int(model.unet.config.sample_size)
+    size = latent_size * factor
+    if reference is None:
+        reference = render_dataset(
+            DatasetConfig(images_per_object=reference_per_object, image_size=size, seed=seed + 7919, captions=captions),
+            device,
+        )
+    if reference.captions != captions or reference.images.shape[-1] != size:
+        raise ValueError(f"reference renders ({reference.images.shape[-1]} px of {len(reference.captions)} objects) "
+                         f"do not match the prior ({size} px, {len(captions)} objects)")  # fmt: skip
+
+    ids = model.tokenizer([*texts, ""], padding="max_length", max_length=model.max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(device)  # fmt: skip
+    emb = model.text_encoder(ids)[0]  # [T + 1, 77, D]
+    cond_all, uncond = emb[:-1], emb[-1:]
+    scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler", set_alpha_to_one=False)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    text_of = torch.arange(len(texts), device=device).repeat_interleave(n_per_caption)  # [S]
+    images = []
+    for chunk in text_of.split(batch):
+        b = len(chunk)
+        x = torch.randn(b, model.latent_channels, latent_size, latent_size, generator=gen, device=device)
+        x = x * scheduler.init_noise_sigma
+        scheduler.set_timesteps(steps, device=device)
+        context = torch.cat([uncond.expand(b, -1, -1), cond_all[chunk]])
+        for t in scheduler.timesteps:
+            eps_u, eps_c = model.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+            x = scheduler.step(eps_u + guidance_scale * (eps_c - eps_u), t, x).prev_sample
+        decoded = model.vae.decode(x / model.vae_scaling_factor).sample
+        images.append(((decoded + 1.0) / 2.0).clamp(0, 1))
+    samples = torch.cat(images)  # [S, 3, H, W]
+
+    nearest = _nearest(_features(samples), _features(reference.float_images()))
+    ref_obj = reference.object_index[nearest].cpu()
+    ref_view = reference.view_index[nearest].cpu()
+    ref_flat = (reference.shading_index[nearest] == SHADINGS.index("textureless")).cpu()
+    obj_of = (text_of // (len(VIEWS) + 1)).cpu()
+    view_of = (text_of % (len(VIEWS) + 1)).cpu()
+    shape_name = [KNOWN_OBJECTS[c].shape for c in captions]
+    same_shape = torch.tensor([shape_name[a] == shape_name[b] for a, b in zip(ref_obj.tolist(), obj_of.tolist())])
+    obj_ok = (ref_obj == obj_of) | (ref_flat & same_shape)
+    has_view = view_of != PLAIN
+    view_ok = ref_view == view_of
+    six = captions.index(SIX_COLORED_CAPTION) if SIX_COLORED_CAPTION in captions else -1
+    six_sel = has_view & (obj_of == six)
+
+    per_text = {}
+    for i, text in enumerate(texts):
+        sel = text_of.cpu() == i
+        got = Counter(captions[j] + (" (textureless)" if f else "") for j, f in zip(ref_obj[sel].tolist(), ref_flat[sel].tolist()))
+        entry = {"object_accuracy": float(obj_ok[sel].float().mean()), "nearest": dict(got.most_common())}
+        if view_of[sel][0] != PLAIN:
+            entry["view_accuracy"] = float(view_ok[sel].float().mean())
+        per_text[text] = entry
+    return {
+        "object_accuracy": float(obj_ok.float().mean()),
+        "shape_accuracy": float(same_shape.float().mean()),
+        "view_accuracy": float(view_ok[has_view].float().mean()),
+        "six_colored_view_accuracy": float(view_ok[six_sel].float().mean()) if six_sel.any() else None,
+        "textureless_share": float(ref_flat.float().mean()),
+        "chance_object_accuracy": 1.0 / len(captions),
+        "n_per_caption": n_per_caption,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "reference_images": len(reference),
+        "seed": seed,
+        "per_text": per_text,
+    }
+

@@ -1,0 +1,153 @@
+"""The prior's dataset, tokenizer and training script (tiny CPU runs)."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreamfusion_trt.config import PromptConfig, load_yaml
+from dreamfusion_trt.guidance.text import VIEWS, view_indices, view_prompt
+from dreamfusion_trt.prior.dataset import PLAIN, SHADINGS, DatasetConfig, render_dataset
+from dreamfusion_trt.prior.model import (
+    MAX_WEIGHT_BYTES,
+    PriorArchitecture,
+    build_tokenizer,
+    caption_words,
+    folder_weight_bytes,
+    learn_merges,
+    main,
+    tiny_config,
+    train_prior,
+    weight_bytes,
+)
+from dreamfusion_trt.prior.scenes import KNOWN_CAPTIONS, SIX_COLORED_CAPTION
+from dreamfusion_trt.sdmodel import load_diffusion
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks run fastest on one thread, and do not stall when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_dataset():
+    cfg = DatasetConfig(images_per_object=6, image_size=16, num_samples=24, batch=8, plain_caption_prob=0.3, seed=3)
+    return cfg, render_dataset(cfg)
+
+
+def test_dataset_captions_use_the_view_templates_matching_each_camera(small_dataset):
+    cfg, data = small_dataset
+    n = (len(KNOWN_CAPTIONS) - 1 + cfg.multicolor_factor) * cfg.images_per_object
+    assert data.images.shape == (n, 3, 16, 16) and data.images.dtype == torch.uint8
+    six = KNOWN_CAPTIONS.index(SIX_COLORED_CAPTION)
+    assert int((data.object_index == six).sum()) == cfg.multicolor_factor * cfg.images_per_object
+    views = view_indices(data.elevation_deg, data.azimuth_deg, PromptConfig())
+    assert torch.equal(views, data.view_index)
+    plain = 0
+    for i in range(n):
+        caption = KNOWN_CAPTIONS[int(data.object_index[i])]
+        text = data.texts[int(data.text_index[i])]
+        if text == caption:
+            plain += 1
+        else:
+            assert text == view_prompt(caption, VIEWS[int(data.view_index[i])])
+    assert 0 < plain < n  # some bare captions, mostly view-dependent ones
+    assert set(data.shading_index.tolist()) <= set(range(len(SHADINGS)))
+    assert data.texts[PLAIN] == KNOWN_CAPTIONS[0]
+
+
+def test_dataset_is_reproducible_and_depends_on_the_seed(small_dataset):
+    cfg, data = small_dataset
+    small = replace(cfg, captions=(KNOWN_CAPTIONS[0],))
+    a, b = render_dataset(small), render_dataset(small)
+    assert torch.equal(a.images, b.images) and torch.equal(a.text_index, b.text_index)
+    c = render_dataset(replace(small, seed=small.seed + 1))
+    assert not torch.equal(a.images, c.images)
+    # the first object's renders do not depend on which other objects are rendered
+    assert torch.equal(a.images, data.images[: cfg.images_per_object])
+
+
+def test_dataset_rejects_unknown_captions():
+    with pytest.raises(ValueError, match="a hamburger"):
+        render_dataset(DatasetConfig(images_per_object=1, captions=("a hamburger",)))
+
+
+def test_tokenizer_has_one_token_per_caption_word():
+    tok = build_tokenizer()
+    for word in caption_words():
+        ids = tok(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, (word, ids)
+    ids = tok(view_prompt(SIX_COLORED_CAPTION, "front")).input_ids
+    assert len(ids) == 10  # bos a six - colored cube , front view eos
+    # anything else still tokenizes, byte by byte
+    assert len(tok("zebra", add_special_tokens=False).input_ids) == 5
+    merges = learn_merges(["aa", "aab"])
+    assert merges[0] == ("a", "a")
+
+
+def test_default_architecture_fits_the_size_limit():
+    assert weight_bytes(PriorArchitecture(), torch.float16) < MAX_WEIGHT_BYTES
+
+
+def _tiny(tmp: Path, name: str, **kw):
+    return replace(tiny_config(tmp / name, seed=0), **kw)
+
+
+def test_tiny_run_writes_a_stable_diffusion_folder_that_load_diffusion_reads(tmp_path):
+    out, evaluation = train_prior(_tiny(tmp_path, "prior"))
+    assert out == tmp_path / "prior"
+    for name in ("model_index.json", "prompts.json", "dreamfusion_preset.yaml", "prior_eval.json", "prior_train.json"):
+        assert (out / name).is_file(), name
+    assert not list(tmp_path.glob(".prior.tmp-*"))  # the temporary folder was renamed away
+    assert 0 < folder_weight_bytes(out) < MAX_WEIGHT_BYTES
+    model = load_diffusion(str(out), device="cpu", dtype="float32")
+    assert model.latent_channels == 4 and model.unet.config.sample_size == 8
+    assert model.text_dim == model.unet.config.cross_attention_dim == 16
+    assert model.vae_scaling_factor > 0 and model.alphas_cumprod.shape == (1000,)
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert prompts["captions"] == list(KNOWN_CAPTIONS) and prompts["views"] == list(VIEWS)
+    cfg = load_yaml(out / "dreamfusion_preset.yaml")
+    assert cfg.camera.render_size == cfg.train.encode_size == 32 and cfg.train.latent_fraction == 0.0
+    saved = json.loads((out / "prior_eval.json").read_text())
+    assert saved["object_accuracy"] == evaluation["object_accuracy"]
+    assert 0.0 <= evaluation["object_accuracy"] <= 1.0
+    assert len(evaluation["per_text"]) == len(KNOWN_CAPTIONS) * (len(VIEWS) + 1)
+    # the tokenizer and text encoder went through the save: the same caption embeds the same
+    ids = model.tokenizer(["a red cube, front view", "a red cube, back view"], padding="max_length",
+                          max_length=model.max_length, return_tensors="pt").input_ids  # fmt: skip
+    emb = model.text_encoder(ids)[0]
+    assert emb.shape == (2, 77, 16) and not torch.allclose(emb[0], emb[1])
+
+
+def test_same_seed_gives_the_same_weights_and_a_rerun_replaces_the_folder(tmp_path):
+    """The command line's --tiny run, then the same settings through train_prior into the same folder."""
+    out = tmp_path / "a"
+    assert main(["--tiny", "--out", str(out), "--eval-per-caption", "0"]) == 0
+    assert (out / "model_index.json").is_file() and not (out / "prior_eval.json").exists()
+    parts = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+             "text_encoder/model.safetensors")  # fmt: skip
+    first = {p: load_file(out / p) for p in parts}
+    (out / "marker").write_text("from the first run")
+    again, _ = train_prior(_tiny(tmp_path, "a", eval_per_caption=0))
+    assert again == out and not (out / "marker").exists()  # replaced as a whole
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["a"]  # no temporary or old folders left
+    for p in parts:
+        second = load_file(out / p)
+        assert first[p].keys() == second.keys()
+        assert all(torch.equal(first[p][k], second[k]) for k in second), p
+
+
+def test_training_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="steps_unet"):
+        train_prior(_tiny(tmp_path, "x", steps_unet=0))
+    cfg = _tiny(tmp_path, "x")
+    with pytest.raises(ValueError, match="image_size"):
+        train_prior(replace(cfg, data=replace(cfg.data, image_size=16)))
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,154 @@
+"""Scoring runs against their known objects: IoU, Chamfer, colour, six-face share; and the
+nearest-neighbour features the prior's self-check uses."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from dreamfusion_trt.cameras import orbit_cameras
+from dreamfusion_trt.checkpoint import save_checkpoint, Checkpoint
+from dreamfusion_trt.config import FieldConfig, RenderConfig, RunConfig, from_dict
+from dreamfusion_trt.export.mesh import extract_mesh, save_mesh
+from dreamfusion_trt.field.background import Background
+from dreamfusion_trt.prior.scenes import PALETTE, SIX_COLORED_CAPTION, make_object
+from dreamfusion_trt.prior.score import (
+    _features,
+    face_color_share,
+    grid_axes,
+    mesh_occupancy,
+    score_mesh,
+    score_run,
+)
+from dreamfusion_trt.render.renderer import Renderer
+
+
+def analytic_mesh(caption: str, resolution: int = 48, color_caption: str | None = None) -> trimesh.Trimesh:
+    """Marching cubes of the object's own density at its surface level, coloured by `color_caption`'s
+    true surface colours (default: its own)."""
+    obj = make_object(caption)
+    paint = make_object(color_caption or caption)
+    return extract_mesh(
+        lambda x: obj.density(x[None])[0],
+        paint.surface_color,
+        bound=1.0,
+        resolution=resolution,
+        threshold=obj.density_scale / 2,
+    )
+
+
+@pytest.fixture(scope="module")
+def six_mesh():
+    return analytic_mesh(SIX_COLORED_CAPTION)
+
+
+def test_mesh_occupancy_of_a_box_matches_the_analytic_box():
+    box = trimesh.creation.box(extents=(0.8, 0.6, 0.4))  # 12 large triangles, closed
+    axes = grid_axes(1.0, 40)
+    inside = mesh_occupancy(np.asarray(box.vertices), np.asarray(box.faces), *axes)
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    truth = (np.abs(x) < 0.4) & (np.abs(y) < 0.3) & (np.abs(z) < 0.2)
+    assert truth.sum() > 1000
+    assert np.array_equal(inside, truth)
+
+
+def test_the_objects_own_mesh_scores_near_perfect(six_mesh):
+    obj = make_object(SIX_COLORED_CAPTION)
+    s = score_mesh(six_mesh, obj, bound=1.0, resolution=64, surface_samples=8000)
+    assert s["iou"] > 0.9
+    assert s["chamfer"] < 0.01
+    assert s["color_error"] < 0.05
+    assert s["face_color_share"] == 1.0
+    assert s["face_colors"] == {"+x": "red", "-x": "green", "+y": "blue", "-y": "yellow", "+z": "magenta", "-z": "cyan"}
+    torus = make_object("a blue torus")
+    t = score_mesh(analytic_mesh("a blue torus"), torus, bound=1.0, resolution=64, surface_samples=8000)
+    assert t["iou"] > 0.9 and t["chamfer"] < 0.01 and t["color_error"] < 0.01
+    assert t["face_color_share"] is None  # only for the six-colored cube
+
+
+def test_a_shifted_mesh_and_a_wrong_colour_score_clearly_worse(six_mesh):
+    obj = make_object(SIX_COLORED_CAPTION)
+    good = score_mesh(six_mesh, obj, bound=1.0, resolution=48, surface_samples=4000)
+    shifted = six_mesh.copy()
+    shifted.apply_translation((0.2, 0.0, 0.0))
+    bad = score_mesh(shifted, obj, bound=1.0, resolution=48, surface_samples=4000)
+    assert bad["iou"] < 0.7 < good["iou"]
+    assert bad["chamfer"] > 5 * good["chamfer"]
+    # a green sphere's mesh painted red: right shape, wrong colour
+    sphere = make_object("a green sphere")
+    red = score_mesh(analytic_mesh("a green sphere", color_caption="a red sphere"), sphere, 1.0, 48, 4000)
+    right = score_mesh(analytic_mesh("a green sphere"), sphere, 1.0, 48, 4000)
+    assert red["iou"] == right["iou"]
+    assert red["color_error"] > 0.8 > 0.05 > right["color_error"]
+    # a cone scored as a cylinder: wrong shape
+    wrong = score_mesh(analytic_mesh("a red cone"), make_object("a red cylinder"), 1.0, 48, 4000)
+    assert wrong["iou"] < 0.6 and wrong["chamfer"] > 0.03
+
+
+def test_a_janus_cube_loses_the_faces_it_repeats(six_mesh):
+    """The back (-x) face showing the front's red, as a multi-faced NeRF would."""
+    janus = six_mesh.copy()
+    colors = np.asarray(janus.visual.vertex_colors).copy()
+    back = janus.vertices[:, 0] < -0.39
+    colors[back, :3] = (np.array(PALETTE["red"]) * 255).round()
+    janus.visual = trimesh.visual.ColorVisuals(mesh=janus, vertex_colors=colors)
+    s = score_mesh(janus, make_object(SIX_COLORED_CAPTION), bound=1.0, resolution=32, surface_samples=6000)
+    assert s["face_color_share"] == pytest.approx(5 / 6)
+    assert s["face_colors"]["-x"] == "red"
+    # a region with no surface at all counts as wrong
+    pts = np.array([[0.4, 0, 0], [0, 0.4, 0]])
+    share, names = face_color_share(pts, np.array([PALETTE["red"], PALETTE["blue"]]), (0.4, 0.4, 0.4))
+    assert share == pytest.approx(2 / 6) and names["-z"] is None
+
+
+def _fake_run(tmp_path, prompt, mesh=None, name="mesh.glb"):
+    cfg = from_dict({"prompt": {"text": prompt}}, RunConfig())
+    save_checkpoint(Checkpoint(step=1, config=cfg, model={"w": torch.zeros(1)}), tmp_path)
+    if mesh is not None:
+        save_mesh(mesh, tmp_path / name)
+    return tmp_path
+
+
+def test_score_run_reads_the_prompt_and_mesh_and_writes_score_json(tmp_path):
+    run = _fake_run(tmp_path, "A red cube, front view", analytic_mesh("a red cube", 40), name="mesh.ply")
+    result = score_run(run, resolution=40, surface_samples=3000)
+    assert result["object"] == "a red cube" and result["mesh"] == "mesh.ply"
+    assert result["iou"] > 0.9 and result["color_error"] < 0.02
+    saved = json.loads((run / "score.json").read_text())
+    assert saved["iou"] == result["iou"] and saved["prompt"] == "A red cube, front view"
+
+
+def test_score_run_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint.json"):
+        score_run(tmp_path / "nowhere")
+    run = _fake_run(tmp_path / "burger", "a hamburger", analytic_mesh("a red cube", 24))
+    with pytest.raises(ValueError, match="'a hamburger' is not one of .*'a red cube'"):
+        score_run(run)
+    empty = _fake_run(tmp_path / "empty", "a blue cone")
+    with pytest.raises(ValueError, match="no mesh in .*mesh.glb, mesh.obj, mesh.ply"):
+        score_run(empty)
+    assert not (empty / "score.json").exists()
+
+
+def test_nearest_neighbour_features_ignore_the_background_colour():
+    obj = make_object("a red cone")
+    cams = orbit_cameras(1, elevation_deg=20.0, radius=1.6, fovy_deg=50.0)
+    images = []
+    for color in ((1.0, 1.0, 1.0), (0.1, 0.3, 0.8)):
+        bg = Background(FieldConfig(background="solid", background_color=color))
+        renderer = Renderer(obj, bg, RenderConfig(backend="torch", num_samples=48)).eval()
+        images.append(renderer.render_image(cams, 32, 32, shading="albedo")["rgb"].permute(0, 3, 1, 2))
+    white, blue = images
+    f_white, f_blue = _features(white), _features(blue)
+    same = (f_white - f_blue).norm()  # only the anti-aliased silhouette differs
+    assert same < 0.2 * (white - blue).norm()  # the raw images differ over the whole backdrop
+    for other in ("a green cone", "a red sphere"):  # another colour, another shape
+        assert same < 0.5 * (f_blue - _features(make_object_render(other, cams))).norm()
+
+
+def make_object_render(caption, cams):
+    bg = Background(FieldConfig(background="solid"))
+    renderer = Renderer(make_object(caption), bg, RenderConfig(backend="torch", num_samples=48)).eval()
+    return renderer.render_image(cams, 32, 32, shading="albedo")["rgb"].permute(0, 3, 1, 2)
