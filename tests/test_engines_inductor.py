@@ -116,3 +116,12 @@ def test_aotinductor_fp16_matches_eager_on_gpu(folder, tmp_path):
     with torch.no_grad():
         ref = wrap_network(model, "vae_decoder")(z)
     assert _cosine(decoder(z), ref) >= 0.999
+
+
+def test_aoti_smoke_check_reports_a_package_that_cannot_run(tmp_path):
+    from dreamfusion_trt.engines.inductor import aoti_smoke_check
+
+    broken = tmp_path / "broken.pt2"
+    broken.write_bytes(b"not a package")
+    reason = aoti_smoke_check(broken, {"sample": torch.zeros(2, 4, 8, 8)}, timeout_s=120)
+    assert reason is not None and reason.startswith("its first call failed")

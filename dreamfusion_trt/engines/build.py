@@ -33,7 +33,7 @@ from .registry import (
     onnx_filename,
 )
 from .spec import NETWORKS, NetworkSpec, make_spec, network_batch_sizes, precision_tag
-from .wrappers import module_dtype, wrap_network
+from .wrappers import module_device, module_dtype, wrap_network
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _build_one(
         manifest.record(name, backend="tensorrt", spec=spec, env=env, recipe=recipe, source=onnx_name)
         return BuildItem("tensorrt", network, "built", name)
 
-    from .inductor import aoti_compile
+    from .inductor import aoti_compile, aoti_smoke_check
 
     name = aoti_filename(spec, env)
     recipe = {"model_key": model.key, "io": spec.io_fingerprint(), "profile": spec.profile_tag()}
@@ -195,7 +195,15 @@ def _build_one(
     if stale is None:
         return BuildItem("aotinductor", network, "up to date", name)
     log.info("compiling %s: %s", name, stale)
-    aoti_compile(_module(model, network, spec.precision), spec, manifest.folder / name, inductor_configs=aoti_configs)
+    module = _module(model, network, spec.precision)
+    aoti_compile(module, spec, manifest.folder / name, inductor_configs=aoti_configs)
+    # Never record a package that cannot run: `auto` would pick it and crash the run.
+    inputs = spec.sample_inputs(spec.batch.max, module_device(module), torch.Generator().manual_seed(0))
+    failure = aoti_smoke_check(manifest.folder / name, inputs)
+    if failure is not None:
+        (manifest.folder / name).unlink(missing_ok=True)
+        log.warning("aotinductor %s: %s; package removed", network, failure)
+        return BuildItem("aotinductor", network, "failed", reason=f"package built, but {failure}")
     manifest.record(name, backend="aotinductor", spec=spec, env=env, recipe=recipe)
     return BuildItem("aotinductor", network, "built", name)
 
