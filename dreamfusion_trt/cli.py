@@ -167,6 +167,16 @@ def cmd_export_mesh(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from .prior.score import score_run
+
+    result = score_run(args.run_dir, resolution=args.resolution)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_build_engines(args: argparse.Namespace) -> int:
     from .engines.build import main as build_main
 
@@ -220,6 +230,11 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--threshold", type=float, help="density iso-level")
     m.add_argument("--device", default="auto")
     m.set_defaults(func=cmd_export_mesh)
+
+    sc = sub.add_parser("score", help="score a run of a built-in prior object against the true shape (writes score.json)")
+    sc.add_argument("run_dir", help="run folder (checkpoint.json + mesh.glb/.obj/.ply)")
+    sc.add_argument("--resolution", type=int, default=96, help="voxel grid per axis for IoU (default: 96)")
+    sc.set_defaults(func=cmd_score)
 
     b = sub.add_parser("build-engines", help="export ONNX and build engines once (see build_scripts/build_engines.py)", add_help=False)
     b.add_argument("rest", nargs=argparse.REMAINDER)

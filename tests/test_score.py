@@ -152,3 +152,16 @@ def make_object_render(caption, cams):
     bg = Background(FieldConfig(background="solid"))
     renderer = Renderer(make_object(caption), bg, RenderConfig(backend="torch", num_samples=48)).eval()
     return renderer.render_image(cams, 32, 32, shading="albedo")["rgb"].permute(0, 3, 1, 2)
+
+
+def test_score_command_prints_the_scores_and_fails_in_one_line(tmp_path, capsys):
+    from dreamfusion_trt import cli
+
+    run = _fake_run(tmp_path / "run", "a green sphere", analytic_mesh("a green sphere", 40))
+    assert cli.main(["score", str(run), "--resolution", "40"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["object"] == "a green sphere" and printed["iou"] > 0.9
+    burger = _fake_run(tmp_path / "burger", "a hamburger", analytic_mesh("a red cube", 24))
+    assert cli.main(["score", str(burger)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dreamfusion-trt: error: ") and "a hamburger" in err[0]
