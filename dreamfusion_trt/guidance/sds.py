@@ -82,11 +82,26 @@ class SDSGuidance:
         device = latents.device
         t = torch.randint(lo, hi + 1, (k,), generator=generator, device=device)
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-        with torch.no_grad():
-            a = self.alphas_cumprod.to(device)[t].view(k, 1, 1, 1)
-            x_t = (a.sqrt() * latents + (1.0 - a).sqrt() * noise).to(latents.dtype)
-            eps = self.predictor(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
-            eps_u, eps_c = eps.chunk(2)
-            eps_hat = eps_u + self.cfg.guidance_scale * (eps_c - eps_u)
-            grad = torch.nan_to_num(sds_weight(a, self.cfg.weighting) * (eps_hat - noise)).to(latents.dtype)
+        grad, eps_hat = self.grad(latents, t, noise, cond, uncond)
         return SDSOutput(loss=sds_loss(latents, grad), grad=grad, t=t, noise_pred=eps_hat)
+
+    @torch.no_grad()
+    def grad(
+        self,
+        latents: torch.Tensor,  # [K, C, h, w]
+        t: torch.Tensor,  # [K] long
+        noise: torch.Tensor,  # [K, C, h, w]
+        cond: torch.Tensor,  # [K, 77, D]
+        uncond: torch.Tensor,  # [K, 77, D]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SDS gradient w(t) (eps_hat - eps) [K, C, h, w] for given timesteps and noise, and
+        the guided prediction eps_hat: one predictor call on the CFG-doubled batch (uncond first),
+        never through autograd."""
+        k = latents.shape[0]
+        a = self.alphas_cumprod.to(latents.device)[t].view(k, 1, 1, 1)
+        x_t = (a.sqrt() * latents + (1.0 - a).sqrt() * noise).to(latents.dtype)
+        eps = self.predictor(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        eps_u, eps_c = eps.chunk(2)
+        eps_hat = eps_u + self.cfg.guidance_scale * (eps_c - eps_u)
+        grad = torch.nan_to_num(sds_weight(a, self.cfg.weighting) * (eps_hat - noise)).to(latents.dtype)
+        return grad, eps_hat

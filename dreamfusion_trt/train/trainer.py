@@ -464,20 +464,11 @@ class Trainer:
         """SDS per prompt with this step's own t [n] and noise [n, C, h, w]: one noise-predictor
         call for all n prompts (2n with classifier-free guidance). Returns the surrogate loss
         [n] whose gradient w.r.t. `latents` is w(t) (eps_hat - eps), value 0.5 ||grad||^2."""
-        g = self.guidance
-        n = latents.shape[0]
         # One memory layout whatever produced the latents (the VAE may return channels-last, a
         # mix of phases comes back through index_copy): convolutions pick their algorithm by
         # layout, and a prompt's numbers must not depend on which others share the step.
         latents = latents.contiguous()
-        with torch.no_grad():
-            noise = noise.to(latents.dtype)
-            a = g.alphas_cumprod.to(latents.device)[t].view(n, 1, 1, 1)
-            x_t = (a.sqrt() * latents + (1.0 - a).sqrt() * noise).to(latents.dtype)
-            eps = g.predictor(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
-            eps_u, eps_c = eps.chunk(2)
-            eps_hat = eps_u + g.cfg.guidance_scale * (eps_c - eps_u)
-            grad = torch.nan_to_num(sds_weight(a, g.cfg.weighting) * (eps_hat - noise)).to(latents.dtype)
+        grad, _ = self.guidance.grad(latents, t, noise.to(latents.dtype), cond, uncond)
         dot = (latents.float() * grad.float()).flatten(1).sum(dim=1)
         return dot - dot.detach() + 0.5 * grad.float().square().flatten(1).sum(dim=1)
 
