@@ -35,7 +35,7 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="YAML file of config sections; command-line flags override it")
     p.add_argument("--model", help="hub id, local diffusers folder, or single-file .safetensors/.ckpt checkpoint "
-                   f"(default: {RunConfig().model.model})")  # fmt: skip
+                   "(default: builtin, the package's own known-answer prior)")  # fmt: skip
     p.add_argument("--backend", help="noise-predictor backend: auto, eager, inductor, aotinductor, tensorrt (default: eager)")
     p.add_argument("--out", help=f"output folder (default: {RunConfig().output.out})")
     p.add_argument("--iters", type=int, help=f"training iterations (default: {RunConfig().train.iters})")
@@ -47,8 +47,25 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """defaults (or a checkpoint's config) < --config YAML < --section.field < shortcut flags."""
-    cfg = base if base is not None else RunConfig()
+    """defaults (or a checkpoint's config) < the built-in prior's preset when it is the model <
+    --config YAML < --section.field < shortcut flags."""
+    cfg = _layer_flags(args, base if base is not None else RunConfig())
+    if cfg.model.model != "builtin":
+        return cfg
+    from .prior import PRESET_NAME, WEIGHTS_DIR, weights_available
+    from .prior.scenes import resolve_caption
+
+    if not weights_available():
+        raise FileNotFoundError(f"the built-in prior's weights are missing from '{WEIGHTS_DIR}': "
+                                "rebuild them with build_scripts/train_prior.py or pass --model")  # fmt: skip
+    cfg = _layer_flags(args, load_yaml(WEIGHTS_DIR / PRESET_NAME, base if base is not None else RunConfig()))
+    if cfg.prompt.text.strip():
+        resolve_caption(cfg.prompt.text)  # unknown prompts: one line listing the known objects
+    log.info("no --model given: using the built-in known-answer prior (%s)", WEIGHTS_DIR)
+    return from_dict({"model": {"model": str(WEIGHTS_DIR)}}, cfg)
+
+
+def _layer_flags(args: argparse.Namespace, cfg: RunConfig) -> RunConfig:
     if getattr(args, "config", None):
         cfg = load_yaml(args.config, cfg)
     cfg = from_dict(overrides_from_args(args), cfg)

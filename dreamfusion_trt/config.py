@@ -18,14 +18,14 @@ from typing import Any, Literal
 
 import yaml
 
-DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
+DEFAULT_MODEL = "builtin"  # the package's own known-answer prior (dreamfusion_trt/prior/weights)
 
 
 @dataclass
 class ModelConfig:
     """Which frozen Stable Diffusion to distil from and how to run it."""
 
-    model: str = DEFAULT_MODEL  # hub id, local diffusers folder, or single .safetensors/.ckpt file
+    model: str = DEFAULT_MODEL  # builtin (the package's known-answer prior), a hub id, a local diffusers folder, or a single .safetensors/.ckpt file
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     local_files_only: bool = False  # never touch the network

@@ -150,3 +150,28 @@ def test_generate_on_gpu_with_nerfacc_and_fp16(tmp_path, tiny_sd_paths):
     assert any(k.startswith("estimators.") for k in ckpt.model)  # occupancy grids are saved
     for name in ("turntable.mp4", "validation.png", "mesh.glb"):
         assert (out / name).is_file()
+
+
+@pytest.mark.slow
+def test_without_model_the_builtin_prior_is_used_with_its_preset(tmp_path):
+    from dreamfusion_trt.prior import WEIGHTS_DIR
+
+    out = tmp_path / "builtin"
+    code = cli.main(
+        ["generate", "a green sphere", "--out", str(out), "--iters", "2", "--camera.render_size", "16",
+         "--render.num_samples", "8", "--output.video_frames", "2", "--output.video_size", "16",
+         "--output.grid_views", "2", "--output.mesh_resolution", "24", "--model.cache_dir", str(tmp_path / "cache"),
+         "--device", "cpu", "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    cfg = load_checkpoint(out).config
+    assert cfg.model.model == str(WEIGHTS_DIR)
+    assert cfg.field.num_levels == 8 and cfg.train.encode_size == 64  # from the prior's preset
+    assert cfg.camera.render_size == 16  # command-line flags still win over the preset
+
+
+def test_builtin_prior_names_the_prompts_it_knows(tmp_path, capsys):
+    assert cli.main(["generate", "a DSLR photo of a hamburger", "--out", str(tmp_path / "x")]) == 2
+    line = _error(capsys)
+    assert "is not one of the built-in prior's known objects" in line and "'a red cube'" in line
+    assert not (tmp_path / "x").exists()
