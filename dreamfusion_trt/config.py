@@ -55,13 +55,14 @@ class SDSConfig:
     t_anneal: Literal["none", "linear", "sqrt"] = "none"  # shrink t_max towards t_max_final over training
     t_max_final: float = 0.5
     weighting: Literal["one_minus_alpha", "uniform", "sqrt_one_minus_alpha"] = "one_minus_alpha"  # w(t)
+    rgb_mode: Literal["latent", "image"] = "latent"  # RGB phase: SDS on latents (backprop through the VAE encoder) or image-space SDS (encoder and decoder inference-only, so they can be engines)
 
 
 @dataclass
 class FieldConfig:
     """Hash-grid NeRF: density and albedo, plus the background."""
 
-    backend: Literal["torch", "tcnn"] = "torch"  # tcnn only when tinycudann imports
+    backend: Literal["torch", "triton", "tcnn"] = "torch"  # triton: fused kernels, CUDA (needs triton); tcnn only when tinycudann imports
     bound: float = 1.0  # the scene lives in [-bound, bound]^3
     num_levels: int = 16
     level_dim: int = 2

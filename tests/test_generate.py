@@ -175,3 +175,27 @@ def test_builtin_prior_names_the_prompts_it_knows(tmp_path, capsys):
     line = _error(capsys)
     assert "is not one of the built-in prior's known objects" in line and "'a red cube'" in line
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_image_space_sds_trains_with_inference_only_vae(tmp_path, tiny_sd_paths, monkeypatch):
+    """sds.rgb_mode=image: the RGB phase never backpropagates through the VAE encoder."""
+    from dreamfusion_trt.engines import image_sds as image_sds_mod
+
+    calls = []
+    real = image_sds_mod.image_sds
+
+    def spy(images, *args, **kwargs):
+        calls.append(images.shape)
+        out = real(images, *args, **kwargs)
+        assert out.target.grad_fn is None and out.latents.grad_fn is None  # no graph through the VAE
+        return out
+
+    monkeypatch.setattr("dreamfusion_trt.train.trainer.image_sds", spy)
+    out = tmp_path / "image"
+    assert _generate(tmp_path, tiny_sd_paths, out, "--iters", "4", "--sds.rgb_mode", "image") == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["phase"] for r in rows] == ["latent", "latent", "rgb", "rgb"]
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    assert len(calls) == 2 and calls[0][1] == 3  # the two RGB steps went through image-space SDS
+    assert (out / "mesh.glb").is_file()

@@ -140,6 +140,7 @@ def bench_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
     overrides: dict[str, dict[str, Any]] = {"train": {"device": str(device), "compile": args.compile}}
     if args.render_backend:
         overrides["render"] = {"backend": args.render_backend}
+    overrides["sds"] = {"rgb_mode": args.rgb_mode}
     return from_dict(overrides, cfg)
 
 
@@ -228,7 +229,12 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
             log.warning("backend %s skipped: %s", backend, exc)
             result["skipped"].append({"backend": backend, "reason": str(exc)})
             continue
-        frozen = Frozen(model, predictor, encoder, latent_map, latent_size, image_size)
+        decoder = None
+        if cfg.sds.rgb_mode == "image":  # inference-only VAE halves: the engine-only RGB variant
+            from ..engines.eager import EagerLatentDecoder
+
+            decoder = EagerLatentDecoder(model.vae, model.vae_scaling_factor)
+        frozen = Frozen(model, predictor, encoder, latent_map, decoder, latent_size, image_size)
         for k in ks:
             trainer = None
             rows = {}
@@ -274,6 +280,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per phase (default: 3; tiny: 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per phase (default: 8; tiny: 2)")
     p.add_argument("--render-backend", choices=("auto", "nerfacc", "torch"), help="render.backend (default: auto)")
+    p.add_argument("--rgb-mode", choices=("latent", "image"), default="latent",
+                   help="RGB phase: latent SDS through the VAE encoder, or image-space SDS with inference-only VAE (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the renderer / field")
     p.add_argument("--engines-dir", default="engines", help="built TensorRT/AOTInductor files (default: %(default)s)")
     p.add_argument("--build-engines", action="store_true", help="build missing TensorRT/AOTInductor UNets first (slow)")

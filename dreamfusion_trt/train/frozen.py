@@ -15,9 +15,9 @@ from typing import Sequence
 import torch
 
 from ..config import PromptConfig, RunConfig
-from ..engines.base import ImageEncoder, NoisePredictor
+from ..engines.base import ImageEncoder, LatentDecoder, NoisePredictor
 from ..engines.eager import EagerImageEncoder, EagerNoisePredictor
-from ..engines.registry import make_noise_predictor
+from ..engines.registry import make_image_encoder, make_latent_decoder, make_noise_predictor
 from ..guidance.latents import LinearLatentMap, fit_rgb_to_latent
 from ..guidance.sds import SDSGuidance
 from ..guidance.text import PromptEmbeddings, encode_prompts
@@ -36,6 +36,7 @@ class Frozen:
     predictor: NoisePredictor
     encoder: ImageEncoder
     latent_map: LinearLatentMap
+    decoder: LatentDecoder | None  # only for sds.rgb_mode = image
     latent_size: int  # UNet latent resolution (64 for SD)
     image_size: int  # matching VAE image resolution (512 for SD)
 
@@ -76,9 +77,15 @@ def load_frozen(
     predictor = make_predictor(model, cfg, max_prompts) if max_prompts else EagerNoisePredictor(model.unet)
     encoder = EagerImageEncoder(model.vae, model.vae_scaling_factor)  # the RGB phase backpropagates through it
     latent_map = fit_rgb_to_latent(encoder, device=device, dtype=model.dtype, seed=LATENT_MAP_SEED)
+    decoder = None
+    if cfg.sds.rgb_mode == "image":
+        # Image-space SDS needs no gradient through the VAE: both halves may run as engines.
+        n = max(1, max_prompts or 1)
+        encoder = make_image_encoder(model, cfg.model.backend, Path(cfg.model.engines_dir), batch_sizes=(n,))
+        decoder = make_latent_decoder(model, cfg.model.backend, Path(cfg.model.engines_dir), batch_sizes=(n,))
     latent_size = int(model.unet.config.sample_size)
     image_size = latent_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
-    return Frozen(model, predictor, encoder, latent_map, latent_size, image_size), embeddings
+    return Frozen(model, predictor, encoder, latent_map, decoder, latent_size, image_size), embeddings
 
 
 def new_trainer(frozen: Frozen, cfg: RunConfig, num_slots: int, device: torch.device) -> Trainer:
@@ -88,5 +95,5 @@ def new_trainer(frozen: Frozen, cfg: RunConfig, num_slots: int, device: torch.de
     model = frozen.model
     return Trainer(
         cfg, renderer, guidance, frozen.encoder, frozen.latent_map, device, frozen.latent_size, frozen.image_size,
-        text_shape=(model.max_length, model.text_dim), text_dtype=model.dtype,
+        text_shape=(model.max_length, model.text_dim), text_dtype=model.dtype, decoder=frozen.decoder,
     )  # fmt: skip

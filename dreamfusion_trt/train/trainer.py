@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..cameras import CameraBatch, get_rays, orbit_cameras, sample_random_cameras
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..config import RunConfig
-from ..engines.base import ImageEncoder
+from ..engines.base import ImageEncoder, LatentDecoder
+from ..engines.image_sds import image_sds
 from ..guidance.latents import LinearLatentMap, encode_rgb
 from ..guidance.sds import SDSGuidance, sds_weight
 from ..guidance.text import NO_VIEW, VIEWS, PromptEmbeddings, view_indices
@@ -130,17 +132,22 @@ class Trainer:
         image_size: int,
         text_shape: tuple[int, int],
         text_dtype: torch.dtype = torch.float32,
+        decoder: LatentDecoder | None = None,
     ) -> None:
         """`cfg` holds what all slots share (field, renderer, SDS, optimiser settings); each
         slot's own prompt, seed and iterations come with `assign`. `latent_size` is the UNet's
         latent resolution (64 for SD), `image_size` the VAE's matching image resolution (512);
         the latent phase renders at `latent_size`, the RGB phase at `camera.render_size`,
         resized to `train.encode_size` or `image_size`. `text_shape` is (tokens, width) of one
-        text embedding, e.g. (77, 1024)."""
+        text embedding, e.g. (77, 1024). `decoder` is given for image-space SDS in the RGB phase
+        (``sds.rgb_mode = image``), where `encoder` then runs without gradient."""
         self.cfg = cfg
         self.renderer = renderer
         self.guidance = guidance
         self.encoder = encoder
+        self.decoder = decoder
+        if (cfg.sds.rgb_mode == "image") != (decoder is not None):
+            raise ValueError(f"sds.rgb_mode={cfg.sds.rgb_mode!r} and the decoder given do not agree")
         self.latent_map = latent_map
         self.device = device
         self.num_slots = k = renderer.num_prompts
@@ -449,6 +456,9 @@ class Trainer:
             img = img.reshape(n, g.size, g.size, 3).permute(0, 3, 1, 2)  # [n, 3, H, W]
             if g.phase == "latent":
                 parts.append(self.latent_map(img))  # [n, C, h, w]: the render is the latent
+            elif self.decoder is not None:  # image-space SDS works on the encoder's input
+                size = (self.encode_size, self.encode_size)
+                parts.append(F.interpolate(img, size=size, mode="bilinear", align_corners=False) * 2.0 - 1.0)
             else:
                 parts.append(encode_rgb(img, self.encoder, self.encode_size))  # [n, C, h, w]
         if len(parts) == 1:
@@ -468,7 +478,14 @@ class Trainer:
         # mix of phases comes back through index_copy): convolutions pick their algorithm by
         # layout, and a prompt's numbers must not depend on which others share the step.
         latents = latents.contiguous()
-        grad, _ = self.guidance.grad(latents, t, noise.to(latents.dtype), cond, uncond)
+        g = self.guidance
+        if self.decoder is not None and latents.shape[1] == 3:  # images in [-1, 1]: image-space SDS
+            w = sds_weight(g.alphas_cumprod.to(latents.device)[t], g.cfg.weighting)  # [n]
+            out = image_sds(latents, t, noise, cond, uncond, encoder=self.encoder, predictor=g.predictor,
+                            decoder=self.decoder, alphas_cumprod=g.alphas_cumprod, weight=w,
+                            guidance_scale=g.cfg.guidance_scale)  # fmt: skip
+            return 0.5 * w * (latents.float() - out.target.float()).square().flatten(1).sum(dim=1)
+        grad, _ = g.grad(latents, t, noise.to(latents.dtype), cond, uncond)
         dot = (latents.float() * grad.float()).flatten(1).sum(dim=1)
         return dot - dot.detach() + 0.5 * grad.float().square().flatten(1).sum(dim=1)
 
