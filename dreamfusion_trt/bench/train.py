@@ -141,6 +141,7 @@ def bench_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
     if args.render_backend:
         overrides["render"] = {"backend": args.render_backend}
     overrides["sds"] = {"rgb_mode": args.rgb_mode}
+    overrides["field"] = {"backend": args.field_backend}
     return from_dict(overrides, cfg)
 
 
@@ -280,6 +281,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per phase (default: 3; tiny: 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per phase (default: 8; tiny: 2)")
     p.add_argument("--render-backend", choices=("auto", "nerfacc", "torch"), help="render.backend (default: auto)")
+    p.add_argument("--field-backend", choices=("torch", "triton", "tcnn"), default="torch",
+                   help="hash-grid implementation (default: %(default)s)")
     p.add_argument("--rgb-mode", choices=("latent", "image"), default="latent",
                    help="RGB phase: latent SDS through the VAE encoder, or image-space SDS with inference-only VAE (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the renderer / field")

@@ -195,11 +195,16 @@ class NeRFField(nn.Module):
 
 
 def make_encoding(num_prompts: int, cfg: FieldConfig) -> nn.Module:
-    """The hash grid for ``cfg.backend``: pure PyTorch, or tinycudann (ValueError when missing)."""
+    """The hash grid for ``cfg.backend``: pure PyTorch, fused Triton kernels (same parameters as
+    PyTorch), or tinycudann (ValueError when triton / tinycudann is missing)."""
     if cfg.backend == "torch":
         return HashGridEncoding(num_prompts, cfg)
+    if cfg.backend == "triton":
+        from .triton_hashgrid import TritonHashGridEncoding  # noqa: PLC0415
+
+        return TritonHashGridEncoding(num_prompts, cfg)
     if cfg.backend == "tcnn":
         from .tcnn import TcnnHashGrid  # noqa: PLC0415
 
         return TcnnHashGrid(num_prompts, cfg)
-    raise ValueError(f"field.backend must be 'torch' or 'tcnn', got {cfg.backend!r}")
+    raise ValueError(f"field.backend must be 'torch', 'triton' or 'tcnn', got {cfg.backend!r}")
