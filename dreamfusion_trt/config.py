@@ -62,7 +62,7 @@ class SDSConfig:
 class FieldConfig:
     """Hash-grid NeRF: density and albedo, plus the background."""
 
-    backend: Literal["torch", "triton", "tcnn"] = "torch"  # triton: fused kernels, CUDA (needs triton); tcnn only when tinycudann imports
+    backend: Literal["auto", "torch", "triton", "tcnn"] = "auto"  # hash grid: auto = fused Triton kernels on CUDA when triton imports, else PyTorch; tcnn only when tinycudann imports
     bound: float = 1.0  # the scene lives in [-bound, bound]^3
     num_levels: int = 16
     level_dim: int = 2

@@ -150,3 +150,19 @@ def test_gpu_default_init_no_nan_and_fp32_output():
     fused = TritonHashGridEncoding(1, FieldConfig()).cuda()
     out = fused(torch.rand(1, 10_000, 3, device="cuda"))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_auto_backend_falls_back_to_pytorch_on_the_cpu(monkeypatch):
+    """field.backend=auto: the fused encoding on CUDA, its PyTorch twin for CPU positions."""
+    import dataclasses
+
+    from dreamfusion_trt.field.hashgrid import HashGridEncoding
+    from dreamfusion_trt.field.nerf import make_encoding
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = dataclasses.replace(SMALL, backend="auto")
+    auto = make_encoding(2, cfg)
+    reference = HashGridEncoding(2, cfg)
+    reference.load_state_dict(auto.state_dict())
+    x = random_points(2, 500, torch.device("cpu"))
+    torch.testing.assert_close(auto(x), reference(x), rtol=0, atol=0)

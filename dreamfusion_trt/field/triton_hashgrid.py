@@ -235,7 +235,9 @@ class TritonHashGridEncoding(HashGridEncoding):
     Positions that require grad take the inherited PyTorch path (the kernels give no d/dx).
     """
 
-    def __init__(self, num_prompts: int, cfg: FieldConfig) -> None:
+    def __init__(self, num_prompts: int, cfg: FieldConfig, cpu_fallback: bool = False) -> None:
+        """`cpu_fallback`: CPU positions take the PyTorch path (field.backend=auto) instead of
+        raising (field.backend=triton)."""
         if triton is None:
             raise ValueError(
                 "field.backend=triton needs the triton package, which is not installed (pip install triton); "
@@ -248,6 +250,7 @@ class TritonHashGridEncoding(HashGridEncoding):
             [[res, int(dense)] for res, dense in zip(self.resolutions, self.dense)], dtype=torch.int32
         )
         self._level_info: dict[torch.device, torch.Tensor] = {}
+        self.cpu_fallback = cpu_fallback
 
     def _level_info_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._level_info:
@@ -257,6 +260,8 @@ class TritonHashGridEncoding(HashGridEncoding):
     def forward(self, x: torch.Tensor, prompts: slice | None = None) -> torch.Tensor:
         """Encode positions ``x [K', N, 3]`` in [0, 1] (clamped) -> features ``[K', N, L * F]``
         (float32); `prompts` picks a contiguous subset of the K stacked tables (default: all)."""
+        if self.cpu_fallback and x.device.type != "cuda" and not triton_interpreting():
+            return super().forward(x, prompts)
         _launch_config(x.device)  # ValueError on the CPU outside the interpreter, on either path
         if x.requires_grad and torch.is_grad_enabled():
             return super().forward(x, prompts)
