@@ -141,6 +141,7 @@ def _parse_light(text: str | None) -> tuple[float, float, float] | None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve_checkpoint_path
     from .export.artifacts import write_grids, write_turntables
 
     light = _parse_light(args.light)
@@ -151,7 +152,7 @@ def cmd_render(args: argparse.Namespace) -> int:
         video_frames=args.frames or cfg.output.video_frames,
         video_size=args.size or cfg.output.video_size,
     )
-    out = Path(args.out) if args.out else Path(args.checkpoint if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent)
+    out = Path(args.out) if args.out else resolve_checkpoint_path(args.checkpoint).parent
     stems = [f"prompt{k}_" if renderer.num_prompts > 1 else "" for k in range(renderer.num_prompts)]
     write_grids(renderer, cfg, [out / f"{s}relit.png" if light else out / f"{s}validation.png" for s in stems], light_dir=light)
     if not args.no_video:
@@ -161,6 +162,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_export_mesh(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve_checkpoint_path
     from .export.artifacts import write_meshes
 
     ckpt, renderer = _open_scene(args.checkpoint, args.device)
@@ -177,7 +179,7 @@ def cmd_export_mesh(args: argparse.Namespace) -> int:
     for fmt in cfg.output.mesh_formats:
         if fmt not in ("glb", "obj", "ply"):
             raise ValueError(f"--formats: {fmt!r} is not one of glb, obj, ply")
-    out = Path(args.out) if args.out else Path(args.checkpoint if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent)
+    out = Path(args.out) if args.out else resolve_checkpoint_path(args.checkpoint).parent
     for paths in write_meshes(renderer, cfg, [out] * renderer.num_prompts, stem="mesh"):
         for p in paths:
             print(p)

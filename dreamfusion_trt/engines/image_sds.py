@@ -28,6 +28,7 @@ from .base import ImageEncoder, LatentDecoder, NoisePredictor
 @dataclass
 class ImageSDSOutput:
     loss: torch.Tensor  # scalar 0.5 * sum_k w_k ||x_k - target_k||^2
+    per_prompt: torch.Tensor  # [K] its terms, 0.5 * w_k ||x_k - target_k||^2
     target: torch.Tensor  # [K, 3, H, W] decoded denoised latents, detached
     latents: torch.Tensor  # [K, C, h, w] E(x)
     denoised: torch.Tensor  # [K, C, h, w] z0^
@@ -64,6 +65,6 @@ def image_sds(
         eps_hat = eps_u + guidance_scale * (eps_c - eps_u)
         z0 = ((x_t.float() - (1 - a).sqrt() * eps_hat) / a.sqrt()).to(z.dtype)
         target = decoder(z0).to(images.dtype)
-    w = weight.to(images.device, torch.float32).view(k, 1, 1, 1)
-    loss = 0.5 * (w * (images.float() - target.float()).square()).sum()
-    return ImageSDSOutput(loss=loss, target=target, latents=z, denoised=z0)
+    w = weight.to(images.device, torch.float32)
+    per_prompt = 0.5 * w * (images.float() - target.float()).square().flatten(1).sum(dim=1)
+    return ImageSDSOutput(loss=per_prompt.sum(), per_prompt=per_prompt, target=target, latents=z, denoised=z0)

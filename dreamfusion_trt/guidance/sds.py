@@ -37,13 +37,19 @@ def sds_weight(alphas_cumprod_t: torch.Tensor, weighting: str) -> torch.Tensor:
     raise ValueError(f"unknown SDS weighting {weighting!r} (expected one_minus_alpha, sqrt_one_minus_alpha, uniform)")
 
 
-def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """A scalar whose gradient with respect to `latents` is exactly `grad` and whose value is
-    0.5 * ||grad||^2 (what the usual 0.5 * ||x - (x - grad).detach()||^2 is, up to rounding:
-    that form's gradient x - (x - grad) loses the low bits of grad)."""
+def sds_surrogate(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Per-prompt surrogate losses [K] whose gradient with respect to `latents` [K, ...] is
+    exactly `grad` and whose values are 0.5 * ||grad_k||^2 (what the usual
+    0.5 * ||x - (x - grad).detach()||^2 is, up to rounding: that form's gradient x - (x - grad)
+    loses the low bits of grad)."""
     grad = grad.detach()
-    dot = (latents.float() * grad.float()).sum()
-    return dot - dot.detach() + 0.5 * grad.float().square().sum()
+    dot = (latents.float() * grad.float()).flatten(1).sum(dim=1)
+    return dot - dot.detach() + 0.5 * grad.float().square().flatten(1).sum(dim=1)
+
+
+def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """`sds_surrogate` summed over prompts: a scalar whose gradient is exactly `grad`."""
+    return sds_surrogate(latents, grad).sum()
 
 
 class SDSGuidance:

@@ -36,7 +36,7 @@ from ..config import RunConfig
 from ..engines.base import ImageEncoder, LatentDecoder
 from ..engines.image_sds import image_sds
 from ..guidance.latents import LinearLatentMap, encode_rgb
-from ..guidance.sds import SDSGuidance, sds_weight
+from ..guidance.sds import SDSGuidance, sds_surrogate, sds_weight
 from ..guidance.text import NO_VIEW, VIEWS, PromptEmbeddings, view_indices
 from ..render.renderer import Renderer, to_device_async
 from ..render.shading import SHADING_MODES
@@ -484,10 +484,9 @@ class Trainer:
             out = image_sds(latents, t, noise, cond, uncond, encoder=self.encoder, predictor=g.predictor,
                             decoder=self.decoder, alphas_cumprod=g.alphas_cumprod, weight=w,
                             guidance_scale=g.cfg.guidance_scale)  # fmt: skip
-            return 0.5 * w * (latents.float() - out.target.float()).square().flatten(1).sum(dim=1)
+            return out.per_prompt
         grad, _ = g.grad(latents, t, noise.to(latents.dtype), cond, uncond)
-        dot = (latents.float() * grad.float()).flatten(1).sum(dim=1)
-        return dot - dot.detach() + 0.5 * grad.float().square().flatten(1).sum(dim=1)
+        return sds_surrogate(latents, grad)
 
     def train_step(self, timer: StageTimer | None = None) -> None:
         """One SDS step for every busy slot (empty slots render placeholders and never update).
