@@ -52,13 +52,19 @@ def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> Run
     cfg = _layer_flags(args, base if base is not None else RunConfig())
     if cfg.model.model != "builtin":
         return cfg
-    from .prior import PRESET_NAME, WEIGHTS_DIR, weights_available
+    from .prior import PRESET_CPU_NAME, PRESET_NAME, WEIGHTS_DIR, weights_available
     from .prior.scenes import resolve_caption
+    from .scene import resolve_device
 
     if not weights_available():
         raise FileNotFoundError(f"the built-in prior's weights are missing from '{WEIGHTS_DIR}': "
                                 "rebuild them with build_scripts/train_prior.py or pass --model")  # fmt: skip
-    cfg = _layer_flags(args, load_yaml(WEIGHTS_DIR / PRESET_NAME, base if base is not None else RunConfig()))
+    preset = load_yaml(WEIGHTS_DIR / PRESET_NAME, base if base is not None else RunConfig())
+    cpu_preset = WEIGHTS_DIR / PRESET_CPU_NAME
+    if base is None and resolve_device(cfg.train.device).type == "cpu" and cpu_preset.is_file():
+        preset = load_yaml(cpu_preset, preset)  # a few minutes on two cores
+        log.info("running on the CPU: the built-in prior's CPU settings apply (%s)", cpu_preset.name)
+    cfg = _layer_flags(args, preset)
     if cfg.prompt.text.strip():
         resolve_caption(cfg.prompt.text)  # unknown prompts: one line listing the known objects
     log.info("no --model given: using the built-in known-answer prior (%s)", WEIGHTS_DIR)

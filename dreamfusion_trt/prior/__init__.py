@@ -14,7 +14,18 @@ from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # where build_scripts/train_prior.py writes by default
 PRESET_NAME = "dreamfusion_preset.yaml"  # RunConfig overrides inside the weights folder
+PRESET_CPU_NAME = "dreamfusion_preset_cpu.yaml"  # layered on PRESET_NAME for runs on the CPU
 PROMPTS_NAME = "prompts.json"  # the known captions inside the weights folder
+
+
+def is_builtin(model: str) -> bool:
+    """True when a run's ``model.model`` names the built-in prior ("builtin" or its folder)."""
+    if model == "builtin":
+        return True
+    try:
+        return Path(model).expanduser().resolve() == WEIGHTS_DIR
+    except OSError:
+        return False
 
 
 def weights_available(folder: str | Path = WEIGHTS_DIR) -> bool:
@@ -22,4 +33,4 @@ def weights_available(folder: str | Path = WEIGHTS_DIR) -> bool:
     return (Path(folder) / "model_index.json").is_file()
 
 
-__all__ = ["PRESET_NAME", "PROMPTS_NAME", "WEIGHTS_DIR", "weights_available"]
+__all__ = ["PRESET_CPU_NAME", "PRESET_NAME", "PROMPTS_NAME", "WEIGHTS_DIR", "is_builtin", "weights_available"]

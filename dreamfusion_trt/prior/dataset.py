@@ -13,9 +13,16 @@ textureless (white material, same light). The prior thus knows what an unlit, a 
 untextured version of each object look like, which are the three kinds of render SDS asks it about.
 A textureless render keeps its object's caption, as in SDS training.
 
-Backgrounds are solid colours: white with probability `white_background_prob`, otherwise a
-uniformly random colour. The trainer's learned background starts as a smooth near-grey colour
-and drifts; random solid colours cover that without teaching the prior any particular backdrop.
+Backgrounds are white (`white_background_prob` = 1 by default; otherwise a uniformly random
+solid colour), and a run with this prior renders on a solid white background too. A first prior
+trained on random background colours accepted a screen filled with the object's colour as "a red
+cube on a red background", so SDS filled the whole view with the colour; on white only, an object
+has to leave white around it.
+
+Cameras come from `PRIOR_CAMERA`: DreamFusion's elevation and azimuth ranges, but a nearly fixed
+distance and field of view, seen from outside the box the NeRF lives in. A text-only prior cannot
+tell a small object close by from a large one far away; with the distance and field of view pinned,
+the size an object has in the image fixes its size in the world, which a scored run needs.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -40,6 +47,19 @@ SHADINGS = ("albedo", "lambertian", "textureless")
 PLAIN = len(VIEWS)  # view index of a caption without a view suffix
 
 
+# The cameras of the prior's renders and of runs with the prior (its preset copies them): the
+# object (inside [-0.5, 0.5]^3) fills about half the frame and the cameras stay outside the
+# preset's field.bound (PRIOR_BOUND) box, so a run cannot fill the view with density.
+PRIOR_CAMERA = CameraConfig(
+    radius_range=(1.9, 2.1), fovy_range=(43.0, 47.0), val_radius=2.0, val_elevation=15.0, val_fovy=45.0,
+)  # fmt: skip
+PRIOR_BOUND = 0.6
+
+
+def prior_camera() -> CameraConfig:
+    return replace(PRIOR_CAMERA)
+
+
 @dataclass
 class DatasetConfig:
     images_per_object: int = 1500
@@ -48,12 +68,12 @@ class DatasetConfig:
     num_samples: int = 96  # samples per ray of the torch renderer (the trainer marches about as finely)
     shading_probs: tuple[float, float, float] = (0.35, 0.5, 0.15)  # albedo, lambertian, textureless
     ambient_ratio: float = 0.1  # the trainer's render.ambient_ratio
-    white_background_prob: float = 0.4  # otherwise a uniformly random solid colour
+    white_background_prob: float = 1.0  # otherwise a uniformly random solid colour
     plain_caption_prob: float = 0.1  # share of captions without a view suffix
     batch: int = 64  # cameras per renderer call
     seed: int = 0
     captions: tuple[str, ...] = KNOWN_CAPTIONS  # which known objects to render
-    camera: CameraConfig = field(default_factory=CameraConfig)
+    camera: CameraConfig = field(default_factory=prior_camera)
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
 

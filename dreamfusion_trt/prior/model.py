@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from ..atomic import atomic_write_text
 from ..guidance.text import VIEWS
 from ..scene import resolve_device
-from . import PRESET_NAME, PROMPTS_NAME, WEIGHTS_DIR
-from .dataset import DatasetConfig, RenderedDataset, render_dataset
+from . import PRESET_CPU_NAME, PRESET_NAME, PROMPTS_NAME, WEIGHTS_DIR
+from .dataset import PRIOR_BOUND, DatasetConfig, RenderedDataset, render_dataset
 from .scenes import KNOWN_CAPTIONS, SIX_COLORED_CAPTION
 
 logger = logging.getLogger(__name__)
@@ -456,22 +456,31 @@ def train_unet(
 # the folder
 
 
+def _pair(values: tuple[float, float]) -> str:
+    return f"[{values[0]:g}, {values[1]:g}]"
+
+
 def preset_yaml(cfg: PriorTrainConfig) -> str:
-    """RunConfig overrides for SDS with this prior (config.py's YAML sections)."""
-    size = cfg.arch.image_size
+    """RunConfig overrides for SDS with this prior (config.py's YAML sections): the cameras and
+    background its training renders had, and a field sized for these simple objects."""
+    size, cam = cfg.arch.image_size, cfg.data.camera
     return f"""\
 # RunConfig overrides for the built-in known-answer prior (dreamfusion_trt.prior).
 # The prior sees {size}x{size} renders through its VAE ({cfg.arch.latent_size}x{cfg.arch.latent_size} latents), so the
-# whole run is in the RGB phase at render_size = encode_size = {size}; a small hash grid suffices for
-# objects this simple.
+# whole run is in the RGB phase at encode_size = {size}. Cameras and background are those of the
+# prior's training renders; the NeRF's box (bound) is small enough that every camera sees it from
+# outside, so density cannot fill the view.
 field:
+  bound: {PRIOR_BOUND:g}
   num_levels: 8
   log2_hashmap_size: 16
   base_resolution: 16
   max_resolution: 256
   hidden_dim: 32
   num_layers: 2
-  background: random  # the prior was trained on solid backgrounds; random ones keep them out of the object
+  blob_radius: 0.4
+  background: solid  # white, as in every training render
+  background_color: [1, 1, 1]
 render:
   num_samples: 64
   grid_resolution: 64
@@ -480,6 +489,12 @@ render:
   ambient_ratio: {cfg.data.ambient_ratio:g}
 camera:
   render_size: {size}
+  radius_range: {_pair(cam.radius_range)}
+  elevation_range: {_pair(cam.elevation_range)}
+  fovy_range: {_pair(cam.fovy_range)}
+  val_radius: {cam.val_radius:g}
+  val_elevation: {cam.val_elevation:g}
+  val_fovy: {cam.val_fovy:g}
 train:
   iters: 2000
   latent_fraction: 0.0
@@ -490,6 +505,31 @@ output:
   mesh_resolution: 128
   video_size: 128
   video_frames: 60
+"""
+
+
+def preset_cpu_yaml(cfg: PriorTrainConfig) -> str:
+    """Overrides layered on `preset_yaml` when a run with this prior is on the CPU: a few minutes
+    on two cores instead of the GPU's full-size run."""
+    size = cfg.arch.image_size
+    return f"""\
+# CPU overrides for the built-in prior, layered on {PRESET_NAME} when the run's device is the CPU.
+# Renders at half size with half the samples (upsampled to {size}x{size} for the VAE), autograd normals
+# (cheaper than finite differences on a CPU), fewer steps, and smaller outputs.
+field:
+  normals: autograd
+render:
+  num_samples: 32
+  albedo_iters: 100
+camera:
+  render_size: {size // 2}
+train:
+  iters: 400
+  encode_size: {size}
+output:
+  mesh_resolution: 64
+  video_size: 64
+  video_frames: 24
 """
 
 
@@ -577,6 +617,7 @@ def train_prior(cfg: PriorTrainConfig) -> tuple[Path, dict]:
                    "six_colored": SIX_COLORED_CAPTION}  # fmt: skip
         atomic_write_text(tmp / PROMPTS_NAME, json.dumps(prompts, indent=2) + "\n")
         atomic_write_text(tmp / PRESET_NAME, preset_yaml(cfg))
+        atomic_write_text(tmp / PRESET_CPU_NAME, preset_cpu_yaml(cfg))
         del mean, std, sample
         evaluation: dict[str, Any] = {}
         if cfg.eval_per_caption > 0:

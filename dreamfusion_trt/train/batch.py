@@ -449,6 +449,8 @@ class _Batch:
         rel = lambda p: str(Path(p).relative_to(self.out_dir))  # noqa: E731
         paths = {"checkpoint": rel(outputs.checkpoint), "turntable": rel(outputs.turntable), "grid": rel(outputs.grid),
                  "meshes": [rel(m) for m in outputs.meshes], "metrics": rel(outputs.metrics)}  # fmt: skip
+        if outputs.score is not None:
+            paths["score"] = rel(outputs.score)
         wall = train_s + time.perf_counter() - start
         self.manifest.update(job.id, status="done", step=job.cfg.train.iters, outputs=paths, error=None, wall_s=round(wall, 2))
         self.done.append(job.id)

@@ -33,6 +33,7 @@ class RunOutputs:
     grid: Path
     meshes: list[Path]
     metrics: Path
+    score: Path | None = None  # score.json: the mesh against the true object, for the built-in prior
 
 
 def check_writable_dir(path: Path) -> None:
@@ -99,7 +100,26 @@ def write_outputs(renderer: Renderer, cfg: RunConfig, out_dir: Path) -> RunOutpu
     write_turntables(renderer, cfg, [turntable])
     write_grids(renderer, cfg, [grid])
     meshes = write_meshes(renderer, cfg, [out_dir])[0]
-    return RunOutputs(out_dir, out_dir / CHECKPOINT_NAME, turntable, grid, meshes, out_dir / "metrics.csv")
+    score = write_score(cfg, out_dir)
+    return RunOutputs(out_dir, out_dir / CHECKPOINT_NAME, turntable, grid, meshes, out_dir / "metrics.csv", score)
+
+
+def write_score(cfg: RunConfig, out_dir: Path) -> Path | None:
+    """With the built-in prior, score the run's mesh against the true object into score.json
+    (IoU, Chamfer, colour error); other models have no known answer."""
+    from ..prior import is_builtin
+
+    if not is_builtin(cfg.model.model):
+        return None
+    from ..prior.score import SCORE_NAME, score_run
+
+    try:
+        result = score_run(out_dir)
+    except ValueError as exc:  # e.g. a run that left no surface to mesh
+        log.warning("the run could not be scored: %s", exc)
+        return None
+    log.info("score against the true %r: IoU %.3f, Chamfer %.4f (score.json)", result["object"], result["iou"], result["chamfer"])
+    return out_dir / SCORE_NAME
 
 
 def generate(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunOutputs:
