@@ -213,6 +213,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.engines import main as bench_main
     elif args.what == "train":
         from .bench.train import main as bench_main
+    elif args.what == "prior":
+        from .bench.prior import main as bench_main
     else:
         raise ValueError(f"unknown benchmark {args.what!r}")
     return bench_main(args.rest)
@@ -265,8 +267,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_build_engines)
 
-    bench = sub.add_parser("bench", help="benchmarks that write JSON (engines, train)")
-    bench.add_argument("what", choices=["engines", "train"])
+    bench = sub.add_parser("bench", help="benchmarks that write JSON (engines, train, prior)")
+    bench.add_argument("what", choices=["engines", "train", "prior"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -151,6 +151,7 @@ class OutputConfig:
     mesh_formats: tuple[str, ...] = ("glb",)  # any of glb, obj, ply
     mesh_resolution: int = 128  # marching-cubes grid per axis
     mesh_threshold: float = 10.0  # density iso-level
+    mesh_fill_cavities: bool = True  # fill empty pockets enclosed by the surface: a solid, not a shell
     video_frames: int = 120
     video_fps: int = 30
     video_size: int = 256

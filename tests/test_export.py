@@ -67,13 +67,29 @@ def test_sphere_meshes_to_watertight_sphere_of_right_radius(colored_sphere):
 
 def test_denser_outside_still_orients_away_from_dense_side():
     """Density high outside a ball: the mesh is the box shell with a ball cavity, normals away from density."""
-    mesh = extract_mesh(sphere_density(scale=-20.0), None, bound=1.0, resolution=32, threshold=0.0)
+    mesh = extract_mesh(sphere_density(scale=-20.0), None, bound=1.0, resolution=32, threshold=0.0, fill_cavities=False)
     assert mesh.is_watertight
     assert mesh.volume == pytest.approx(8.0 - 4.0 / 3.0 * math.pi * R0**3, rel=0.02)
     inner = np.linalg.norm(mesh.triangles_center, axis=1) < 0.9
     c = mesh.triangles_center[inner]
     dots = np.einsum("fi,fi->f", mesh.face_normals[inner], c / np.linalg.norm(c, axis=1, keepdims=True))
     assert dots.mean() < -0.9  # the cavity's normals point towards the centre, i.e. into the empty ball
+
+
+def test_enclosed_cavity_is_filled_unless_asked_to_keep_it():
+    """A hollow ball (dense only between radii 0.3 and 0.6): by default the mesh is the solid
+    ball a viewer sees; with fill_cavities=False it is the shell with its inner surface."""
+
+    def shell(x: torch.Tensor) -> torch.Tensor:
+        r = x.norm(dim=-1)
+        return 20.0 * torch.minimum(r - 0.3, 0.6 - r)
+
+    solid = extract_mesh(shell, None, bound=1.0, resolution=48, threshold=0.0)
+    hollow = extract_mesh(shell, None, bound=1.0, resolution=48, threshold=0.0, fill_cavities=False)
+    assert solid.is_watertight and hollow.is_watertight
+    assert solid.volume == pytest.approx(4.0 / 3.0 * math.pi * 0.6**3, rel=0.03)
+    assert hollow.volume == pytest.approx(4.0 / 3.0 * math.pi * (0.6**3 - 0.3**3), rel=0.05)
+    assert np.linalg.norm(solid.vertices, axis=1).min() > 0.5  # no inner surface left
 
 
 def test_off_centre_box_lands_at_its_world_position():

@@ -84,7 +84,7 @@ def write_meshes(renderer: Renderer, cfg: RunConfig, out_dirs: list[Path], stem:
         device = next(renderer.parameters()).device
         mesh = extract_mesh(
             density_fn, color_fn, bound=cfg.field.bound, resolution=cfg.output.mesh_resolution,
-            threshold=cfg.output.mesh_threshold, device=device,
+            threshold=cfg.output.mesh_threshold, device=device, fill_cavities=cfg.output.mesh_fill_cavities,
         )  # fmt: skip
         written.append(save_meshes(mesh, out_dir, stem, cfg.output.mesh_formats))
         log.info("mesh: %d vertices, %d faces -> %s", len(mesh.vertices), len(mesh.faces), ", ".join(map(str, written[-1])))

@@ -10,6 +10,10 @@ Conventions:
 - The grid is padded by one empty voxel on every side before meshing, so a surface that reaches
   the box is capped on the box faces rather than left open: every mesh is closed.
 - Faces are oriented outward, away from the dense side (density above ``threshold`` is inside).
+- With ``fill_cavities`` (the default), empty pockets that no path of empty voxels connects to the
+  outside are filled before meshing. SDS only constrains what cameras see, so a NeRF is often a
+  closed shell around an unconstrained inside; its mesh should be the solid a viewer sees, not
+  a shell with an invisible inner surface.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ def extract_mesh(
     device: torch.device | str | None = None,
     components: Literal["all", "largest"] = "all",
     min_component_fraction: float = 1e-3,
+    fill_cavities: bool = True,
 ) -> trimesh.Trimesh:
     """Mesh the iso-surface ``density == threshold`` of a world-space density field.
 
@@ -101,6 +106,8 @@ def extract_mesh(
             keeps only the piece with the most faces.
         min_component_fraction: with components="all", pieces with fewer faces than this fraction
             of all faces are dropped as floaters (default 0.1 %: specks only; 0 keeps everything).
+        fill_cavities: fill enclosed empty pockets (set to the grid's maximum density) so the
+            mesh has no inner surfaces.
 
     Returns:
         A `trimesh.Trimesh` in world coordinates with outward faces and, when `color_fn` is
@@ -132,6 +139,8 @@ def extract_mesh(
             f"pick a threshold inside that range"
         )
 
+    if fill_cavities:
+        fill_enclosed_cavities(volume, threshold)
     padded = np.pad(volume, 1, mode="constant", constant_values=_EMPTY)
     spacing = 2.0 * bound / (resolution - 1)
     verts, faces, _, _ = marching_cubes(padded, level=threshold, allow_degenerate=False)
@@ -163,6 +172,19 @@ def extract_mesh(
         len(mesh.faces),
     )
     return mesh
+
+
+def fill_enclosed_cavities(volume: np.ndarray, threshold: float) -> int:
+    """In place: voxels at or below `threshold` that no face-connected path of such voxels links
+    to the grid's border get the grid's maximum density. Returns how many were filled."""
+    from scipy.ndimage import binary_fill_holes
+
+    inside = volume > threshold
+    cavities = binary_fill_holes(inside) & ~inside
+    count = int(cavities.sum())
+    if count:
+        volume[cavities] = volume.max()
+    return count
 
 
 def save_mesh(mesh: trimesh.Trimesh, path: str | Path) -> Path:

@@ -11,7 +11,10 @@ Shading is drawn per image like the trainer's ``render.shading=random`` over a w
 (the trainer's warm-up), lambertian (albedo lit by the camera's light, `ambient_ratio`) and
 textureless (white material, same light). The prior thus knows what an unlit, a shaded and an
 untextured version of each object look like, which are the three kinds of render SDS asks it about.
-A textureless render keeps its object's caption, as in SDS training.
+A textureless render keeps its object's caption, as in SDS training. The default draws no
+textureless renders: a prior that had learned "a green sphere" may also be a white one let SDS
+settle on white albedo (pale, washed-out objects in every run), so the shipped prior knows only
+coloured objects, and its preset's ``render.textureless_ratio`` follows this share.
 
 Backgrounds are white (`white_background_prob` = 1 by default; otherwise a uniformly random
 solid colour), and a run with this prior renders on a solid white background too. A first prior
@@ -66,7 +69,7 @@ class DatasetConfig:
     multicolor_factor: int = 3  # the six-colored cube gets this many times more renders: its views all differ
     image_size: int = 64  # renders are image_size x image_size (the trainer's camera.render_size)
     num_samples: int = 96  # samples per ray of the torch renderer (the trainer marches about as finely)
-    shading_probs: tuple[float, float, float] = (0.35, 0.5, 0.15)  # albedo, lambertian, textureless
+    shading_probs: tuple[float, float, float] = (0.4, 0.6, 0.0)  # albedo, lambertian, textureless
     ambient_ratio: float = 0.1  # the trainer's render.ambient_ratio
     white_background_prob: float = 1.0  # otherwise a uniformly random solid colour
     plain_caption_prob: float = 0.1  # share of captions without a view suffix

@@ -484,7 +484,7 @@ field:
 render:
   num_samples: 64
   grid_resolution: 64
-  albedo_iters: 300
+  albedo_iters: 1000
   textureless_ratio: {cfg.data.shading_probs[2]:g}  # the prior's share of textureless renders
   ambient_ratio: {cfg.data.ambient_ratio:g}
 camera:
@@ -500,7 +500,9 @@ train:
   latent_fraction: 0.0
   encode_size: {size}
 sds:
-  guidance_scale: 20.0
+  guidance_scale: 50.0
+reg:
+  entropy: 0.01  # opaque or empty rays: a translucent shell lets the white background through
 output:
   mesh_resolution: 128
   video_size: 128
@@ -520,7 +522,7 @@ field:
   normals: autograd
 render:
   num_samples: 32
-  albedo_iters: 100
+  albedo_iters: 200
 camera:
   render_size: {size // 2}
 train:
