@@ -52,23 +52,15 @@ def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> Run
     cfg = _layer_flags(args, base if base is not None else RunConfig())
     if cfg.model.model != "builtin":
         return cfg
-    from .prior import PRESET_CPU_NAME, PRESET_NAME, WEIGHTS_DIR, weights_available
+    from .prior.preset import preset_config, use_weights
     from .prior.scenes import resolve_caption
     from .scene import resolve_device
 
-    if not weights_available():
-        raise FileNotFoundError(f"the built-in prior's weights are missing from '{WEIGHTS_DIR}': "
-                                "rebuild them with build_scripts/train_prior.py or pass --model")  # fmt: skip
-    preset = load_yaml(WEIGHTS_DIR / PRESET_NAME, base if base is not None else RunConfig())
-    cpu_preset = WEIGHTS_DIR / PRESET_CPU_NAME
-    if base is None and resolve_device(cfg.train.device).type == "cpu" and cpu_preset.is_file():
-        preset = load_yaml(cpu_preset, preset)  # a few minutes on two cores
-        log.info("running on the CPU: the built-in prior's CPU settings apply (%s)", cpu_preset.name)
+    preset = preset_config(base, on_cpu=resolve_device(cfg.train.device).type == "cpu")
     cfg = _layer_flags(args, preset)
     if cfg.prompt.text.strip():
         resolve_caption(cfg.prompt.text)  # unknown prompts: one line listing the known objects
-    log.info("no --model given: using the built-in known-answer prior (%s)", WEIGHTS_DIR)
-    return from_dict({"model": {"model": str(WEIGHTS_DIR)}}, cfg)
+    return use_weights(cfg)
 
 
 def _layer_flags(args: argparse.Namespace, cfg: RunConfig) -> RunConfig:
@@ -122,16 +114,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def _open_scene(ckpt_path: str, device_name: str):
     from .checkpoint import load_checkpoint
-    from .scene import build_scene, resolve_device
+    from .scene import resolve_device, scene_from_checkpoint
 
     device = resolve_device(device_name)
     ckpt = load_checkpoint(ckpt_path, map_location=device)
-    renderer = build_scene(ckpt.config, num_prompts=int(ckpt.state.get("num_prompts", 1)), device=device)
-    try:
-        renderer.load_state_dict(ckpt.model)
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint '{ckpt_path}' does not match its own config: {exc}") from exc
-    return ckpt, renderer.eval()
+    return ckpt, scene_from_checkpoint(ckpt, device)
 
 
 def _parse_light(text: str | None) -> tuple[float, float, float] | None:

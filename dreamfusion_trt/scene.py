@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .checkpoint import Checkpoint
 from .config import RunConfig
 from .field.background import Background
 from .field.nerf import NeRFField
@@ -27,3 +28,14 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
     return device
+
+
+def scene_from_checkpoint(ckpt: Checkpoint, device: torch.device | str) -> Renderer:
+    """The scene a checkpoint holds, in eval mode. ValueError when its tensors do not fit the
+    scene its own config describes."""
+    renderer = build_scene(ckpt.config, num_prompts=int(ckpt.state.get("num_prompts", 1)), device=device)
+    try:
+        renderer.load_state_dict(ckpt.model)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint of {ckpt.config.prompt.text!r} does not match its own config: {exc}") from exc
+    return renderer.eval()

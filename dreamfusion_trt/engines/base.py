@@ -43,3 +43,24 @@ class LatentDecoder(Protocol):
     name: str
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+def guided_noise(
+    predictor: NoisePredictor,
+    noisy_latents: torch.Tensor,  # [K, C, h, w]
+    t: torch.Tensor,  # [K] integer timesteps
+    cond: torch.Tensor,  # [K, L, D]
+    uncond: torch.Tensor,  # [K, L, D]
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free guidance, the one place it is written: one predictor call on the doubled
+    batch (unconditional first), eps_hat = eps_u + s (eps_c - eps_u) [K, C, h, w] in float32.
+    SDS, image-space SDS and the ONNX parity check all call this."""
+    eps = predictor(torch.cat([noisy_latents, noisy_latents]), torch.cat([t, t]), torch.cat([uncond, cond]))
+    return cfg_combine(eps, guidance_scale)
+
+
+def cfg_combine(eps: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """A CFG-doubled noise prediction [2K, ...] (unconditional first) -> eps_hat [K, ...], float32."""
+    eps_u, eps_c = eps.float().chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)

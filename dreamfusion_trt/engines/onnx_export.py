@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .base import cfg_combine
 from .spec import NetworkSpec
 from .wrappers import fp32_islands, module_device
 
@@ -157,8 +158,7 @@ class ParityReport:
 def sds_gradient(noise_pred: torch.Tensor, noise: torch.Tensor, weight: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """w(t) (eps_u + s (eps_c - eps_u) - eps) from a UNet output [2K, C, h, w] laid out
     [uncond; cond], the added noise [K, C, h, w] and w [K]."""
-    eps_u, eps_c = noise_pred.float().chunk(2)
-    return weight.view(-1, 1, 1, 1) * (eps_u + guidance_scale * (eps_c - eps_u) - noise.float())
+    return weight.view(-1, 1, 1, 1) * (cfg_combine(noise_pred, guidance_scale) - noise.float())
 
 
 def onnx_parity(

@@ -5,7 +5,9 @@ set of files per prompt of a K-prompt scene."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,6 +20,33 @@ from .mesh import extract_mesh, save_meshes
 log = logging.getLogger(__name__)
 
 TURNTABLE_PANELS = ("lambertian", "normal", "textureless")
+CHECKPOINT_FILE = "checkpoint.safetensors"  # written by the trainer, listed here with the rest
+
+# Scores a finished run folder (its mesh against a known answer) and returns the file it wrote,
+# or None when the run has no known answer. The built-in prior provides one.
+Scorer = Callable[[Path], "Path | None"]
+
+
+@dataclass
+class RunOutputs:
+    out_dir: Path
+    checkpoint: Path
+    turntable: Path
+    grid: Path
+    meshes: list[Path]
+    metrics: Path
+    score: Path | None = None  # score.json: the mesh against the true object, for the built-in prior
+
+
+def write_outputs(renderer: Renderer, cfg: RunConfig, out_dir: Path, scorer: Scorer | None = None) -> RunOutputs:
+    """Turntable, image grid and meshes of a one-prompt scene into `out_dir`, then its score."""
+    renderer = renderer.eval()
+    turntable, grid = out_dir / "turntable.mp4", out_dir / "validation.png"
+    write_turntables(renderer, cfg, [turntable])
+    write_grids(renderer, cfg, [grid])
+    meshes = write_meshes(renderer, cfg, [out_dir])[0]
+    score = scorer(out_dir) if scorer is not None else None
+    return RunOutputs(out_dir, out_dir / CHECKPOINT_FILE, turntable, grid, meshes, out_dir / "metrics.csv", score)
 
 
 def _orbit(cfg: RunConfig, n: int, light_dir=None):

@@ -104,6 +104,18 @@ def score_run(
     return result
 
 
+def write_score(out_dir: str | Path) -> Path | None:
+    """The built-in prior's `Scorer`: score a finished run folder into ``score.json`` and return
+    its path; None (with a warning) when the run left nothing to score."""
+    try:
+        result = score_run(out_dir)
+    except ValueError as exc:  # e.g. a run that left no surface to mesh
+        logger.warning("the run could not be scored: %s", exc)
+        return None
+    logger.info("score against the true %r: IoU %.3f, Chamfer %.4f (score.json)", result["object"], result["iou"], result["chamfer"])
+    return Path(out_dir) / SCORE_NAME
+
+
 def load_mesh(path: str | Path):
     """One `trimesh.Trimesh` from a GLB/OBJ/PLY file (scenes are concatenated)."""
     import trimesh

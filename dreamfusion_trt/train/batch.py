@@ -35,7 +35,9 @@ from ..config import RunConfig, from_dict, to_dict
 from ..guidance.text import PromptEmbeddings
 from ..scene import resolve_device
 from .frozen import Frozen, load_frozen, make_predictor, new_trainer
-from .generate import check_writable_dir, scene_from_checkpoint, validate_training, write_outputs
+from ..export.artifacts import write_outputs
+from ..scene import scene_from_checkpoint
+from .generate import builtin_scorer, check_writable_dir, validate_training
 from .manifest import Manifest, PromptRecord
 from .monitor import MetricsLog
 from .prompts import PromptSpec, prompt_folder, prompt_id, read_prompts
@@ -434,7 +436,7 @@ class _Batch:
         start = time.perf_counter()
         for attempt in range(RETRIES + 1):
             try:
-                outputs = write_outputs(scene, job.cfg, job.folder)
+                outputs = write_outputs(scene, job.cfg, job.folder, builtin_scorer(job.cfg))
                 break
             except Exception as exc:  # noqa: BLE001 -- one prompt's broken output must not stop the batch
                 if attempt >= RETRIES:

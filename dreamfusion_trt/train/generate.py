@@ -9,31 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
 from ..config import RunConfig
-from ..export.artifacts import write_grids, write_meshes, write_turntables
-from ..render.renderer import Renderer
-from ..scene import build_scene, resolve_device
+from ..export.artifacts import RunOutputs, Scorer, write_outputs
+from ..scene import resolve_device
 from .frozen import load_frozen, new_trainer
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunOutputs:
-    out_dir: Path
-    checkpoint: Path
-    turntable: Path
-    grid: Path
-    meshes: list[Path]
-    metrics: Path
-    score: Path | None = None  # score.json: the mesh against the true object, for the built-in prior
 
 
 def check_writable_dir(path: Path) -> None:
@@ -86,40 +73,15 @@ def build_trainer(cfg: RunConfig, device: torch.device, checkpoint: Checkpoint |
     return trainer
 
 
-def scene_from_checkpoint(ckpt: Checkpoint, device: torch.device) -> Renderer:
-    """The one-prompt scene of a checkpoint, in eval mode."""
-    renderer = build_scene(ckpt.config, num_prompts=int(ckpt.state.get("num_prompts", 1)), device=device)
-    renderer.load_state_dict(ckpt.model)
-    return renderer.eval()
-
-
-def write_outputs(renderer: Renderer, cfg: RunConfig, out_dir: Path) -> RunOutputs:
-    """Turntable, image grid and meshes of a one-prompt scene into `out_dir`."""
-    renderer = renderer.eval()
-    turntable, grid = out_dir / "turntable.mp4", out_dir / "validation.png"
-    write_turntables(renderer, cfg, [turntable])
-    write_grids(renderer, cfg, [grid])
-    meshes = write_meshes(renderer, cfg, [out_dir])[0]
-    score = write_score(cfg, out_dir)
-    return RunOutputs(out_dir, out_dir / CHECKPOINT_NAME, turntable, grid, meshes, out_dir / "metrics.csv", score)
-
-
-def write_score(cfg: RunConfig, out_dir: Path) -> Path | None:
-    """With the built-in prior, score the run's mesh against the true object into score.json
-    (IoU, Chamfer, colour error); other models have no known answer."""
+def builtin_scorer(cfg: RunConfig) -> Scorer | None:
+    """The scorer for runs of `cfg`'s model: the built-in prior's, or None (no known answer)."""
     from ..prior import is_builtin
 
     if not is_builtin(cfg.model.model):
         return None
-    from ..prior.score import SCORE_NAME, score_run
+    from ..prior.score import write_score
 
-    try:
-        result = score_run(out_dir)
-    except ValueError as exc:  # e.g. a run that left no surface to mesh
-        log.warning("the run could not be scored: %s", exc)
-        return None
-    log.info("score against the true %r: IoU %.3f, Chamfer %.4f (score.json)", result["object"], result["iou"], result["chamfer"])
-    return out_dir / SCORE_NAME
+    return write_score
 
 
 def generate(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunOutputs:
@@ -140,4 +102,4 @@ def generate(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Run
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("training '%s' for %d iterations on %s -> %s", cfg.prompt.text, cfg.train.iters, device, out_dir)
     trainer.fit(progress=progress)
-    return write_outputs(trainer.renderer, cfg, out_dir)
+    return write_outputs(trainer.renderer, cfg, out_dir, builtin_scorer(cfg))
