@@ -20,6 +20,10 @@ import yaml
 
 DEFAULT_MODEL = "builtin"  # the package's own known-answer prior (dreamfusion_trt/prior/weights)
 
+# Choices spelled once: code that lists them derives the tuple with `typing.get_args`.
+BackendName = Literal["auto", "eager", "inductor", "aotinductor", "tensorrt"]  # frozen-network backends
+NormalsMode = Literal["analytic", "finite_difference", "autograd"]
+
 
 @dataclass
 class ModelConfig:
@@ -30,7 +34,7 @@ class ModelConfig:
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     local_files_only: bool = False  # never touch the network
     cache_dir: str = "~/.cache/dreamfusion_trt"  # text-embedding and engine caches
-    backend: Literal["auto", "eager", "inductor", "aotinductor", "tensorrt"] = "eager"  # noise predictor
+    backend: BackendName = "eager"  # noise predictor
     engines_dir: str = "engines"  # where build_engines.py left engines (inductor/aotinductor/tensorrt)
 
 
@@ -62,7 +66,7 @@ class SDSConfig:
 class FieldConfig:
     """Hash-grid NeRF: density and albedo, plus the background."""
 
-    backend: Literal["auto", "torch", "triton", "tcnn"] = "auto"  # hash grid: auto = fused Triton kernels on CUDA when triton imports, else PyTorch; tcnn only when tinycudann imports
+    backend: Literal["auto", "torch", "triton"] = "auto"  # hash grid: auto = fused Triton kernels on CUDA when triton imports, else PyTorch
     bound: float = 1.0  # the scene lives in [-bound, bound]^3
     num_levels: int = 16
     level_dim: int = 2
@@ -74,7 +78,7 @@ class FieldConfig:
     density_activation: Literal["exp", "softplus"] = "exp"
     blob_density: float = 10.0  # density added at the centre at init (DreamFusion's blob)
     blob_radius: float = 0.5
-    normals: Literal["finite_difference", "autograd"] = "finite_difference"
+    normals: NormalsMode = "finite_difference"
     fd_eps: float = 1e-2  # finite-difference step, in world units
     background: Literal["mlp", "solid", "random"] = "mlp"
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)  # for background=solid
