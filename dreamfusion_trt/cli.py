@@ -97,12 +97,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from .train.batch import load_batch_config, run_batch
+    from .train.generate import builtin_scorer
 
     out = Path(args.out).expanduser() if args.out else Path("runs") / Path(args.prompts).stem
     base = load_batch_config(out)  # a re-run continues with the settings the batch started with
     cfg = build_config(args, base)
     cfg.output = dataclasses.replace(cfg.output, out=str(out))
-    result = run_batch(cfg, args.prompts, concurrency=args.concurrency, progress=not args.quiet, retry_failed=args.retry_failed)
+    result = run_batch(cfg, args.prompts, concurrency=args.concurrency, progress=not args.quiet, retry_failed=args.retry_failed,
+                       scorer=builtin_scorer(cfg))
     log.info("%d done, %d failed, %d finished earlier, %d line(s) skipped; manifest: %s",
              len(result.done), len(result.failed), len(result.skipped), len(result.problems), out / "manifest.jsonl")  # fmt: skip
     print(result.out_dir)

@@ -35,9 +35,9 @@ from ..config import RunConfig, from_dict, to_dict
 from ..guidance.text import PromptEmbeddings
 from ..scene import resolve_device
 from .frozen import Frozen, load_frozen, make_predictor, new_trainer
-from ..export.artifacts import write_outputs
+from ..export.artifacts import Scorer, write_outputs
 from ..scene import scene_from_checkpoint
-from .generate import builtin_scorer, check_writable_dir, validate_training
+from .generate import check_writable_dir, validate_training
 from .manifest import Manifest, PromptRecord
 from .monitor import MetricsLog
 from .prompts import PromptSpec, prompt_folder, prompt_id, read_prompts
@@ -112,14 +112,17 @@ def run_batch(
     concurrency: int | None = None,
     progress: bool = True,
     retry_failed: bool = False,
+    scorer: Scorer | None = None,
 ) -> BatchResult:
     """Train every prompt of `prompts_path` into ``cfg.output.out`` (see the module docstring).
-    `concurrency` is K (default: from GPU memory, or 2 on a CPU)."""
-    return _Batch(cfg, Path(prompts_path), concurrency, progress, retry_failed).run()
+    `concurrency` is K (default: from GPU memory, or 2 on a CPU). `scorer` scores each finished
+    prompt's folder (the built-in prior's `prior.score.write_score`); None writes no score."""
+    return _Batch(cfg, Path(prompts_path), concurrency, progress, retry_failed, scorer).run()
 
 
 class _Batch:
-    def __init__(self, cfg: RunConfig, prompts_path: Path, concurrency: int | None, progress: bool, retry_failed: bool) -> None:
+    def __init__(self, cfg: RunConfig, prompts_path: Path, concurrency: int | None, progress: bool, retry_failed: bool,
+                 scorer: Scorer | None) -> None:  # fmt: skip
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
         validate_training(cfg)
@@ -129,6 +132,7 @@ class _Batch:
         self.concurrency = concurrency
         self.progress = progress
         self.retry_failed = retry_failed
+        self.scorer = scorer
         self.manifest = Manifest(self.out_dir)
         self.done: list[str] = []
         self.failed: list[str] = []
@@ -436,7 +440,7 @@ class _Batch:
         start = time.perf_counter()
         for attempt in range(RETRIES + 1):
             try:
-                outputs = write_outputs(scene, job.cfg, job.folder, builtin_scorer(job.cfg))
+                outputs = write_outputs(scene, job.cfg, job.folder, self.scorer)
                 break
             except Exception as exc:  # noqa: BLE001 -- one prompt's broken output must not stop the batch
                 if attempt >= RETRIES:
