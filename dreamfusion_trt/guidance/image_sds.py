@@ -13,7 +13,7 @@ the encoder, UNet and decoder can all be TensorRT engines:
 
 `x` is what the encoder sees (the render resized to the encoder's size, in [-1, 1]); the
 gradient reaches the render through that resize. The timesteps, noise and weights come from the
-caller (the SDS module samples them), so this stays a pure function.
+caller, so this stays a pure function.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageEncoder, LatentDecoder, NoisePredictor
+from ..engines.base import ImageEncoder, LatentDecoder, NoisePredictor, guided_noise
 
 
 @dataclass
 class ImageSDSOutput:
-    loss: torch.Tensor  # scalar 0.5 * sum_k w_k ||x_k - target_k||^2
-    per_prompt: torch.Tensor  # [K] its terms, 0.5 * w_k ||x_k - target_k||^2
+    per_prompt: torch.Tensor  # [K] 0.5 * w_k ||x_k - target_k||^2
     target: torch.Tensor  # [K, 3, H, W] decoded denoised latents, detached
     latents: torch.Tensor  # [K, C, h, w] E(x)
     denoised: torch.Tensor  # [K, C, h, w] z0^
@@ -60,11 +59,9 @@ def image_sds(
             raise ValueError(f"noise must have the latents' shape {tuple(z.shape)}, got {tuple(noise.shape)}")
         a = alphas_cumprod.to(z.device, torch.float32)[t.long()].view(k, 1, 1, 1)
         x_t = (a.sqrt() * z.float() + (1 - a).sqrt() * noise.float()).to(z.dtype)
-        eps = predictor(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
-        eps_u, eps_c = eps.float().chunk(2)
-        eps_hat = eps_u + guidance_scale * (eps_c - eps_u)
+        eps_hat = guided_noise(predictor, x_t, t, cond, uncond, guidance_scale)
         z0 = ((x_t.float() - (1 - a).sqrt() * eps_hat) / a.sqrt()).to(z.dtype)
         target = decoder(z0).to(images.dtype)
     w = weight.to(images.device, torch.float32)
     per_prompt = 0.5 * w * (images.float() - target.float()).square().flatten(1).sum(dim=1)
-    return ImageSDSOutput(loss=per_prompt.sum(), per_prompt=per_prompt, target=target, latents=z, denoised=z0)
+    return ImageSDSOutput(per_prompt=per_prompt, target=target, latents=z, denoised=z0)
