@@ -1,7 +1,6 @@
 """Hash grid, NeRF field and background: shapes, gradients, invariants, hand-computed indices."""
 
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
@@ -249,12 +248,6 @@ def test_field_config_errors_name_the_value():
         NeRFField(dataclasses.replace(SMALL, bound=-1.0))
     with pytest.raises(ValueError, match="'grid'"):
         NeRFField(dataclasses.replace(SMALL, backend="grid"))
-
-
-@pytest.mark.skipif(importlib.util.find_spec("tinycudann") is not None, reason="tinycudann is installed")
-def test_tcnn_backend_without_tinycudann_raises():
-    with pytest.raises(ValueError, match="field.backend=tcnn needs tinycudann, which is not installed"):
-        NeRFField(dataclasses.replace(SMALL, backend="tcnn"), num_prompts=2)
 
 
 # ---------------------------------------------------------------------------------------------

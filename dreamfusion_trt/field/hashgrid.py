@@ -89,15 +89,38 @@ class HashGridEncoding(nn.Module):
 
         `prompts` picks a contiguous subset of the stacked tables (default: all K); K' is its length.
         """
+        return self._encode(x, prompts, jacobian=False)[0]
+
+    def forward_with_jacobian(
+        self, x: torch.Tensor, prompts: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and their spatial derivatives at ``x [K', N, 3]`` in [0, 1]:
+        (``[K', N, L * F]``, ``jac [K', N, 3, L * F]`` with ``jac[k, n, j] = d features[k, n] / d x_j``).
+
+        Per level, ``d/dx_j = R_l * sum_c (d w_c / d frac_j) * table[row_c]``: the derivative of the
+        trilinear weights inside the point's cell (the features are continuous across cell faces, their
+        derivative is not; this is the one-sided value of the cell `forward` picks). Zero along an axis
+        where ``x_j`` lies outside [0, 1] (the clamp). Written with differentiable ops, so gradients
+        reach the tables (and ``x``) by autograd; the fused twin's kernels give the same values.
+        """
+        return self._encode(x, prompts, jacobian=True)  # type: ignore[return-value]
+
+    def _encode(
+        self, x: torch.Tensor, prompts: slice | None, jacobian: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         tables = self.tables if prompts is None else self.tables[prompts]
         if x.dim() != 3 or x.shape[-1] != 3 or x.shape[0] != tables.shape[0]:
             raise ValueError(f"expected positions of shape [{tables.shape[0]}, N, 3], got {tuple(x.shape)}")
         k, n = x.shape[0], x.shape[1]
-        x = x.float().clamp(0.0, 1.0)
+        # float32 (float64 when the tables are, for gradcheck); clamp's gradient is 1 on [0, 1] inclusive.
+        x = x.to(torch.float64 if tables.dtype == torch.float64 else torch.float32)
+        inside = ((x >= 0.0) & (x <= 1.0)).to(x.dtype)  # [K', N, 3]: where d clamp(x) / dx = 1
+        x = x.clamp(0.0, 1.0)
         flat = tables.reshape(-1, self.level_dim)  # [K' * L * T, F]
         # Row offset of prompt k, level 0 in `flat`.
         prompt_base = (torch.arange(k, device=x.device) * (self.num_levels * self.table_size)).view(k, 1, 1)
-        feats = []
+        sign = torch.tensor([-1.0, 1.0], device=x.device, dtype=x.dtype)  # d(1 - f)/df, df/df
+        feats, jacs = [], []
         for level, res in enumerate(self.resolutions):
             pos = x * res  # [K', N, 3]
             cell = pos.detach().floor().clamp_(0, res - 1)
@@ -106,14 +129,23 @@ class HashGridEncoding(nn.Module):
             coords = cell.long()[..., None] + torch.arange(2, device=x.device)  # arange: no host-to-device copy
             w_axis = torch.stack([1.0 - frac, frac], dim=-1)
             rows = self._corner_rows(coords, level) + prompt_base + level * self.table_size  # [K', N, 8]
-            w = (
-                w_axis[:, :, 2, :, None, None] * w_axis[:, :, 1, None, :, None] * w_axis[:, :, 0, None, None, :]
-            ).reshape(k, n, 8)
+            wx, wy, wz = w_axis[:, :, 0, None, None, :], w_axis[:, :, 1, None, :, None], w_axis[:, :, 2, :, None, None]
+            w = (wz * wy * wx).reshape(k, n, 8)
             values = flat[rows]  # [K', N, 8, F]
             feats.append(torch.einsum("knc,kncf->knf", w, values))  # [K', N, F]
+            if jacobian:
+                dx, dy, dz = sign.view(1, 1, 1, 2), sign.view(1, 1, 2, 1), sign.view(2, 1, 1)
+                dw = torch.stack(  # [K', N, 3, 8]: d w_c / d frac_j
+                    [(wz * wy * dx).reshape(k, n, 8), (wz * dy * wx).reshape(k, n, 8), (dz * wy * wx).reshape(k, n, 8)],
+                    dim=2,
+                )
+                jacs.append(res * torch.einsum("knjc,kncf->knjf", dw, values))  # [K', N, 3, F]
         out = torch.cat(feats, dim=-1)
         assert out.shape == (k, n, self.output_dim)
-        return out
+        if not jacobian:
+            return out, None
+        jac = torch.cat(jacs, dim=-1) * inside[..., None]  # [K', N, 3, L * F]
+        return out, jac
 
     def extra_repr(self) -> str:
         return (

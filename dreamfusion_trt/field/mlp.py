@@ -52,3 +52,29 @@ class StackedMLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = torch.relu(x)
         return x
+
+    def forward_with_input_gradient(
+        self, x: torch.Tensor, prompts: slice | None = None, output: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [K, N, in]`` -> (``out [K, N, out]``, ``d out[..., output] / d x [K, N, in]``).
+
+        The gradient is one reverse-mode pass written out (ReLU masks, transposed weights), with
+        ordinary ops: itself differentiable w.r.t. the weights, biases and `x`, so a loss on it
+        (e.g. on normals) trains the MLP without double backward. The ReLU derivative is taken as
+        ``pre > 0``, as autograd does.
+        """
+        masks = []
+        h = x
+        for i, layer in enumerate(self.layers):
+            h = layer(h, prompts)
+            if i < len(self.layers) - 1:
+                masks.append(h > 0)
+                h = torch.relu(h)
+        weights = [layer.weight if prompts is None else layer.weight[prompts] for layer in self.layers]
+        g = weights[-1][:, None, :, output].to(h.dtype)  # [K, 1, in_last]
+        for mask, weight in zip(reversed(masks), reversed(weights[:-1])):
+            g = g * mask  # [K, N, out_i]
+            g = torch.bmm(g, weight.transpose(1, 2).to(g.dtype))  # [K, N, in_i]
+        if g.shape[1] != x.shape[1]:  # a single layer: the gradient is the weight row for every point
+            g = g.expand(-1, x.shape[1], -1)
+        return h, g

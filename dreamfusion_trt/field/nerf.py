@@ -9,24 +9,36 @@ an isolated ball of radius ~blob_radius. Activation: ``exp`` with its input clam
 `EXP_CLAMP` in the forward pass (no overflow, also under fp16 autocast) while the backward keeps
 the gradient of the clamped exponential (Instant-NGP's "truncated exp"), or ``softplus``.
 
-Normals are ``-grad(sigma) / |grad(sigma)|`` (outward for a blob), by central finite differences
-(6 extra density queries, differentiable w.r.t. the parameters) or by autograd (``create_graph``
-when gradients are enabled, so losses on normals reach the parameters either way).
+Normals are ``-grad(sigma) / |grad(sigma)|`` (outward for a blob), by one of (``field.normals``):
+
+- ``analytic``: the encoding returns its spatial Jacobian with the features (one grid query), the
+  MLP its input gradient by an explicit reverse pass, and the chain rule gives grad(sigma) with
+  ordinary differentiable ops, so an orientation loss reaches the tables (through the Jacobian's
+  backward, a scatter of interpolation-weight derivatives) and the MLP without double backward;
+- ``finite_difference``: central differences (6 extra density queries);
+- ``autograd``: ``torch.autograd.grad`` of the density (``create_graph`` when gradients are
+  enabled), through the PyTorch encoding.
+
+``analytic`` and ``autograd`` give the same exact gradient of the piecewise-trilinear field; all
+three are differentiable w.r.t. the parameters.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, get_args, get_type_hints
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import FieldConfig
+from ..config import FieldConfig, NormalsMode
 from .hashgrid import HashGridEncoding
 from .mlp import StackedMLP
 
+NORMALS_MODES: tuple[str, ...] = get_args(NormalsMode)
+FIELD_BACKENDS: tuple[str, ...] = get_args(get_type_hints(FieldConfig)["backend"])
+SOFTPLUS_THRESHOLD = 20.0  # F.softplus returns its input above this (and its derivative is 1 there)
 EXP_CLAMP = 15.0  # exp(15) ~ 3.3e6: far above any useful density, far below the fp16 limit
 
 DensityFn = Callable[[torch.Tensor], torch.Tensor]  # [K, N, 3] -> [K, N]
@@ -69,6 +81,23 @@ def density_blob(x: torch.Tensor, blob_density: float, blob_radius: float) -> to
     # sqrt of a clamped square keeps the gradient finite at the centre.
     r = (x.square().sum(dim=-1)).clamp_min(1e-12).sqrt()
     return blob_density * (1.0 - r / blob_radius)
+
+
+def density_blob_gradient(x: torch.Tensor, blob_density: float, blob_radius: float) -> torch.Tensor:
+    """d `density_blob` / dx for ``x [..., 3]`` -> ``[..., 3]``, the same value autograd gives
+    (zero at the centre, where the clamped square has no gradient)."""
+    if blob_density == 0.0:
+        return torch.zeros_like(x)
+    if blob_radius <= 0.0:
+        raise ValueError(f"field.blob_radius must be positive, got {blob_radius!r}")
+    sq = x.square().sum(dim=-1, keepdim=True)
+    r = sq.clamp_min(1e-12).sqrt()
+    return torch.where(sq >= 1e-12, (-blob_density / blob_radius) * x / r, torch.zeros_like(x))
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 when `t` is (a float64 field is how gradcheck runs it)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def normals_from_gradient(grad: torch.Tensor) -> torch.Tensor:
@@ -120,24 +149,39 @@ class NeRFField(nn.Module):
 
     # -- raw network ------------------------------------------------------------------------------
 
-    def _evaluate(self, x: torch.Tensor, prompts: slice | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [K', N, 3]`` world -> (sigma [K', N] float32, albedo logits [K', N, 3])."""
+    def _evaluate(
+        self, x: torch.Tensor, prompts: slice | None, with_gradient: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``x [K', N, 3]`` world -> (sigma [K', N] float32, albedo logits [K', N, 3], and with
+        `with_gradient` d sigma / dx [K', N, 3] by the chain rule through encoding and MLP)."""
         if x.dim() != 3 or x.shape[-1] != 3:
             raise ValueError(f"expected positions of shape [K, N, 3], got {tuple(x.shape)}")
         unit = (x + self.bound) / (2.0 * self.bound)
-        h = self.mlp(self.encoding(unit, prompts), prompts).float()  # [K', N, 4]
-        raw = h[..., 0] + density_blob(x.float(), self.cfg.blob_density, self.cfg.blob_radius)
+        if with_gradient:
+            feats, jac = self.encoding.forward_with_jacobian(unit, prompts)  # [K', N, D], [K', N, 3, D]
+            h, dh_dfeats = self.mlp.forward_with_input_gradient(feats, prompts, output=0)  # [K', N, 4], [K', N, D]
+        else:
+            h = self.mlp(self.encoding(unit, prompts), prompts)  # [K', N, 4]
+        h, xf = _at_least_fp32(h), _at_least_fp32(x)
+        raw = h[..., 0] + density_blob(xf, self.cfg.blob_density, self.cfg.blob_radius)
         if self.cfg.density_activation == "exp":
             sigma = trunc_exp(raw)
+            dsigma_draw = sigma  # _TruncExp's backward: exp(min(raw, EXP_CLAMP))
         elif self.cfg.density_activation == "softplus":
             sigma = F.softplus(raw)
+            dsigma_draw = torch.where(raw > SOFTPLUS_THRESHOLD, torch.ones_like(raw), torch.sigmoid(raw))
         else:
             raise ValueError(
                 f"field.density_activation must be 'exp' or 'softplus', got {self.cfg.density_activation!r}"
             )
         inside = (x.abs() <= self.bound).all(dim=-1)
-        sigma = torch.where(inside, sigma, torch.zeros_like(sigma))
-        return sigma, h[..., 1:]
+        sigma_out = torch.where(inside, sigma, torch.zeros_like(sigma))
+        if not with_gradient:
+            return sigma_out, h[..., 1:], None
+        draw_dx = (jac * dh_dfeats[:, :, None, :].to(jac.dtype)).sum(dim=-1) / (2.0 * self.bound)  # [K', N, 3]
+        draw_dx = draw_dx + density_blob_gradient(xf, self.cfg.blob_density, self.cfg.blob_radius)
+        grad = torch.where(inside[..., None], dsigma_draw[..., None] * draw_dx, torch.zeros_like(draw_dx))
+        return sigma_out, h[..., 1:], grad
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -147,17 +191,19 @@ class NeRFField(nn.Module):
 
     def forward(self, x: torch.Tensor, prompts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [K, N, 3]`` -> (sigma ``[K, N]``, albedo ``[K, N, 3]``)."""
-        sigma, logits = self._evaluate(x, prompts)
+        sigma, logits, _ = self._evaluate(x, prompts)
         return sigma, torch.sigmoid(logits)
 
     def density_gradient(self, x: torch.Tensor, prompts: slice | None = None) -> torch.Tensor:
         """d sigma / d x at ``x [K, N, 3]`` -> ``[K, N, 3]`` by the configured method."""
         fn = lambda p: self.density(p, prompts)  # noqa: E731
+        if self.cfg.normals == "analytic":
+            return self._evaluate(x, prompts, with_gradient=True)[2]
         if self.cfg.normals == "finite_difference":
             return finite_difference_gradient(fn, x, self.cfg.fd_eps)
         if self.cfg.normals == "autograd":
             return autograd_gradient(fn, x)
-        raise ValueError(f"field.normals must be 'finite_difference' or 'autograd', got {self.cfg.normals!r}")
+        raise ValueError(f"field.normals must be one of {NORMALS_MODES}, got {self.cfg.normals!r}")
 
     def normals(self, x: torch.Tensor, prompts: slice | None = None) -> torch.Tensor:
         """Unit normals ``-grad(sigma) / |grad(sigma)|`` at ``x [K, N, 3]`` -> ``[K, N, 3]``."""
@@ -165,19 +211,23 @@ class NeRFField(nn.Module):
 
     def query(self, x: torch.Tensor, with_normals: bool, prompts: slice | None = None) -> FieldOutput:
         """Sigma, albedo and (optionally) normals at ``x [K, N, 3]`` without recomputing anything:
-        finite differences run the centre and its 6 probes through one network call; autograd
-        differentiates the same sigma that is returned."""
+        analytic normals come from the same single grid query as sigma; finite differences run the
+        centre and its 6 probes through one network call; autograd differentiates the same sigma
+        that is returned."""
         if not with_normals:
             sigma, albedo = self.forward(x, prompts)
             return FieldOutput(sigma, albedo)
         k, n = x.shape[0], x.shape[1]
+        if self.cfg.normals == "analytic":
+            sigma, logits, grad = self._evaluate(x, prompts, with_gradient=True)
+            return FieldOutput(sigma, torch.sigmoid(logits), normals_from_gradient(grad))
         if self.cfg.normals == "finite_difference":
             eps = self.cfg.fd_eps
             offsets = eps * torch.cat(
                 [torch.zeros(1, 3, device=x.device), torch.eye(3, device=x.device), -torch.eye(3, device=x.device)]
             )  # [7, 3]: centre, +x +y +z, -x -y -z
             pts = (x[:, None, :, :] + offsets[None, :, None, :].to(x.dtype)).reshape(k, 7 * n, 3)
-            sigma_all, logits = self._evaluate(pts, prompts)
+            sigma_all, logits, _ = self._evaluate(pts, prompts)
             sigma_all = sigma_all.reshape(k, 7, n)
             grad = ((sigma_all[:, 1:4] - sigma_all[:, 4:7]) / (2.0 * eps)).permute(0, 2, 1)
             albedo = torch.sigmoid(logits.reshape(k, 7, n, 3)[:, 0])
@@ -186,17 +236,17 @@ class NeRFField(nn.Module):
             create_graph = torch.is_grad_enabled()
             with torch.enable_grad():
                 xg = x if x.requires_grad else x.detach().requires_grad_(True)
-                sigma, logits = self._evaluate(xg, prompts)
+                sigma, logits, _ = self._evaluate(xg, prompts)
                 (grad,) = torch.autograd.grad(sigma.sum(), xg, create_graph=create_graph)
             if not create_graph:
                 sigma, logits = sigma.detach(), logits.detach()
             return FieldOutput(sigma, torch.sigmoid(logits), normals_from_gradient(grad))
-        raise ValueError(f"field.normals must be 'finite_difference' or 'autograd', got {self.cfg.normals!r}")
+        raise ValueError(f"field.normals must be one of {NORMALS_MODES}, got {self.cfg.normals!r}")
 
 
-def make_encoding(num_prompts: int, cfg: FieldConfig) -> nn.Module:
-    """The hash grid for ``cfg.backend``: pure PyTorch, fused Triton kernels (same parameters as
-    PyTorch), or tinycudann (ValueError when triton / tinycudann is missing)."""
+def make_encoding(num_prompts: int, cfg: FieldConfig) -> HashGridEncoding:
+    """The hash grid for ``cfg.backend``: pure PyTorch or fused Triton kernels (same parameters and
+    state_dict either way; ValueError for backend=triton without the triton package)."""
     if cfg.backend == "auto":  # the fused kernels where they run (24x the PyTorch grid on an H200)
         try:
             from .triton_hashgrid import TritonHashGridEncoding  # noqa: PLC0415
@@ -212,8 +262,4 @@ def make_encoding(num_prompts: int, cfg: FieldConfig) -> nn.Module:
         from .triton_hashgrid import TritonHashGridEncoding  # noqa: PLC0415
 
         return TritonHashGridEncoding(num_prompts, cfg)
-    if cfg.backend == "tcnn":
-        from .tcnn import TcnnHashGrid  # noqa: PLC0415
-
-        return TcnnHashGrid(num_prompts, cfg)
-    raise ValueError(f"field.backend must be 'auto', 'torch', 'triton' or 'tcnn', got {cfg.backend!r}")
+    raise ValueError(f"field.backend must be one of {FIELD_BACKENDS}, got {cfg.backend!r}")

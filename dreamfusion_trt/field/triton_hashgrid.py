@@ -7,26 +7,29 @@ over levels, 8 corner rows computed exactly as `HashGridEncoding.vertex_index` d
 weights, fp32 accumulation) and its backward scatters ``weight * grad`` into fp32 table gradients
 with ``tl.atomic_add``.
 
+`forward_with_jacobian` (analytic normals) runs the same kernels with ``JACOBIAN=True``: the forward
+also accumulates the 8 corners times the derivatives of their trilinear weights, ``jac [K, N, 3,
+L * F]``, and the backward adds the scatter of those derivatives times the upstream gradient of
+``jac``. The Jacobian is linear in the tables, so this backward is exact and needs no second pass.
+
 Corner rows: a dense level uses ``x + side * (y + side * z)``; a hashed level XORs the coordinates
 times the primes ``(1, 2654435761, 805459861)``. The kernel multiplies in uint32, which wraps
 modulo 2**32; since ``T`` is a power of two no larger than 2**30, ``& (T - 1)`` keeps only low bits
-that are the same as those of the int64 products the reference computes.
+that are the same as those of the int64 products the reference computes. The cell a point falls in
+is computed as the reference does (``x * R``, floor, no fused multiply-add), so both agree on it
+exactly and so on the Jacobian, which jumps across cell faces.
 
 Gradient w.r.t. the positions is *not* computed by the kernels: when ``x`` requires grad (autograd
 normals, or anything upstream that needs d(features)/dx) the forward falls back to the PyTorch
-reference path, which is exact and twice differentiable. Finite-difference normals and the usual
-training step (positions without grad) take the fused path.
+reference path, which is exact and twice differentiable. Analytic and finite-difference normals and
+the usual training step (positions without grad) take the fused path.
 
 CPU tensors are only accepted under the Triton interpreter (``TRITON_INTERPRET=1``), which is how
-the tests run the kernels without a GPU. Benchmark: ``python -m dreamfusion_trt.field.triton_hashgrid
---bench`` (CUDA).
+the tests run the kernels without a GPU. Benchmark: ``python -m dreamfusion_trt.bench.field`` (CUDA).
 """
 
-import argparse
-import json
 import logging
 import os
-import sys
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -61,20 +64,29 @@ if triton is not None:
         tables_ptr,  # [K, L, T, F], contiguous
         info_ptr,  # [L, 2] int32: (resolution, dense)
         out_ptr,  # [K, N, L * F] float32
+        jac_ptr,  # [K, N, 3, L * F] float32 when JACOBIAN (else unused)
         N,
         T,
         L,
         F: tl.constexpr,
         F_POW2: tl.constexpr,
         BLOCK: tl.constexpr,
+        JACOBIAN: tl.constexpr,
     ):
         k = tl.program_id(1).to(tl.int64)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         point = k * N + offs  # int64 row in [K * N]
-        px = tl.minimum(tl.maximum(tl.load(x_ptr + point * 3 + 0, mask=mask, other=0.0), 0.0), 1.0)
-        py = tl.minimum(tl.maximum(tl.load(x_ptr + point * 3 + 1, mask=mask, other=0.0), 0.0), 1.0)
-        pz = tl.minimum(tl.maximum(tl.load(x_ptr + point * 3 + 2, mask=mask, other=0.0), 0.0), 1.0)
+        rx = tl.load(x_ptr + point * 3 + 0, mask=mask, other=0.0)
+        ry = tl.load(x_ptr + point * 3 + 1, mask=mask, other=0.0)
+        rz = tl.load(x_ptr + point * 3 + 2, mask=mask, other=0.0)
+        px = tl.minimum(tl.maximum(rx, 0.0), 1.0)
+        py = tl.minimum(tl.maximum(ry, 0.0), 1.0)
+        pz = tl.minimum(tl.maximum(rz, 0.0), 1.0)
+        # Where d clamp(x) / dx = 1 (inclusive bounds, as torch.clamp's backward).
+        in_x = ((rx >= 0.0) & (rx <= 1.0)).to(tl.float32)
+        in_y = ((ry >= 0.0) & (ry <= 1.0)).to(tl.float32)
+        in_z = ((rz >= 0.0) & (rz <= 1.0)).to(tl.float32)
         feat = tl.arange(0, F_POW2)
         mask2 = mask[:, None] & (feat < F)[None, :]
         table_mask = (T - 1).to(tl.uint32)
@@ -92,6 +104,9 @@ if triton is not None:
             ix, iy, iz = cell_x.to(tl.int32), cell_y.to(tl.int32), cell_z.to(tl.int32)
             base = (k * L + level) * T  # int64 row of (prompt k, level) in [K * L * T]
             acc = tl.full([BLOCK, F_POW2], 0.0, tl.float32)
+            jx = tl.full([BLOCK, F_POW2], 0.0, tl.float32)
+            jy = tl.full([BLOCK, F_POW2], 0.0, tl.float32)
+            jz = tl.full([BLOCK, F_POW2], 0.0, tl.float32)
             for c in tl.static_range(8):
                 # Corner c = x_bit + 2 * y_bit + 4 * z_bit; row as HashGridEncoding.vertex_index.
                 vx, vy, vz = ix + (c & 1), iy + ((c >> 1) & 1), iz + (c >> 2)
@@ -102,13 +117,28 @@ if triton is not None:
                 wz = fz if (c >> 2) == 1 else 1.0 - fz
                 w = (wz * wy) * wx  # the reference's product order
                 ptrs = tables_ptr + (base + row)[:, None] * F + feat[None, :]
-                acc += w[:, None] * tl.load(ptrs, mask=mask2, other=0.0).to(tl.float32)
+                v = tl.load(ptrs, mask=mask2, other=0.0).to(tl.float32)
+                acc += w[:, None] * v
+                if JACOBIAN:
+                    # d w / d frac_j: the weight with axis j's factor replaced by its slope (+1 or -1).
+                    dwx = wz * wy if (c & 1) == 1 else -(wz * wy)
+                    dwy = wz * wx if ((c >> 1) & 1) == 1 else -(wz * wx)
+                    dwz = wy * wx if (c >> 2) == 1 else -(wy * wx)
+                    jx += dwx[:, None] * v
+                    jy += dwy[:, None] * v
+                    jz += dwz[:, None] * v
             out_ptrs = out_ptr + point[:, None] * (L * F) + level * F + feat[None, :]
             tl.store(out_ptrs, acc, mask=mask2)
+            if JACOBIAN:  # d frac / d x = R_l inside the clamp, 0 outside
+                jac_ptrs = jac_ptr + point[:, None] * (3 * L * F) + level * F + feat[None, :]
+                tl.store(jac_ptrs, (jx * resf) * in_x[:, None], mask=mask2)
+                tl.store(jac_ptrs + L * F, (jy * resf) * in_y[:, None], mask=mask2)
+                tl.store(jac_ptrs + 2 * L * F, (jz * resf) * in_z[:, None], mask=mask2)
 
     def _backward_kernel(
         x_ptr,  # [K, N, 3] float32, contiguous
         grad_out_ptr,  # [K, N, L * F] float32, contiguous
+        grad_jac_ptr,  # [K, N, 3, L * F] float32, contiguous, when JACOBIAN (else unused)
         info_ptr,  # [L, 2] int32
         grad_tables_ptr,  # [K, L, T, F] float32, zero-initialised
         N,
@@ -117,14 +147,21 @@ if triton is not None:
         F: tl.constexpr,
         F_POW2: tl.constexpr,
         BLOCK: tl.constexpr,
+        JACOBIAN: tl.constexpr,
     ):
         k = tl.program_id(1).to(tl.int64)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         point = k * N + offs
-        px = tl.minimum(tl.maximum(tl.load(x_ptr + point * 3 + 0, mask=mask, other=0.0), 0.0), 1.0)
-        py = tl.minimum(tl.maximum(tl.load(x_ptr + point * 3 + 1, mask=mask, other=0.0), 0.0), 1.0)
-        pz = tl.minimum(tl.maximum(tl.load(x_ptr + point * 3 + 2, mask=mask, other=0.0), 0.0), 1.0)
+        rx = tl.load(x_ptr + point * 3 + 0, mask=mask, other=0.0)
+        ry = tl.load(x_ptr + point * 3 + 1, mask=mask, other=0.0)
+        rz = tl.load(x_ptr + point * 3 + 2, mask=mask, other=0.0)
+        px = tl.minimum(tl.maximum(rx, 0.0), 1.0)
+        py = tl.minimum(tl.maximum(ry, 0.0), 1.0)
+        pz = tl.minimum(tl.maximum(rz, 0.0), 1.0)
+        in_x = ((rx >= 0.0) & (rx <= 1.0)).to(tl.float32)
+        in_y = ((ry >= 0.0) & (ry <= 1.0)).to(tl.float32)
+        in_z = ((rz >= 0.0) & (rz <= 1.0)).to(tl.float32)
         feat = tl.arange(0, F_POW2)
         mask2 = mask[:, None] & (feat < F)[None, :]
         table_mask = (T - 1).to(tl.uint32)
@@ -143,6 +180,14 @@ if triton is not None:
             base = (k * L + level) * T
             g_ptrs = grad_out_ptr + point[:, None] * (L * F) + level * F + feat[None, :]
             g = tl.load(g_ptrs, mask=mask2, other=0.0)
+            gx = tl.full([BLOCK, F_POW2], 0.0, tl.float32)
+            gy = tl.full([BLOCK, F_POW2], 0.0, tl.float32)
+            gz = tl.full([BLOCK, F_POW2], 0.0, tl.float32)
+            if JACOBIAN:  # upstream gradient of jac, times d jac / d (sum_c dw_c * table_c) = R_l * inside
+                gj_ptrs = grad_jac_ptr + point[:, None] * (3 * L * F) + level * F + feat[None, :]
+                gx = tl.load(gj_ptrs, mask=mask2, other=0.0) * (resf * in_x)[:, None]
+                gy = tl.load(gj_ptrs + L * F, mask=mask2, other=0.0) * (resf * in_y)[:, None]
+                gz = tl.load(gj_ptrs + 2 * L * F, mask=mask2, other=0.0) * (resf * in_z)[:, None]
             for c in tl.static_range(8):
                 # Corner c = x_bit + 2 * y_bit + 4 * z_bit; row as HashGridEncoding.vertex_index.
                 vx, vy, vz = ix + (c & 1), iy + ((c >> 1) & 1), iz + (c >> 2)
@@ -152,8 +197,14 @@ if triton is not None:
                 wy = fy if ((c >> 1) & 1) == 1 else 1.0 - fy
                 wz = fz if (c >> 2) == 1 else 1.0 - fz
                 w = (wz * wy) * wx  # the reference's product order
+                contrib = w[:, None] * g
+                if JACOBIAN:  # the scatter of interpolation-weight derivatives
+                    dwx = wz * wy if (c & 1) == 1 else -(wz * wy)
+                    dwy = wz * wx if ((c >> 1) & 1) == 1 else -(wz * wx)
+                    dwz = wy * wx if (c >> 2) == 1 else -(wy * wx)
+                    contrib += dwx[:, None] * gx + dwy[:, None] * gy + dwz[:, None] * gz
                 ptrs = grad_tables_ptr + (base + row)[:, None] * F + feat[None, :]
-                tl.atomic_add(ptrs, w[:, None] * g, mask=mask2)
+                tl.atomic_add(ptrs, contrib, mask=mask2)
 
     _KERNEL_CACHE: dict[bool, tuple] = {}
 
@@ -188,31 +239,34 @@ def _launch_config(device: torch.device) -> tuple[bool, int]:
 
 
 class _HashGridFunction(torch.autograd.Function):
-    """Fused encoding ``(x [K, N, 3] float32, tables [K, L, T, F], level_info [L, 2] int32) ->
-    [K, N, L * F] float32``; differentiable w.r.t. the tables only."""
+    """Fused encoding ``(x [K, N, 3] float32, tables [K, L, T, F], level_info [L, 2] int32,
+    jacobian) -> features [K, N, L * F] float32``, and with `jacobian` also ``jac [K, N, 3, L * F]``
+    (d features / dx); differentiable w.r.t. the tables only (the backward scatters both)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, tables: torch.Tensor, level_info: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, tables: torch.Tensor, level_info: torch.Tensor, jacobian: bool):  # type: ignore[override]
         k, lv, t, f = tables.shape
         n = x.shape[1]
         interpret, block = _launch_config(x.device)
         out = torch.empty(k, n, lv * f, device=x.device, dtype=torch.float32)
+        jac = torch.empty(k, n, 3, lv * f, device=x.device, dtype=torch.float32) if jacobian else out
         if n > 0:
             forward_kernel, _ = _kernels(interpret)
             grid = (triton.cdiv(n, block), k)
             # No fused multiply-add: pos = x * res, then pos - floor(pos), rounded as PyTorch does.
             # With FMA the finest levels (res 2048) differed from the twin by ~2e-4 on the H200.
             forward_kernel[grid](
-                x, tables, level_info, out, n, t, lv,
-                F=f, F_POW2=triton.next_power_of_2(f), BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False,
+                x, tables, level_info, out, jac, n, t, lv,
+                F=f, F_POW2=triton.next_power_of_2(f), BLOCK=block, JACOBIAN=jacobian,
+                num_warps=NUM_WARPS, enable_fp_fusion=False,
             )  # fmt: skip
         ctx.save_for_backward(x, level_info)
-        ctx.table_shape, ctx.table_dtype = tables.shape, tables.dtype
-        return out
+        ctx.table_shape, ctx.table_dtype, ctx.jacobian = tables.shape, tables.dtype, jacobian
+        return (out, jac) if jacobian else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor, grad_jac: torch.Tensor | None = None):  # type: ignore[override]
         x, level_info = ctx.saved_tensors
         k, lv, t, f = ctx.table_shape
         n = x.shape[1]
@@ -221,16 +275,20 @@ class _HashGridFunction(torch.autograd.Function):
         if n > 0:
             _, backward_kernel = _kernels(interpret)
             grid = (triton.cdiv(n, block), k)
+            grad_out = grad_out.float().contiguous()
+            grad_jac = grad_jac.float().contiguous() if ctx.jacobian else grad_out
             backward_kernel[grid](
-                x, grad_out.float().contiguous(), level_info, grad_tables, n, t, lv,
-                F=f, F_POW2=triton.next_power_of_2(f), BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False,
+                x, grad_out, grad_jac, level_info, grad_tables, n, t, lv,
+                F=f, F_POW2=triton.next_power_of_2(f), BLOCK=block, JACOBIAN=ctx.jacobian,
+                num_warps=NUM_WARPS, enable_fp_fusion=False,
             )  # fmt: skip
-        return None, grad_tables.to(ctx.table_dtype), None
+        return None, grad_tables.to(ctx.table_dtype), None, None
 
 
 class TritonHashGridEncoding(HashGridEncoding):
     """`HashGridEncoding` with fused Triton kernels: same ``tables [K, L, T, F]`` parameter and
-    state_dict, same ``forward(x [K', N, 3] in [0, 1], prompts) -> [K', N, L * F]`` (float32).
+    state_dict, same ``forward(x [K', N, 3] in [0, 1], prompts) -> [K', N, L * F]`` (float32) and
+    ``forward_with_jacobian(x, prompts) -> ([K', N, L * F], [K', N, 3, L * F])``.
 
     Positions that require grad take the inherited PyTorch path (the kernels give no d/dx).
     """
@@ -257,95 +315,23 @@ class TritonHashGridEncoding(HashGridEncoding):
             self._level_info[device] = self._level_info_cpu.to(device)
         return self._level_info[device]
 
-    def forward(self, x: torch.Tensor, prompts: slice | None = None) -> torch.Tensor:
-        """Encode positions ``x [K', N, 3]`` in [0, 1] (clamped) -> features ``[K', N, L * F]``
-        (float32); `prompts` picks a contiguous subset of the K stacked tables (default: all)."""
+    def _encode(
+        self, x: torch.Tensor, prompts: slice | None, jacobian: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused kernels behind `forward` and `forward_with_jacobian` (the PyTorch path for CPU
+        positions under `cpu_fallback`, and for positions that require grad)."""
         if self.cpu_fallback and x.device.type != "cuda" and not triton_interpreting():
-            return super().forward(x, prompts)
+            return super()._encode(x, prompts, jacobian)
         _launch_config(x.device)  # ValueError on the CPU outside the interpreter, on either path
         if x.requires_grad and torch.is_grad_enabled():
-            return super().forward(x, prompts)
+            return super()._encode(x, prompts, jacobian)
         tables = self.tables if prompts is None else self.tables[prompts]  # a view: grads reach self.tables
         if x.dim() != 3 or x.shape[-1] != 3 or x.shape[0] != tables.shape[0]:
             raise ValueError(f"expected positions of shape [{tables.shape[0]}, N, 3], got {tuple(x.shape)}")
         if tables.device != x.device:
             raise ValueError(f"positions on {str(x.device)!r} but hash tables on {str(tables.device)!r}")
+        if tables.dtype != torch.float32:
+            raise ValueError(f"the fused hash grid needs float32 tables, got {tables.dtype}; use field.backend=torch")
         x = x.detach().float().contiguous()
-        return _HashGridFunction.apply(x, tables.contiguous(), self._level_info_on(x.device))
-
-
-# -- benchmark ------------------------------------------------------------------------------------
-
-
-def benchmark(num_points: int, num_prompts: int = 1, warmup: int = 3, iters: int = 10) -> list[dict]:
-    """Median ms of forward, and of forward + backward to the tables, for the PyTorch and Triton
-    encodings with the same tables on random CUDA points ``[K, num_points, 3]`` (default FieldConfig:
-    16 levels, T = 2**19, F = 2)."""
-    if not torch.cuda.is_available():
-        raise ValueError("the hash-grid benchmark needs a CUDA GPU (torch.cuda.is_available() is False)")
-    cfg = FieldConfig()
-    device = torch.device("cuda")
-    reference = HashGridEncoding(num_prompts, cfg).to(device)
-    fused = TritonHashGridEncoding(num_prompts, cfg).to(device)
-    fused.load_state_dict(reference.state_dict())
-    x = torch.rand(num_prompts, num_points, 3, device=device)
-    grad = torch.randn(num_prompts, num_points, reference.output_dim, device=device)
-    rows = []
-    for name, enc in (("torch", reference), ("triton", fused)):
-        for stage in ("forward", "forward+backward"):
-            times = []
-            torch.cuda.reset_peak_memory_stats()
-            for i in range(warmup + iters):
-                enc.tables.grad = None
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                if stage == "forward":
-                    with torch.no_grad():
-                        enc(x)
-                else:
-                    enc(x).backward(grad)
-                end.record()
-                torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(start.elapsed_time(end))
-            rows.append(
-                {
-                    "impl": name,
-                    "stage": stage,
-                    "median_ms": sorted(times)[len(times) // 2],
-                    "max_memory_mib": torch.cuda.max_memory_allocated() / 2**20,
-                }
-            )
-    return rows
-
-
-def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", action="store_true", help="time both encodings on the GPU")
-    parser.add_argument("--points", type=int, default=64 * 64 * 96 * 7, help="points per prompt")
-    parser.add_argument("--prompts", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
-    if not args.bench:
-        parser.print_help()
-        return 0
-    logging.basicConfig(level=logging.INFO)
-    try:
-        rows = benchmark(args.points, args.prompts, iters=args.iters)
-    except ValueError as exc:
-        parser.error(str(exc))
-    print(f"hash grid, K={args.prompts}, N={args.points}, {torch.cuda.get_device_name()}")
-    print(f"{'impl':<8} {'stage':<18} {'median ms':>10} {'peak MiB':>10}")
-    for row in rows:
-        print(f"{row['impl']:<8} {row['stage']:<18} {row['median_ms']:>10.3f} {row['max_memory_mib']:>10.0f}")
-    if args.json:
-        from ..atomic import atomic_path  # noqa: PLC0415
-
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(rows, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
+        result = _HashGridFunction.apply(x, tables.contiguous(), self._level_info_on(x.device), jacobian)
+        return result if jacobian else (result, None)
