@@ -1,11 +1,17 @@
+import errno
 import json
+import logging
+import os
+import stat
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from dreamfusion_trt import atomic
+from dreamfusion_trt.atomic import WriteError
 from dreamfusion_trt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from dreamfusion_trt.config import RunConfig, from_dict
+from dreamfusion_trt.config import RunConfig, from_dict, to_dict
 
 
 def _trained_optimizer():
@@ -65,3 +71,63 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     path.write_bytes(data[: len(data) - 7])
     with pytest.raises(ValueError, match="corrupt"):
         load_checkpoint(path)
+
+
+def _small_checkpoint():
+    lin, opt = _trained_optimizer()
+    return Checkpoint(step=3, config=RunConfig(), model=lin.state_dict(), optimizer=opt.state_dict())
+
+
+def test_flipped_byte_in_tensor_data_is_refused(tmp_path):
+    path = save_checkpoint(_small_checkpoint(), tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last byte belongs to the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"is corrupt: its tensor data has sha256 [0-9a-f]{16}\.\.\., its header says"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_without_a_hash_still_loads(tmp_path, caplog):
+    """What versions before the hash wrote: safetensors' save_file with the header alone."""
+    ckpt = _small_checkpoint()
+    header = {"format_version": 1, "step": 3, "config": to_dict(ckpt.config), "optimizer": None, "state": {}}
+    tensors = {f"model.{k}": v for k, v in ckpt.model.items()}
+    save_file(tensors, str(tmp_path / "checkpoint.safetensors"), metadata={"dreamfusion_trt": json.dumps(header)})
+    with caplog.at_level(logging.DEBUG, logger="dreamfusion_trt.checkpoint"):
+        back = load_checkpoint(tmp_path)
+    assert back.step == 3 and all(torch.equal(back.model[k], v) for k, v in ckpt.model.items())
+    assert "no data hash" in caplog.text
+
+
+def test_written_through_one_temporary_with_an_ordinary_mode(tmp_path, monkeypatch):
+    """safetensors' own temp-and-rename used to leave the file 0600 and a '.tmpXXXXXX' behind."""
+    import dreamfusion_trt.checkpoint as ckpt_mod
+
+    assert not hasattr(ckpt_mod, "save_file")  # nothing writes through safetensors' file writer
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(_small_checkpoint(), tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "checkpoint.safetensors"]
+    assert "data_sha256" in json.loads((tmp_path / "checkpoint.json").read_text())
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    first = _small_checkpoint()
+    path = save_checkpoint(first, tmp_path)
+    before = path.read_bytes()
+
+    def full_disk(fd, data):
+        os.write(fd, bytes(data)[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "_write_all", full_disk)
+    second = _small_checkpoint()
+    second.step = 4
+    with pytest.raises(WriteError, match=r"could not write '.*checkpoint\.safetensors': No space left on device \(needed [0-9.]+ (MB|bytes)"):
+        save_checkpoint(second, tmp_path)
+    assert path.read_bytes() == before
+    assert load_checkpoint(tmp_path).step == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "checkpoint.safetensors"]
