@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from dreamfusion_trt.cameras import get_rays, orbit_cameras
-from dreamfusion_trt.config import FieldConfig, RenderConfig
+from dreamfusion_trt.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from dreamfusion_trt.config import FieldConfig, RenderConfig, RunConfig
 from dreamfusion_trt.field import Background, NeRFField
 from dreamfusion_trt.render import Renderer, shade
+from dreamfusion_trt.render import renderer as renderer_mod
 from dreamfusion_trt.render import volrend
 from dreamfusion_trt.render.sampling import ray_aabb_intersect, stratified_intervals
 
@@ -332,6 +334,62 @@ def test_state_dict_round_trip_renders_the_same_image():
     b.load_state_dict(state)
     cams = orbit_cameras(2, elevation_deg=30.0, radius=2.0, fovy_deg=50.0)
     torch.testing.assert_close(b.render_image(cams, 6, 6)["rgb"], a.render_image(cams, 6, 6)["rgb"])
+
+
+def _without_nerfacc(monkeypatch):
+    """Build renderers as on a machine where nerfacc does not import."""
+    monkeypatch.setattr(renderer_mod, "_nerfacc", lambda: None)
+
+
+@pytest.mark.parametrize("saved_with", ["nerfacc", "no-nerfacc"])
+def test_scene_saved_with_or_without_nerfacc_opens_with_either(monkeypatch, tmp_path, saved_with):
+    """Item 0 of issue 14: a checkpoint must not depend on whether nerfacc was importable. Both
+    renderer variants (nerfacc's OccGridEstimator, the stand-in) are built here on the CPU; the
+    scene goes through a real checkpoint file and opens strictly in the other variant."""
+    cfg = dataclasses.replace(RENDER, backend="auto")
+    with_nerfacc = _renderer(k=2, field_cfg=FIELD, render_cfg=cfg).eval()
+    with monkeypatch.context() as m:
+        _without_nerfacc(m)
+        without = _renderer(k=2, field_cfg=FIELD, render_cfg=cfg).eval()
+    assert isinstance(with_nerfacc.estimators[0], nerfacc.OccGridEstimator)
+    assert isinstance(without.estimators[0], renderer_mod.OccupancyGrid)
+    a, b = with_nerfacc.state_dict(), without.state_dict()
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
+    assert {k for k in a if k.startswith("estimators.")} == {f"estimators.{i}.{n}" for i in (0, 1) for n in ("occs", "binaries")}
+
+    src, dst = (with_nerfacc, without) if saved_with == "nerfacc" else (without, with_nerfacc)
+    with torch.no_grad():
+        src.field.encoding.tables.normal_(0, 0.5)
+        for est in src.estimators:  # a trained grid: some cells empty, running values set
+            est.occs.uniform_(0, 1)
+            est.binaries.copy_((est.occs > 0.3).view(est.binaries.shape))
+    save_checkpoint(Checkpoint(step=1, config=RunConfig(), model=src.state_dict(), state={"num_prompts": 2}), tmp_path)
+    back = load_checkpoint(tmp_path)
+    dst.load_state_dict(back.model)  # strict
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+    cams = orbit_cameras(2, elevation_deg=30.0, radius=2.0, fovy_deg=50.0)
+    torch.testing.assert_close(dst.render_image(cams, 6, 6)["rgb"], src.render_image(cams, 6, 6)["rgb"], rtol=0, atol=0)
+
+
+def test_scenes_saved_by_older_versions_still_load(monkeypatch):
+    """Before issue 14 a nerfacc scene also saved each grid's `resolution` and `aabbs`, and a scene
+    without nerfacc saved no grid at all."""
+    cfg = dataclasses.replace(RENDER, backend="auto")
+    renderer = _renderer(k=1, field_cfg=FIELD, render_cfg=cfg)
+    state = renderer.state_dict()
+    old_nerfacc = dict(state, **{"estimators.0.resolution": torch.tensor([8, 8, 8], dtype=torch.int32),
+                                 "estimators.0.aabbs": torch.tensor([[-1.0, -1, -1, 1, 1, 1]])})  # fmt: skip
+    old_torch = {k: v for k, v in state.items() if not k.startswith("estimators.")}
+    with monkeypatch.context() as m:
+        _without_nerfacc(m)
+        stand_in = _renderer(k=1, field_cfg=FIELD, render_cfg=cfg)
+    for target in (_renderer(k=1, field_cfg=FIELD, render_cfg=cfg), stand_in):
+        target.load_state_dict(old_nerfacc)
+        target.load_state_dict(old_torch)
+        assert bool(target.estimators[0].binaries.all()) and float(target.estimators[0].occs.abs().sum()) == 0.0
+    with pytest.raises(RuntimeError, match="estimators.0.occs"):  # one grid tensor missing is still an error
+        renderer.load_state_dict({k: v for k, v in state.items() if k != "estimators.0.occs"})
 
 
 def test_backend_choice_on_cpu():

@@ -12,7 +12,9 @@ Two samplers feed one compositing path:
   ``2 * sqrt(3) * bound / num_samples``: the box diagonal cut into `num_samples` steps, so no ray
   gets more samples than the torch renderer would give it. The occupancy grids are buffers of this
   module (saved in its state_dict) and start fully occupied, so a fresh renderer renders before
-  its first `update_occupancy`.
+  its first `update_occupancy`. Every renderer holds them, whichever backend it uses (without
+  nerfacc an `OccupancyGrid` stand-in keeps the same tensors), so its state_dict is the same
+  with or without nerfacc: ``estimators.<k>.occs [R^3]`` and ``estimators.<k>.binaries [1, R, R, R]``.
 - ``auto``: nerfacc when the rays are on CUDA and nerfacc imports, else torch.
 
 Shading happens per sample (see `shading.py`), one mode for all prompts or one mode per prompt,
@@ -27,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -80,6 +82,45 @@ class RenderOutput:
     num_samples: int = 0  # field samples composited (for logs)
 
 
+# Buffers of a nerfacc estimator that follow from the config (not saved).
+DERIVED_GRID_BUFFERS = ("resolution", "aabbs")
+
+
+class OccupancyGrid(nn.Module):
+    """The occupancy state of one prompt without nerfacc: the tensors a one-level
+    `nerfacc.OccGridEstimator` saves, with the same names, shapes and dtypes, so its state_dict
+    is interchangeable with the estimator's. Unused by the torch sampler; kept so the scene
+    carries its grid to a machine where nerfacc marches it.
+
+    ``occs [R^3]`` float32: the running occupancy value of each cell (nerfacc's cell order);
+    ``binaries [1, R, R, R]`` bool: cells the marcher visits.
+    """
+
+    def __init__(self, resolution: int) -> None:
+        super().__init__()
+        if resolution < 1:
+            raise ValueError(f"render.grid_resolution must be at least 1, got {resolution!r}")
+        self.register_buffer("occs", torch.zeros(resolution**3))
+        self.register_buffer("binaries", torch.zeros(1, resolution, resolution, resolution, dtype=torch.bool))
+
+
+def upgrade_scene_state(state: Mapping[str, torch.Tensor], num_prompts: int, grid_resolution: int) -> dict[str, torch.Tensor]:
+    """A scene state in today's backend-neutral form (a new dict; tensors are not copied).
+
+    Scenes saved by older versions differ only in the occupancy grids: with nerfacc they also
+    hold each estimator's derived ``resolution`` and ``aabbs`` (dropped here); without nerfacc
+    they hold no grid at all (given fully occupied grids here, what such a scene rendered with).
+    """
+    out = {k: v for k, v in state.items() if not (k.startswith("estimators.") and k.rsplit(".", 1)[-1] in DERIVED_GRID_BUFFERS)}
+    if not any(k.startswith("estimators.") for k in out):
+        logger.debug("scene state without occupancy grids (saved without nerfacc by an older version): grids start full")
+        r = grid_resolution
+        for i in range(num_prompts):
+            out[f"estimators.{i}.occs"] = torch.zeros(r**3)
+            out[f"estimators.{i}.binaries"] = torch.ones(1, r, r, r, dtype=torch.bool)
+    return out
+
+
 def _nerfacc():
     try:
         import nerfacc  # noqa: PLC0415
@@ -114,21 +155,39 @@ class Renderer(nn.Module):
         self.num_prompts = field.num_prompts
         self.bound = float(field.bound if bound is None else bound)
         self.step_size = cfg.render_step_size or 2.0 * math.sqrt(3.0) * self.bound / cfg.num_samples
-        self.estimators: nn.ModuleList | None = None
+        # One occupancy grid per prompt, always: a nerfacc estimator where nerfacc imports and may
+        # be used, otherwise a stand-in holding the same tensors. The state_dict is the same
+        # either way (see `OccupancyGrid`), so a scene saved with or without nerfacc opens in both.
+        self._marcher = False
+        nerfacc = None
         if cfg.backend in ("auto", "nerfacc"):
             nerfacc = _nerfacc()
             if nerfacc is None:
                 if cfg.backend == "nerfacc":
                     raise ValueError("render.backend='nerfacc' needs the nerfacc package, which does not import")
                 logger.info("nerfacc does not import; the torch renderer will be used")
-            else:
+        grids = []
+        for _ in range(self.num_prompts):
+            if nerfacc is not None:
                 b = self.bound
-                self.estimators = nn.ModuleList(
-                    nerfacc.OccGridEstimator(roi_aabb=[-b, -b, -b, b, b, b], resolution=cfg.grid_resolution)
-                    for _ in range(self.num_prompts)
-                )
-                for est in self.estimators:
-                    est.binaries.fill_(True)
+                est = nerfacc.OccGridEstimator(roi_aabb=[-b, -b, -b, b, b, b], resolution=cfg.grid_resolution)
+                # The box and resolution follow from the config; saving them would make the
+                # state depend on the backend. (torch's own set of buffers left out of state_dict.)
+                est._non_persistent_buffers_set.update(DERIVED_GRID_BUFFERS)
+            else:
+                est = OccupancyGrid(cfg.grid_resolution)
+            est.binaries.fill_(True)
+            grids.append(est)
+        self.estimators = nn.ModuleList(grids)
+        self._marcher = nerfacc is not None
+
+    # -- saved state ------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict` after `upgrade_scene_state` (scenes saved by older versions,
+        with or without nerfacc, load into either backend)."""
+        state = upgrade_scene_state(state_dict, self.num_prompts, self.cfg.grid_resolution)
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     # -- backend choice ---------------------------------------------------------------------------
 
@@ -140,7 +199,7 @@ class Renderer(nn.Module):
             if device.type != "cuda":
                 raise ValueError(f"render.backend='nerfacc' needs CUDA tensors, got rays on {str(device)!r}")
             return "nerfacc"
-        return "nerfacc" if device.type == "cuda" and self.estimators is not None else "torch"
+        return "nerfacc" if device.type == "cuda" and self._marcher else "torch"
 
     def _device(self) -> torch.device:
         return next(self.field.parameters()).device
@@ -389,7 +448,7 @@ class Renderer(nn.Module):
         `step` is the training step of every prompt, or one step per prompt (None skips that
         prompt's grid). Call once per training step before rendering. No-op for the torch
         sampler and in eval mode."""
-        if self.estimators is None or not self.training or self.backend_for(self._device()) != "nerfacc":
+        if not self._marcher or not self.training or self.backend_for(self._device()) != "nerfacc":
             return
         steps = [step] * self.num_prompts if isinstance(step, int) else list(step)
         if len(steps) != self.num_prompts:
@@ -416,7 +475,7 @@ class Renderer(nn.Module):
 
     def occupied_fraction(self) -> list[float]:
         """Share of occupied cells in each prompt's grid (for logs); empty for the torch sampler."""
-        if self.estimators is None:
+        if not self._marcher:
             return []
         return [float(est.binaries.float().mean()) for est in self.estimators]
 
