@@ -5,6 +5,7 @@ set of files per prompt of a K-prompt scene."""
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,26 +28,69 @@ CHECKPOINT_FILE = "checkpoint.safetensors"  # written by the trainer, listed her
 Scorer = Callable[[Path], "Path | None"]
 
 
+# The outputs of a run, in the order they are written: what users came for first.
+OUTPUT_NAMES = ("mesh", "score", "grid", "turntable")
+
+
 @dataclass
 class RunOutputs:
+    """What `write_outputs` wrote. An output that failed is None ([] for meshes) and its reason
+    is in `failed` (output name from `OUTPUT_NAMES` -> one-line reason)."""
+
     out_dir: Path
     checkpoint: Path
-    turntable: Path
-    grid: Path
+    turntable: Path | None
+    grid: Path | None
     meshes: list[Path]
     metrics: Path
     score: Path | None = None  # score.json: the mesh against the true object, for the built-in prior
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def write_outputs(renderer: Renderer, cfg: RunConfig, out_dir: Path, scorer: Scorer | None = None) -> RunOutputs:
-    """Turntable, image grid and meshes of a one-prompt scene into `out_dir`, then its score."""
+    """Meshes of a one-prompt scene into `out_dir`, then its score, the image grid and the
+    turntable. Each output is written on its own: one that fails (any exception: a missing MP4
+    writer, a scene without a surface, a full disk) is logged as one warning and recorded in
+    `RunOutputs.failed`, and the others are still written. The caller decides the exit code."""
     renderer = renderer.eval()
-    turntable, grid = out_dir / "turntable.mp4", out_dir / "validation.png"
-    write_turntables(renderer, cfg, [turntable])
-    write_grids(renderer, cfg, [grid])
-    meshes = write_meshes(renderer, cfg, [out_dir])[0]
-    score = scorer(out_dir) if scorer is not None else None
-    return RunOutputs(out_dir, out_dir / CHECKPOINT_FILE, turntable, grid, meshes, out_dir / "metrics.csv", score)
+    out_dir = Path(out_dir)
+    outputs = RunOutputs(out_dir, out_dir / CHECKPOINT_FILE, None, None, [], out_dir / "metrics.csv")
+
+    def attempt(name: str, write: Callable[[], object]) -> None:
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001 -- one output failing must not lose the others
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            outputs.failed[name] = reason
+            log.warning("%s not written: %s", name, reason)
+            log.debug("%s failed", name, exc_info=True)
+
+    def mesh() -> None:
+        outputs.meshes = write_meshes(renderer, cfg, [out_dir])[0]
+
+    def score() -> None:
+        if "mesh" in outputs.failed:
+            raise ValueError("it needs the mesh, which was not written")
+        outputs.score = scorer(out_dir)
+
+    def grid() -> None:
+        path = out_dir / "validation.png"
+        write_grids(renderer, cfg, [path])
+        outputs.grid = path
+
+    def turntable() -> None:
+        path = out_dir / "turntable.mp4"
+        write_turntables(renderer, cfg, [path])
+        outputs.turntable = path
+
+    attempt("mesh", mesh)
+    if scorer is not None:
+        attempt("score", score)
+    attempt("grid", grid)
+    attempt("turntable", turntable)
+    if outputs.failed:
+        log.warning("%d of the run's outputs were not written: %s", len(outputs.failed), ", ".join(outputs.failed))
+    return outputs
 
 
 def _orbit(cfg: RunConfig, n: int, light_dir=None):

@@ -6,10 +6,12 @@ Every image here is channels-last RGB: float in [0, 1] (torch or numpy) or uint8
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -107,16 +109,145 @@ def write_png(image: ImageLike, path: str | Path) -> Path:
     return path
 
 
+# MP4 writers, in order of preference: (name, pip package that provides it).
+VIDEO_WRITERS = (("imageio-ffmpeg", "imageio-ffmpeg"), ("opencv", "opencv-python-headless"), ("pyav", "av"))
+
+
+class NoVideoWriter(ValueError):
+    """No MP4 writer is installed; the message names what to install."""
+
+
+def _import(name: str):
+    """importlib.import_module, as one seam (tests hide writers through it)."""
+    return importlib.import_module(name)
+
+
+class _FrameSink(Protocol):
+    def append(self, frame: np.ndarray) -> None: ...  # uint8 [H, W, 3] RGB, even H and W
+    def close(self) -> None: ...
+
+
+class _ImageioSink:
+    """H.264 yuv420p through imageio's FFMPEG plugin (the ffmpeg binary of imageio-ffmpeg)."""
+
+    def __init__(self, path: Path, fps: float, width: int, height: int) -> None:
+        _import("imageio_ffmpeg").get_ffmpeg_exe()  # RuntimeError when its binary is missing
+        imageio = _import("imageio.v2")
+        self._writer = imageio.get_writer(
+            path,
+            format="FFMPEG",
+            mode="I",
+            fps=fps,
+            codec="libx264",
+            pixelformat="yuv420p",
+            quality=8,
+            macro_block_size=1,  # sizes are made even here; no silent resize by the plugin
+            ffmpeg_log_level="error",
+            output_params=["-movflags", "+faststart"],
+        )
+
+    def append(self, frame: np.ndarray) -> None:
+        self._writer.append_data(frame)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _OpenCVSink:
+    """OpenCV's VideoWriter: H.264 ('avc1') where its build encodes it, else MPEG-4 ('mp4v')."""
+
+    def __init__(self, path: Path, fps: float, width: int, height: int) -> None:
+        cv2 = self._cv2 = _import("cv2")
+        for fourcc in ("avc1", "mp4v"):
+            with _quiet_opencv(cv2):  # a build without an H.264 encoder says so on stderr
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), float(fps), (width, height))
+            if writer.isOpened():
+                self._writer = writer
+                return
+            writer.release()
+        raise RuntimeError("OpenCV's VideoWriter opens neither an 'avc1' nor an 'mp4v' MP4 stream")
+
+    def append(self, frame: np.ndarray) -> None:
+        self._writer.write(np.ascontiguousarray(frame[..., ::-1]))  # OpenCV wants BGR
+
+    def close(self) -> None:
+        self._writer.release()
+
+
+class _PyAVSink:
+    """PyAV (libav* bindings): H.264 yuv420p where its build has an encoder for it, else MPEG-4."""
+
+    def __init__(self, path: Path, fps: float, width: int, height: int) -> None:
+        from fractions import Fraction
+
+        av = self._av = _import("av")
+        self._container = av.open(str(path), mode="w", format="mp4")
+        for codec in ("libx264", "h264", "mpeg4"):
+            try:
+                stream = self._container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+                break
+            except Exception:  # noqa: BLE001 -- av raises codec-specific errors for missing encoders
+                continue
+        else:
+            self._container.close()
+            raise RuntimeError("PyAV has no H.264 or MPEG-4 encoder")
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        self._stream = stream
+
+    def append(self, frame: np.ndarray) -> None:
+        packets = self._stream.encode(self._av.VideoFrame.from_ndarray(frame, format="rgb24"))
+        self._container.mux(packets)
+
+    def close(self) -> None:
+        try:
+            self._container.mux(self._stream.encode(None))  # flush the encoder
+        finally:
+            self._container.close()
+
+
+@contextlib.contextmanager
+def _quiet_opencv(cv2):
+    utils = getattr(getattr(cv2, "utils", None), "logging", None)
+    if utils is None:
+        yield
+        return
+    level = utils.getLogLevel()
+    utils.setLogLevel(utils.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        utils.setLogLevel(level)
+
+
+_SINKS = {"imageio-ffmpeg": _ImageioSink, "opencv": _OpenCVSink, "pyav": _PyAVSink}
+
+
+def _open_sink(path: Path, fps: float, width: int, height: int, final: Path) -> tuple[str, _FrameSink]:
+    """The first MP4 writer that is installed and opens; NoVideoWriter when none does."""
+    reasons = []
+    for name, _package in VIDEO_WRITERS:
+        try:
+            return name, _SINKS[name](path, fps, width, height)
+        except (ImportError, RuntimeError, OSError) as exc:
+            reasons.append(f"{name}: {' '.join(str(exc).split()) or type(exc).__name__}")
+            logger.debug("MP4 writer %s unavailable: %s", name, exc)
+    packages = [pkg for _, pkg in VIDEO_WRITERS]
+    raise NoVideoWriter(
+        f"no MP4 writer is available for '{final}' ({'; '.join(reasons)}); "
+        f"install one: pip install {packages[0]} (or {', or '.join(packages[1:])})"
+    )
+
+
 def write_video(frames: Iterable[ImageLike] | ImageLike, path: str | Path, fps: float = 30) -> Path:
-    """Encode frames (each [H, W, 3] float in [0, 1] or uint8) to an H.264 yuv420p MP4, atomically.
+    """Encode frames (each [H, W, 3] float in [0, 1] or uint8) to an MP4, atomically.
 
     `frames` may be a [N, H, W, 3] array/tensor or any iterable of frames (streamed, so a generator
-    never holds the whole video in memory). yuv420p needs even sizes: odd heights or widths are
+    never holds the whole video in memory). The writer is the first of `VIDEO_WRITERS` that is
+    installed: imageio-ffmpeg (H.264 yuv420p), OpenCV's VideoWriter, PyAV; none raises
+    `NoVideoWriter` naming what to install. yuv420p needs even sizes: odd heights or widths are
     padded by one replicated edge row/column (pixels are never resampled). All frames must share
     one shape; a mismatch raises ValueError and leaves no file behind.
     """
-    import imageio.v2 as imageio
-
     path = Path(path)
     if path.suffix.lower() != ".mp4":
         raise ValueError(f"write_video writes .mp4 files, got '{path}'")
@@ -130,34 +261,24 @@ def write_video(frames: Iterable[ImageLike] | ImageLike, path: str | Path, fps: 
     if first.ndim != 3:
         raise ValueError(f"video frames must be [H, W, 3], got shape {first.shape}")
     shape = first.shape
+    even = _even(first).shape
     count = 0
     with atomic_path(path) as tmp:
-        writer = imageio.get_writer(
-            tmp,
-            format="FFMPEG",
-            mode="I",
-            fps=fps,
-            codec="libx264",
-            pixelformat="yuv420p",
-            quality=8,
-            macro_block_size=1,  # sizes are made even here; no silent resize by the plugin
-            ffmpeg_log_level="error",
-            output_params=["-movflags", "+faststart"],
-        )
+        name, sink = _open_sink(tmp, fps, even[1], even[0], path)
         try:
             frame = first
             while True:
                 if frame.shape != shape:
                     raise ValueError(f"video frame {count} has shape {frame.shape}, expected {shape} like frame 0")
-                writer.append_data(_even(frame))
+                sink.append(_even(frame))
                 count += 1
                 try:
                     frame = to_uint8(next(it))
                 except StopIteration:
                     break
         finally:
-            writer.close()
-    logger.info("wrote %s (%d frames of %dx%d at %g fps)", path, count, shape[1], shape[0], fps)
+            sink.close()
+    logger.info("wrote %s with %s (%d frames of %dx%d at %g fps)", path, name, count, shape[1], shape[0], fps)
     return path
 
 
