@@ -1,6 +1,7 @@
 """Rank/device from torchrun and Slurm environments, the gloo process group, rank-0 progress from
 the shared queue, and the stop flag under real SIGTERM/SIGUSR1 sent to a subprocess."""
 
+import json
 import os
 import signal
 import socket
@@ -220,3 +221,125 @@ def test_stop_flag_restores_previous_handlers():
             time.sleep(0.01)
         assert flag.exit_code == EXIT_REQUEUE
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+# ------------------------------------------------------------------------------------------
+# the sbatch scripts: syntax, and their signal/requeue logic run with stand-ins for Slurm
+
+SLURM = REPO / "examples" / "slurm"
+SCRIPTS = sorted(SLURM.glob("*.sbatch"))
+
+_FAKE_BATCH = """#!{python}
+# stands in for torchrun / dreamfusion-trt: a rank that polls the real StopFlag
+import json, os, sys, time
+sys.path.insert(0, {repo!r})
+from dreamfusion_trt.train.distributed import StopFlag
+args = sys.argv[1:]
+out = args[args.index("--out") + 1]
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps([os.path.basename(sys.argv[0])] + args) + "\\n")
+if os.environ.get("FAKE_MODE") == "finish":
+    sys.exit(0)
+with StopFlag(out, job=os.environ.get("SLURM_JOB_ID", ""), restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+              check_every_s=0.05) as flag:
+    with open(os.environ["FAKE_READY"] + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.environ["FAKE_READY"] + ".tmp", os.environ["FAKE_READY"])
+    while not flag.requested:
+        time.sleep(0.02)
+    sys.exit(flag.exit_code)
+"""
+_FAKE_SCONTROL = """#!/bin/bash
+if [ "$1 $2" = "show hostnames" ]; then echo "${3%%,*}"; exit 0; fi
+echo "$@" >> "$FAKE_SCONTROL_LOG"
+"""
+_FAKE_SRUN = """#!/bin/bash
+while [ "${1#--}" != "$1" ]; do shift; done  # drop srun's own options
+exec "$@"
+"""
+
+
+def test_sbatch_scripts_parse():
+    assert {p.name for p in SCRIPTS} == {"one_node.sbatch", "multi_node.sbatch", "array.sbatch"}
+    for script in SCRIPTS:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, (script.name, result.stderr)
+    assert "--rdzv-backend c10d" in (SLURM / "multi_node.sbatch").read_text()
+    assert '--shard "$SHARD"' in (SLURM / "array.sbatch").read_text()
+
+
+def _fake_bin(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("torchrun", _FAKE_BATCH), ("dreamfusion-trt", _FAKE_BATCH), ("scontrol", _FAKE_SCONTROL),
+                       ("srun", _FAKE_SRUN)):  # fmt: skip
+        path = bin_dir / name
+        path.write_text(text.format(python=sys.executable, repo=str(REPO)) if "{python}" in text else text)
+        path.chmod(0o755)
+    return bin_dir
+
+
+def _run_script(tmp_path, script, send=(), mode="loop", restart=0, term_batch=False):
+    out = tmp_path / "out"
+    ready = tmp_path / "ready"
+    environ = dict(os.environ, PATH=f"{_fake_bin(tmp_path)}{os.pathsep}{os.environ['PATH']}", OUT=str(out), GPUS="2",
+                   PROMPTS="prompts.txt", SLURM_JOB_ID="77", SLURM_RESTART_COUNT=str(restart), SLURM_JOB_NUM_NODES="2",
+                   SLURM_JOB_NODELIST="n1,n2", SLURM_ARRAY_JOB_ID="70", SLURM_ARRAY_TASK_ID="9",
+                   SLURM_ARRAY_TASK_MIN="7", SLURM_ARRAY_TASK_COUNT="4", FAKE_MODE=mode, FAKE_READY=str(ready),
+                   FAKE_LOG=str(tmp_path / "calls"), FAKE_SCONTROL_LOG=str(tmp_path / "scontrol"))  # fmt: skip
+    proc = subprocess.Popen(["bash", str(SLURM / script)], env=environ, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    if send:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.02)
+        for sig in send:
+            proc.send_signal(sig)  # to the batch shell only, as --signal=B:USR1 does
+        if term_batch:
+            os.kill(int(ready.read_text()), signal.SIGTERM)
+    output = proc.communicate(timeout=30)[0]
+    calls = [json.loads(line) for line in (tmp_path / "calls").read_text().splitlines()]
+    requeues = (tmp_path / "scontrol").read_text().splitlines() if (tmp_path / "scontrol").exists() else []
+    return proc.returncode, calls, requeues, output
+
+
+@pytest.mark.parametrize("script", ["one_node.sbatch", "multi_node.sbatch"])
+def test_usr1_reaches_torchrun_ranks_through_the_stop_file_and_requeues(tmp_path, script):
+    rc, calls, requeues, output = _run_script(tmp_path, script, send=[signal.SIGUSR1])
+    assert rc == 0, output
+    assert requeues == ["requeue 77"], output
+    (prog, *args), = calls
+    assert prog == "torchrun" and args[args.index("--nproc-per-node") + 1] == "2"
+    assert args[args.index("-m") + 1:args.index("-m") + 3] == ["dreamfusion_trt.cli", "batch"]
+    assert "--lease-s" in args
+    if script == "multi_node.sbatch":
+        assert args[args.index("--rdzv-endpoint") + 1] == "n1:29500" and args[args.index("--rdzv-id") + 1] == "77"
+
+
+def test_array_task_gets_its_shard_and_is_requeued_on_usr1(tmp_path):
+    rc, calls, requeues, output = _run_script(tmp_path, "array.sbatch", send=[signal.SIGUSR1])
+    assert rc == 0 and requeues == ["requeue 70_9"], output
+    (prog, *args), = calls
+    assert prog == "dreamfusion-trt" and args[args.index("--shard") + 1] == "2/4"  # task 9 of 7..10
+
+
+def test_sigterm_stops_without_requeue(tmp_path):
+    # one_node: Slurm's SIGTERM reaches the shell, which passes "terminate" on through the stop file
+    rc, _, requeues, output = _run_script(tmp_path, "one_node.sbatch", send=[signal.SIGTERM])
+    assert (rc, requeues) == (EXIT_TERMINATED, []), output
+
+
+def test_sigterm_to_an_array_task_and_its_batch_is_not_requeued(tmp_path):
+    # Slurm signals every process of the job: the shell and the batch both get SIGTERM
+    rc, _, requeues, output = _run_script(tmp_path, "array.sbatch", send=[signal.SIGTERM], term_batch=True)
+    assert (rc, requeues) == (EXIT_TERMINATED, []), output
+
+
+def test_finished_batch_exits_0_and_restarts_are_capped(tmp_path):
+    (tmp_path / "a").mkdir()
+    rc, _, requeues, output = _run_script(tmp_path / "a", "one_node.sbatch", mode="finish")
+    assert (rc, requeues) == (0, []), output
+    (tmp_path / "b").mkdir()
+    rc, _, requeues, output = _run_script(tmp_path / "b", "one_node.sbatch", send=[signal.SIGUSR1], restart=10)
+    assert (rc, requeues) == (EXIT_REQUEUE, []) and "not requeueing: 10 restarts" in output, output
