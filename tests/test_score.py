@@ -19,10 +19,13 @@ from dreamfusion_trt.prior.score import (
     face_color_share,
     grid_axes,
     mesh_occupancy,
+    score_field,
     score_mesh,
     score_run,
+    true_silhouette,
 )
 from dreamfusion_trt.render.renderer import Renderer
+from dreamfusion_trt.scene import build_scene
 
 
 def analytic_mesh(caption: str, resolution: int = 48, color_caption: str | None = None) -> trimesh.Trimesh:
@@ -103,9 +106,16 @@ def test_a_janus_cube_loses_the_faces_it_repeats(six_mesh):
     assert share == pytest.approx(2 / 6) and names["-z"] is None
 
 
+# A small scene (a fresh field: its initial blob) so the field scores run in a few seconds.
+_SMALL = {"field": {"num_levels": 4, "log2_hashmap_size": 12, "max_resolution": 64, "hidden_dim": 16},
+          "camera": {"render_size": 16}, "render": {"num_samples": 16}}  # fmt: skip
+
+
 def _fake_run(tmp_path, prompt, mesh=None, name="mesh.glb"):
-    cfg = from_dict({"prompt": {"text": prompt}}, RunConfig())
-    save_checkpoint(Checkpoint(step=1, config=cfg, model={"w": torch.zeros(1)}), tmp_path)
+    cfg = from_dict({**_SMALL, "prompt": {"text": prompt}}, RunConfig())
+    torch.manual_seed(0)
+    scene = build_scene(cfg)
+    save_checkpoint(Checkpoint(step=1, config=cfg, model=scene.state_dict()), tmp_path)
     if mesh is not None:
         save_mesh(mesh, tmp_path / name)
     return tmp_path
@@ -118,6 +128,55 @@ def test_score_run_reads_the_prompt_and_mesh_and_writes_score_json(tmp_path):
     assert result["iou"] > 0.9 and result["color_error"] < 0.02
     saved = json.loads((run / "score.json").read_text())
     assert saved["iou"] == result["iou"] and saved["prompt"] == "A red cube, front view"
+    # the field scores come from the checkpoint's scene (a fresh blob, not the mesh above)
+    assert saved["best_iou"] == max(saved["iou_by_threshold"].values()) >= saved["field_iou"]
+    assert saved["iou_by_threshold"][f"{saved['best_threshold']:g}"] == saved["best_iou"]
+    assert 0.0 <= saved["opacity_off_object"] <= 1.0 and 0.0 <= saved["opacity_on_object"] <= 1.0
+    assert saved["opacity_views"] == 4 and saved["opacity_size"] == 16
+    mesh_only = score_run(run, resolution=40, surface_samples=3000, write=False, field=False)
+    assert "best_iou" not in mesh_only and mesh_only["iou"] == result["iou"]
+
+
+def _field_scores(field, truth, views=2):
+    renderer = Renderer(field, Background(FieldConfig(background="solid")), RenderConfig(backend="torch", num_samples=48), bound=0.6)
+    return score_field(renderer, truth, 0.6, 10.0, orbit_cameras(views, 15.0, 2.0, 45.0), size=24, resolution=32)
+
+
+def test_a_faint_right_shape_and_a_wrong_shape_read_differently():
+    """Analytic fields, no training: the true cube, the same cube at 1/200 of its density (no
+    surface at the mesh threshold of 10, half the light through), and an opaque torus."""
+    truth = make_object("a red cube", bound=0.6)
+    right = _field_scores(make_object("a red cube", bound=0.6), truth)
+    faint = _field_scores(make_object("a red cube", bound=0.6, density_scale=1.0), truth)
+    wrong = _field_scores(make_object("a red torus", bound=0.6), truth)
+    assert right["best_iou"] > 0.9 and right["field_iou"] > 0.8 and right["opacity_on_object"] > 0.99
+    # at the mesh's own threshold the faint cube is nothing, and worse than the wrong shape...
+    assert faint["field_iou"] < 0.01 < 0.2 < wrong["field_iou"]
+    # ...but over thresholds it is the right shape, seen through: half opaque on the object
+    assert faint["best_iou"] > 0.9 > 0.5 > wrong["best_iou"]
+    assert faint["best_threshold"] < 1.0 and 0.2 < faint["opacity_on_object"] < 0.7
+    assert faint["opacity_off_object"] < 0.01  # nothing outside the true silhouette
+    assert faint["iou_by_threshold"]["10"] == faint["field_iou"]
+
+
+def test_true_silhouette_is_the_analytic_projection():
+    """A sphere of radius r seen from distance d covers the pixels within angle asin(r / d)."""
+    sphere = make_object("a blue sphere", bound=1.0)
+    radius = float(sphere.shape.half_extent[0])
+    cam = orbit_cameras(1, 0.0, 2.0, 45.0)
+    size = 64
+    hit = true_silhouette(sphere, cam, size, bound=1.0).reshape(size, size)
+    from dreamfusion_trt.cameras import get_rays
+
+    _, d = get_rays(cam, size, size)
+    forward = -cam.c2w[0, :3, 3] / cam.c2w[0, :3, 3].norm()
+    angle = torch.acos((d[0] @ forward).clamp(-1, 1)).reshape(size, size)
+    expect = angle < np.arcsin(radius / 2.0)
+    assert expect.sum() > 200
+    assert (hit != expect).float().mean() < 0.01  # the rim pixels may round either way
+    with pytest.raises(ValueError, match="one-prompt scene, got 2"):
+        score_field(Renderer(sphere.with_prompts(2), Background(FieldConfig(background="solid"), num_prompts=2),
+                             RenderConfig(backend="torch")), sphere, 1.0, 10.0, cam)  # fmt: skip
 
 
 def test_score_run_errors_name_the_problem(tmp_path):

@@ -1,15 +1,23 @@
 """Known-answer evidence: how well SDS with the built-in prior recovers every known object.
 
-Runs `dreamfusion-trt batch` over the known captions with the prior's preset (its CPU settings on
-a CPU), once per view-dependent setting asked for, and collects per object the score of its mesh
-against the true object (``score.json``: IoU, Chamfer, colour error, the six-colored cube's share
-of right faces) and its wall time from the batch manifest (training plus outputs). Writes one JSON
-with the rows, the medians and the machine; ``--table`` prints the Markdown table of one or more
-such files (BENCHMARKS.md's table).
+Runs the batch API (`train.batch.run_batch`) over the known captions with the prior's preset (its
+CPU settings on a CPU), once per view-dependent setting asked for, and collects per object the
+score of its run against the true object (``score.json``: IoU at the mesh's threshold, the best
+IoU over density thresholds, the opacity on and off the true silhouette, Chamfer, colour error,
+the six-colored cube's share of right faces) and its wall time from the batch manifest. Writes
+one JSON with the rows, the medians and the machine; ``--table`` prints the Markdown table of one
+or more such files (BENCHMARKS.md's table).
+
+``--quick`` is the gate every speed change quotes: a fixed subset (one shape per colour and the
+six-colored cube, seed 0, view-dependent prompts, one batch of K = 4) compared with the stored
+reference for this device kind (``prior/quick_reference.json``) in one line; exit status 1 when
+it fails. ``--write-reference`` stores the run as that reference.
 
     dreamfusion-trt bench prior --out prior_gpu_vd.json --concurrency 16                     # GPU, one batch of all 16
     dreamfusion-trt bench prior --view-dependent off --out prior_gpu_plain.json --concurrency 16
     dreamfusion-trt bench prior --device cpu --out prior_cpu.json --objects "a red cube,a blue torus"
+    dreamfusion-trt bench prior --quick --out quick.json                                     # the gate
+    dreamfusion-trt bench prior --objects "a six-colored cube" --seeds 0,1,2,3,4 --concurrency 5   # Janus
     dreamfusion-trt bench prior --table prior_gpu_vd.json prior_cpu.json
     dreamfusion-trt bench prior --out x.json -- --sds.guidance_scale 50     # run flags after --
 """
@@ -17,10 +25,12 @@ such files (BENCHMARKS.md's table).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -30,10 +40,27 @@ from typing import Any, Sequence
 import torch
 
 from ..atomic import atomic_write_text
+from ..config import RunConfig, add_config_arguments, from_dict, overrides_from_args
 
 log = logging.getLogger(__name__)
 
-SCORE_KEYS = ("iou", "chamfer", "color_error", "face_color_share", "mesh_volume_fraction", "true_volume_fraction")
+SCORE_KEYS = ("iou", "best_iou", "best_threshold", "opacity_on_object", "opacity_off_object", "chamfer",
+              "color_error", "face_color_share", "mesh_volume_fraction", "true_volume_fraction")  # fmt: skip
+
+# The quick gate: one shape per colour and the six-colored cube, seed 0, one batch.
+QUICK_OBJECTS = ("a red cube", "a green sphere", "a blue torus", "a six-colored cube")
+QUICK_SEED = 0
+QUICK_VIEW_DEPENDENT = "on"
+# Per device kind, run flags on top of the preset. The turntable does not enter the score, so the
+# gate writes 4 frames. The GPU preset's 2,000 steps take ~220 s per batch on an H200, over the
+# gate's 3 minutes; there the gate trains half of them (against its own reference).
+QUICK_FLAGS: dict[str, tuple[str, ...]] = {
+    "cpu": ("--output.video_frames", "4"),
+    "cuda": ("--output.video_frames", "4", "--train.iters", "1000", "--render.albedo_iters", "500"),
+}
+QUICK_REFERENCE = Path(__file__).resolve().parents[1] / "prior" / "quick_reference.json"
+# One-sided tolerances: a change may be better, never worse by more than these.
+QUICK_TOLERANCE = {"median_iou": 0.05, "median_color_error": 0.05, "collapse_ratio": 0.5}
 
 
 def _machine(device: str) -> dict[str, Any]:
@@ -43,17 +70,23 @@ def _machine(device: str) -> dict[str, Any]:
     else:
         info["cpu_threads"] = torch.get_num_threads()
         info["processor"] = platform.processor() or platform.machine()
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent, timeout=10).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
     return info
 
 
 def collect(batch_dir: Path) -> list[dict[str, Any]]:
-    """Per prompt of a finished batch folder: status, wall time and its score (None when it
-    failed or left nothing to score)."""
+    """Per prompt of a finished batch folder: status, seed, wall time and its score (None when
+    it failed or left nothing to score)."""
     rows = []
     for line in (batch_dir / "manifest.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        row: dict[str, Any] = {"object": rec["prompt"], "status": rec["status"], "wall_s": rec.get("wall_s"),
-                               "steps": rec.get("step"), "error": rec.get("error")}  # fmt: skip
+        row: dict[str, Any] = {"object": rec["prompt"], "seed": rec.get("seed"), "status": rec["status"],
+                               "wall_s": rec.get("wall_s"), "steps": rec.get("step"), "error": rec.get("error"),
+                               "folder": rec.get("id")}  # fmt: skip
         score_rel = (rec.get("outputs") or {}).get("score")
         score = json.loads((batch_dir / score_rel).read_text()) if score_rel else {}
         row.update({k: score.get(k) for k in SCORE_KEYS})
@@ -62,31 +95,74 @@ def collect(batch_dir: Path) -> list[dict[str, Any]]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    def med(key: str) -> float | None:
-        values = [r[key] for r in rows if r.get(key) is not None]
+    def med(key: str, among: list[dict[str, Any]] = rows) -> float | None:
+        values = [r[key] for r in among if r.get(key) is not None]
         return statistics.median(values) if values else None
 
     analytic = [r for r in rows if r["object"] != "a six-colored cube"]
+    shares = [r["face_color_share"] for r in rows if r.get("face_color_share") is not None]
     return {
         "median_iou": med("iou"),
+        "median_best_iou": med("best_iou"),
+        "median_opacity_on_object": med("opacity_on_object"),
         "median_chamfer": med("chamfer"),
         "median_color_error": med("color_error"),
         "median_wall_s": med("wall_s"),
         "min_iou_analytic": min((r["iou"] or 0.0 for r in analytic), default=None),
         "objects_iou_at_least_0_8": sum(1 for r in analytic if (r["iou"] or 0.0) >= 0.8),
         "objects_analytic": len(analytic),
+        "six_colored_face_shares": shares,
+        "six_colored_face_share_mean": statistics.fmean(shares) if shares else None,
+        "six_colored_face_share_stdev": statistics.stdev(shares) if len(shares) > 1 else None,
         "failed": [r["object"] for r in rows if r["status"] != "done"],
     }
 
 
+def parse_run_flags(extra: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--section.field value`` pairs (the run flags after ``--``) as a nested dict of strings;
+    ValueError naming anything else."""
+    parser = argparse.ArgumentParser(prog="dreamfusion-trt bench prior ... --", add_help=False)
+    add_config_arguments(parser)
+    args, unknown = parser.parse_known_args(list(extra))
+    if unknown:
+        raise ValueError(f"run flags after '--' must be --section.field VALUE pairs; not understood: {' '.join(unknown)!r}")
+    return overrides_from_args(args)
+
+
+def run_config(device: str, view_dependent: bool, extra: Sequence[str], out: Path) -> RunConfig:
+    """The batch's config: the prior's preset (its CPU settings on a CPU) with its weights, the
+    device, the view-dependent setting, then the user's run flags (so ``--model.model`` may
+    point at another prior folder), written into `out`."""
+    from ..prior.preset import preset_config, use_weights
+
+    cfg = use_weights(preset_config(None, on_cpu=device == "cpu"))
+    cfg = from_dict({"train": {"device": device}, "prompt": {"view_dependent": view_dependent}}, cfg)
+    cfg = from_dict(parse_run_flags(extra), cfg)
+    cfg.output = dataclasses.replace(cfg.output, out=str(out))
+    return cfg
+
+
+def write_prompts(path: Path, objects: Sequence[str], seeds: Sequence[int] | None) -> Path:
+    """A batch prompts file: one line per object, or per (object, seed) when `seeds` is given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if seeds is None:
+        atomic_write_text(path, "\n".join(objects) + "\n")
+        return path
+    lines = [json.dumps({"prompt": o, "seed": s}) for o in objects for s in seeds]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
-    from ..cli import main as cli_main
     from ..prior.scenes import KNOWN_CAPTIONS, resolve_caption
+    from ..prior.score import write_score
     from ..scene import resolve_device
+    from ..train.batch import run_batch
 
     objects = [c.strip() for c in args.objects.split(",")] if args.objects else list(KNOWN_CAPTIONS)
     for caption in objects:
         resolve_caption(caption)  # unknown objects: one error line listing the known ones
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     device = str(resolve_device(args.device))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_prior_"))
     result: dict[str, Any] = {
@@ -94,6 +170,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(device),
         "concurrency": args.concurrency,
+        "seeds": seeds,
         "run_flags": extra,
         "settings": {},
     }
@@ -101,17 +178,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         if setting not in ("on", "off"):
             raise ValueError(f"--view-dependent takes on, off or on,off; got {setting!r}")
         folder = work / f"view_dependent_{setting}"
-        prompts = work / f"objects_{setting}.txt"
-        prompts.parent.mkdir(parents=True, exist_ok=True)
-        prompts.write_text("\n".join(objects) + "\n")
-        argv = ["batch", str(prompts), "--out", str(folder), "--concurrency", str(args.concurrency), "--device", device,
-                "--prompt.view_dependent", "true" if setting == "on" else "false", "--quiet", *extra]  # fmt: skip
-        log.info("view-dependent %s: %d objects, K=%d, in %s", setting, len(objects), args.concurrency, folder)
+        suffix = ".jsonl" if seeds is not None else ".txt"
+        prompts = write_prompts(work / f"objects_{setting}{suffix}", objects, seeds)
+        cfg = run_config(device, setting == "on", extra, folder)
+        log.info("view-dependent %s: %d runs, K=%d, in %s", setting, len(objects) * len(seeds or [0]), args.concurrency, folder)
         start = time.perf_counter()
-        rc = cli_main(argv)
+        batch = run_batch(cfg, prompts, concurrency=args.concurrency, progress=args.progress, scorer=write_score)
         rows = collect(folder)
         result["settings"][setting] = {
-            "batch_rc": rc,
+            "failed_runs": len(batch.failed),
             "batch_wall_s": round(time.perf_counter() - start, 2),
             "folder": str(folder),
             "summary": summarize(rows),
@@ -120,6 +195,85 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         log.info("view-dependent %s: %s", setting, result["settings"][setting]["summary"])
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# the quick gate
+
+
+def device_kind(device: str) -> str:
+    """"cuda" or "cpu": the key of a quick reference."""
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def load_references(path: Path = QUICK_REFERENCE) -> dict[str, Any]:
+    """The stored quick references, by device kind ({} when there are none yet)."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"quick reference '{path}' is not valid JSON: {exc}") from exc
+
+
+def reference_entry(result: dict[str, Any]) -> dict[str, Any]:
+    """What a quick reference keeps of a quick run: the machine, flags, medians and per-object scores."""
+    block = result["settings"][QUICK_VIEW_DEPENDENT]
+    keep = ("object", "seed", "status", "wall_s", *SCORE_KEYS)
+    return {
+        "date": result["date"],
+        "machine": result["machine"],
+        "objects": list(QUICK_OBJECTS),
+        "run_flags": result["run_flags"],
+        "batch_wall_s": block["batch_wall_s"],
+        "summary": {k: block["summary"][k] for k in ("median_iou", "median_best_iou", "median_opacity_on_object",
+                                                      "median_color_error", "median_chamfer")},  # fmt: skip
+        "rows": [{k: r.get(k) for k in keep} for r in block["rows"]],
+        "tolerance": dict(QUICK_TOLERANCE),
+    }
+
+
+def verdict(result: dict[str, Any], references: dict[str, Any]) -> tuple[bool | None, str]:
+    """(passed, one line) for a quick run against the reference of its device kind; passed is
+    None when there is no reference for it yet. Fails when the median IoU drops, or the median
+    colour error rises, by more than the tolerance, or when any object collapses (no score, or an
+    IoU below `collapse_ratio` times its reference IoU)."""
+    kind = device_kind(result["machine"]["device"])
+    block = result["settings"][QUICK_VIEW_DEPENDENT]
+    s = block["summary"]
+    now = (f"median IoU {_fmt(s['median_iou'])} (best over thresholds {_fmt(s['median_best_iou'])}, opacity on object "
+           f"{_fmt(s['median_opacity_on_object'], 2)}), median colour error {_fmt(s['median_color_error'])}, "
+           f"{block['batch_wall_s']:.0f} s")  # fmt: skip
+    ref = references.get(kind)
+    if ref is None:
+        return None, f"bench prior --quick ({kind}): {now}; no reference for this device yet"
+    tol = ref.get("tolerance", QUICK_TOLERANCE)
+    rs = ref["summary"]
+    problems = []
+    if s["median_iou"] is None or s["median_iou"] < rs["median_iou"] - tol["median_iou"]:
+        problems.append(f"median IoU {_fmt(s['median_iou'])} < {rs['median_iou']:.3f} - {tol['median_iou']}")
+    if s["median_color_error"] is None or s["median_color_error"] > rs["median_color_error"] + tol["median_color_error"]:
+        problems.append(f"median colour error {_fmt(s['median_color_error'])} > {rs['median_color_error']:.3f} + {tol['median_color_error']}")
+    ref_iou = {r["object"]: r.get("iou") for r in ref["rows"]}
+    for r in block["rows"]:
+        floor = tol["collapse_ratio"] * (ref_iou.get(r["object"]) or 0.0)
+        if r["status"] != "done" or r.get("iou") is None or (floor > 0 and r["iou"] < floor):
+            problems.append(f"{r['object']} collapsed (IoU {_fmt(r.get('iou'))}, reference {_fmt(ref_iou.get(r['object']))})")
+    against = f"reference {rs['median_iou']:.3f} / {rs['median_color_error']:.3f} from {ref['date'][:10]}"
+    if problems:
+        return False, f"bench prior --quick ({kind}): FAIL: {'; '.join(problems)} [{now}; {against}]"
+    return True, f"bench prior --quick ({kind}): PASS: {now} [{against}, tolerance {tol['median_iou']} / {tol['median_color_error']}]"
+
+
+def quick_args(args: argparse.Namespace, extra: list[str], device: str) -> tuple[argparse.Namespace, list[str]]:
+    """`args` and run flags for the quick gate on `device`: its subset, seed, setting and K,
+    its device kind's flags, then the user's own."""
+    if args.objects or args.seeds:
+        raise ValueError("--quick runs its own fixed objects and seed; drop --objects and --seeds")
+    quick = argparse.Namespace(**{**vars(args), "objects": ",".join(QUICK_OBJECTS), "seeds": str(QUICK_SEED),
+                                  "view_dependent": QUICK_VIEW_DEPENDENT, "concurrency": len(QUICK_OBJECTS),
+                                  "device": device})  # fmt: skip
+    return quick, [*QUICK_FLAGS[device_kind(device)], *extra]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -168,16 +322,23 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dreamfusion-trt bench prior", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--objects", help="comma-separated known captions (default: all)")
+    p.add_argument("--seeds", help="comma-separated seeds, each object once per seed (default: the preset's seed)")
     p.add_argument("--view-dependent", default="on,off", help="on, off or on,off (default: %(default)s)")
     p.add_argument("--concurrency", type=int, default=1, help="prompts trained at once (default: %(default)s)")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", help="folder for the batch runs (default: a new temporary folder)")
     p.add_argument("--out", default="bench_prior.json", help="JSON output (default: %(default)s)")
+    p.add_argument("--progress", action="store_true", help="show the batch's progress bar")
+    p.add_argument("--quick", action="store_true", help="the quick gate: fixed subset, one batch, a one-line verdict")
+    p.add_argument("--write-reference", action="store_true",
+                   help=f"with --quick: store this run as the reference of its device kind in {QUICK_REFERENCE.name}")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print the Markdown table of these result files and exit")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..scene import resolve_device
+
     argv = list(argv or [])
     extra: list[str] = []
     if "--" in argv:
@@ -189,7 +350,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {args.concurrency!r}")
-    result = run(args, extra)
-    for setting, block in result["settings"].items():
-        print(f"view-dependent {setting}: {json.dumps(block['summary'])}")
-    return 0
+    if args.write_reference and not args.quick:
+        raise ValueError("--write-reference stores a quick run: add --quick")
+    parse_run_flags(extra)  # a typo after '--' fails before any training
+    if not args.quick:
+        result = run(args, extra)
+        for setting, block in result["settings"].items():
+            print(f"view-dependent {setting}: {json.dumps(block['summary'])}")
+        return 0
+    device = str(resolve_device(args.device))
+    quick, flags = quick_args(args, extra, device)
+    result = run(quick, flags)
+    references = load_references()
+    if args.write_reference:
+        references[device_kind(device)] = reference_entry(result)
+        atomic_write_text(QUICK_REFERENCE, json.dumps(references, indent=2) + "\n")
+        log.info("stored the %s quick reference in %s", device_kind(device), QUICK_REFERENCE)
+    passed, line = verdict(result, references)
+    print(line)
+    return 1 if passed is False else 0

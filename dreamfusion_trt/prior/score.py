@@ -8,6 +8,15 @@ names, all in world units on the run's box ``[-bound, bound]^3``:
   by casting one ray per grid column along +z and counting surface crossings above each point
   (even-odd rule; exact for the closed meshes `export.mesh` writes). Columns are offset by a
   tiny irrational fraction of a cell so they never run exactly along mesh edges.
+- ``best_iou`` / ``best_threshold``: the run's density itself (from its checkpoint), voxelised
+  on the same kind of grid (`FIELD_RESOLUTION`^3 at most) at each of `THRESHOLD_FACTORS` times the mesh threshold and compared with the
+  true occupancy; the best of those IoUs and its threshold. ``field_iou`` is the same at the
+  mesh's own threshold (the voxel twin of ``iou``, without cavity filling). A right but faint
+  shape has a low ``iou`` and a high ``best_iou``; a wrong shape has both low.
+- ``opacity_on_object`` / ``opacity_off_object``: the run's scene rendered (albedo, no jitter)
+  from `OPACITY_VIEWS` validation cameras around the object at the run's render size; the mean
+  ray opacity over the pixels whose rays hit the true object, and over those that miss it. A
+  translucent shell reads low on the object; a shape too big reads high off it.
 - ``chamfer``: the mean of the two mean point-to-surface distances: from area-uniform samples of
   the mesh to the true surface (|sdf|, exact) and from area-uniform samples of the true surface
   to the mesh (closest point on the nearest triangles); also given per direction.
@@ -36,7 +45,10 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
+from ..cameras import CameraBatch, get_rays, orbit_cameras
 from ..guidance.text import VIEWS
+from ..render.renderer import Renderer
+from ..render.sampling import ray_aabb_intersect
 from .dataset import PLAIN, SHADINGS, DatasetConfig, RenderedDataset, caption_texts, render_dataset
 from .scenes import (
     FACES,
@@ -55,6 +67,10 @@ logger = logging.getLogger(__name__)
 MESH_NAMES = ("mesh.glb", "mesh.obj", "mesh.ply")
 SCORE_NAME = "score.json"
 _COLUMN_OFFSET = (0.1234567, 0.2345678)  # fractions of a grid cell, x and y
+THRESHOLD_FACTORS = tuple(2.0**k for k in range(-6, 3))  # best_iou: density thresholds / the mesh's
+OPACITY_VIEWS = 4  # validation cameras for opacity_on_object (front, sides, back)
+FIELD_RESOLUTION = 64  # grid per axis for best_iou (the field is slow to query on a CPU)
+_SILHOUETTE_SAMPLES = 256  # per ray through the box, for the true silhouette
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,14 +78,21 @@ _COLUMN_OFFSET = (0.1234567, 0.2345678)  # fractions of a grid cell, x and y
 
 
 def score_run(
-    run_dir: str | Path, resolution: int = 96, surface_samples: int = 20000, seed: int = 0, write: bool = True
+    run_dir: str | Path,
+    resolution: int = 96,
+    surface_samples: int = 20000,
+    seed: int = 0,
+    write: bool = True,
+    field: bool = True,
 ) -> dict[str, Any]:
     """Score the mesh of the run in `run_dir` against its known object; writes ``score.json``.
 
     Reads the prompt and the field bound from ``run_dir/checkpoint.json`` (a trailing view
     suffix such as ", front view" is ignored) and the mesh from ``mesh.glb``, else ``mesh.obj``,
-    else ``mesh.ply``. Raises FileNotFoundError without a run folder or checkpoint.json, and
-    ValueError when the prompt is not a known object (the message lists them) or there is no mesh.
+    else ``mesh.ply``; with `field`, also scores the density and renders of the scene in its
+    checkpoint (`score_checkpoint`). Raises FileNotFoundError without a run folder or
+    checkpoint.json (or, with `field`, its tensors), and ValueError when the prompt is not a known
+    object (the message lists them), there is no mesh, or the checkpoint does not fit its config.
     """
     run_dir = Path(run_dir)
     meta_path = run_dir / "checkpoint.json"
@@ -89,19 +112,27 @@ def score_run(
             f"write one with: dreamfusion-trt export-mesh {run_dir}"
         )
     mesh = load_mesh(mesh_path)
+    obj = spec.build(bound=bound)
     result = {
         "prompt": prompt,
         "object": spec.caption,
         "mesh": mesh_path.name,
-        **score_mesh(mesh, spec.build(bound=bound), bound, resolution, surface_samples, seed),
+        **score_mesh(mesh, obj, bound, resolution, surface_samples, seed),
     }
+    if field:
+        result.update(score_checkpoint(run_dir, obj, min(resolution, FIELD_RESOLUTION)))
     if write:
         atomic_write_text(run_dir / SCORE_NAME, json.dumps(result, indent=2) + "\n")
     logger.info(
-        "%s: IoU %.3f, Chamfer %.4f, colour error %s", spec.caption, result["iou"], result["chamfer"],
-        "n/a" if result["color_error"] is None else f"{result['color_error']:.3f}",
+        "%s: IoU %.3f (best over thresholds %s, opacity on the object %s), Chamfer %.4f, colour error %s",
+        spec.caption, result["iou"], _opt(result.get("best_iou")), _opt(result.get("opacity_on_object")),
+        result["chamfer"], _opt(result["color_error"]),
     )  # fmt: skip
     return result
+
+
+def _opt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def write_score(out_dir: str | Path) -> Path | None:
@@ -142,8 +173,7 @@ def score_mesh(
     inside_mesh = mesh_occupancy(np.asarray(mesh.vertices), np.asarray(mesh.faces), *axes)
     pts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
     inside_true = obj.occupancy(torch.as_tensor(pts, dtype=torch.float32)).numpy().reshape(inside_mesh.shape)
-    union = np.logical_or(inside_mesh, inside_true).sum()
-    iou = float(np.logical_and(inside_mesh, inside_true).sum() / union) if union else 0.0
+    iou = occupancy_iou(torch.from_numpy(inside_mesh), torch.from_numpy(inside_true))
 
     samples, face_idx = trimesh.sample.sample_surface(mesh, surface_samples, seed=seed)
     samples = np.asarray(samples, dtype=np.float64)
@@ -174,6 +204,86 @@ def score_mesh(
         share, names = face_color_share(samples, colors, obj.shape.half_extent)
         out["face_color_share"], out["face_colors"] = share, names
     return out
+
+
+def score_checkpoint(run_dir: str | Path, obj: AnalyticObject, resolution: int = FIELD_RESOLUTION) -> dict[str, Any]:
+    """`score_field` of the one-prompt scene in `run_dir`'s checkpoint, at its mesh threshold,
+    render size and validation cameras."""
+    from ..checkpoint import load_checkpoint
+    from ..scene import scene_from_checkpoint
+
+    ckpt = load_checkpoint(run_dir)
+    renderer = scene_from_checkpoint(ckpt, "cpu")
+    cfg = ckpt.config
+    cams = orbit_cameras(OPACITY_VIEWS, cfg.camera.val_elevation, cfg.camera.val_radius, cfg.camera.val_fovy)
+    return score_field(renderer, obj, cfg.field.bound, cfg.output.mesh_threshold, cams, cfg.camera.render_size, resolution)
+
+
+@torch.no_grad()
+def score_field(
+    renderer: Renderer,
+    obj: AnalyticObject,
+    bound: float,
+    threshold: float,
+    cams: CameraBatch,
+    size: int = 64,
+    resolution: int = FIELD_RESOLUTION,
+    chunk: int = 2**16,
+) -> dict[str, Any]:
+    """Scores of a one-prompt scene's density against `obj` (see the module docstring):
+    ``best_iou``, ``best_threshold``, ``field_iou`` (at `threshold`) and the IoU at every
+    threshold tried, on the ``resolution^3`` grid of `grid_axes`; ``opacity_on_object`` and
+    ``opacity_off_object`` over `cams` (N cameras) rendered at ``size x size``."""
+    if renderer.num_prompts != 1:
+        raise ValueError(f"score_field scores a one-prompt scene, got {renderer.num_prompts} prompts")
+    if threshold <= 0 or size < 1 or resolution < 2:
+        raise ValueError(f"need threshold > 0, size >= 1, resolution >= 2; got {threshold!r}, {size!r}, {resolution!r}")
+    renderer = renderer.eval()
+    device = next(renderer.field.parameters()).device
+    axes = grid_axes(bound, resolution)
+    pts = torch.as_tensor(np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3), dtype=torch.float32)
+    sigma = torch.cat([renderer.field.density(p[None].to(device))[0].float().cpu() for p in pts.split(chunk)])  # [R^3]
+    inside_true = obj.occupancy(pts)  # [R^3]
+    thresholds = [threshold * f for f in THRESHOLD_FACTORS]
+    ious = [occupancy_iou(sigma > t, inside_true) for t in thresholds]
+    best = int(np.argmax(ious))
+
+    on, off = [], []
+    for i in range(len(cams)):
+        cam = CameraBatch(**{name: t[i : i + 1] for name, t in cams.__dict__.items()})
+        opacity = renderer.render_image(cam, size, size, shading="albedo")["opacity"].reshape(-1).cpu()  # [H*W]
+        hit = true_silhouette(obj, cam, size, bound)  # [H*W]
+        on.append(opacity[hit])
+        off.append(opacity[~hit])
+    on_all, off_all = torch.cat(on), torch.cat(off)
+    return {
+        "best_iou": ious[best],
+        "best_threshold": thresholds[best],
+        "field_iou": occupancy_iou(sigma > threshold, inside_true),
+        "field_resolution": resolution,
+        "iou_by_threshold": {f"{t:g}": iou for t, iou in zip(thresholds, ious)},
+        "opacity_on_object": float(on_all.mean()) if len(on_all) else None,
+        "opacity_off_object": float(off_all.mean()) if len(off_all) else None,
+        "opacity_views": len(cams),
+        "opacity_size": size,
+    }
+
+
+def occupancy_iou(inside: torch.Tensor, truth: torch.Tensor) -> float:
+    """IoU of two bool occupancies of one shape (0.0 when both are empty)."""
+    union = int((inside | truth).sum())
+    return float(int((inside & truth).sum()) / union) if union else 0.0
+
+
+def true_silhouette(obj: AnalyticObject, cam: CameraBatch, size: int, bound: float) -> torch.Tensor:
+    """Bool ``[size * size]``: does each pixel's ray (of the one camera `cam`, `get_rays`'
+    order) meet the true solid inside the box ``[-bound, bound]^3`` (dense samples of its SDF)."""
+    rays_o, rays_d = get_rays(cam.to("cpu"), size, size)  # [1, H*W, 3]
+    near, far, _ = ray_aabb_intersect(rays_o[0], rays_d[0], bound)  # [H*W]
+    u = (torch.arange(_SILHOUETTE_SAMPLES, dtype=torch.float32) + 0.5) / _SILHOUETTE_SAMPLES  # [S]
+    t = near[:, None] + (far - near)[:, None] * u  # [H*W, S]
+    x = rays_o[0][:, None] + t[..., None] * rays_d[0][:, None]  # [H*W, S, 3]
+    return (obj.sdf(x) < 0).any(dim=-1) & (far > near)
 
 
 def distance_to_mesh(mesh, points: np.ndarray, candidates: int = 16) -> np.ndarray:

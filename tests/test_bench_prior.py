@@ -1,0 +1,101 @@
+"""`bench prior`: its run config (the prior's preset under the user's flags, through the batch API
+and not the CLI) and the quick gate's verdict against a stored reference. No training here."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from dreamfusion_trt.bench import prior as bench_prior
+from dreamfusion_trt.prior import WEIGHTS_DIR, weights_available
+
+
+def test_bench_prior_is_a_client_of_the_batch_api_not_of_the_cli():
+    tree = ast.parse(Path(bench_prior.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "train.batch" in imported and "prior.score" in imported
+    assert not any(m == "cli" or m.endswith(".cli") for m in imported)
+
+
+@pytest.mark.skipif(not weights_available(), reason="the built-in prior's weights are not in the package")
+def test_run_config_layers_the_users_flags_on_the_prior_preset(tmp_path):
+    cfg = bench_prior.run_config("cpu", False, ["--sds.guidance_scale", "7", "--train.iters", "3"], tmp_path / "b")
+    assert cfg.model.model == str(WEIGHTS_DIR)
+    assert cfg.camera.render_size == 32  # the CPU preset
+    assert cfg.field.bound == 0.6  # the preset
+    assert cfg.sds.guidance_scale == 7.0 and cfg.train.iters == 3  # the user's flags win
+    assert cfg.prompt.view_dependent is False and cfg.train.device == "cpu"
+    assert cfg.output.out == str(tmp_path / "b")
+    gpu = bench_prior.run_config("cuda", True, [], tmp_path / "g")
+    assert gpu.camera.render_size == 64 and gpu.train.iters == 2000 and gpu.prompt.view_dependent is True
+    with pytest.raises(ValueError, match="not understood: .--bogus 7."):
+        bench_prior.parse_run_flags(["--bogus", "7"])
+    with pytest.raises(ValueError, match="sds.guidance_scale"):
+        bench_prior.run_config("cpu", True, ["--sds.guidance_scale", "lots"], tmp_path / "c")
+
+
+def test_seeded_prompts_file_lists_every_object_per_seed(tmp_path):
+    from dreamfusion_trt.train.prompts import read_prompts
+
+    path = bench_prior.write_prompts(tmp_path / "p.jsonl", ["a red cube", "a blue torus"], [0, 3])
+    specs, problems = read_prompts(path)
+    assert not problems
+    assert [(s.prompt, s.seed) for s in specs] == [("a red cube", 0), ("a red cube", 3), ("a blue torus", 0), ("a blue torus", 3)]
+    plain, _ = read_prompts(bench_prior.write_prompts(tmp_path / "p.txt", ["a red cube"], None))
+    assert [(s.prompt, s.seed) for s in plain] == [("a red cube", None)]
+
+
+def _quick_result(device="cpu", ious=(0.5, 0.8, 0.45, 0.5), color=(0.2, 0.2, 0.15, 0.7), status="done"):
+    rows = [{"object": o, "seed": 0, "status": status, "wall_s": 100.0, **{k: None for k in bench_prior.SCORE_KEYS},
+             "iou": i, "color_error": c} for o, i, c in zip(bench_prior.QUICK_OBJECTS, ious, color)]  # fmt: skip
+    block = {"batch_wall_s": 600.0, "rows": rows, "summary": bench_prior.summarize(rows)}
+    return {"date": "2026-12-01T10:00:00+00:00", "machine": {"device": device}, "run_flags": [], "settings": {"on": block}}
+
+
+def test_quick_verdict_against_the_reference_of_its_device_kind():
+    ref = {"cpu": bench_prior.reference_entry(_quick_result())}
+    json.dumps(ref)  # storable
+    passed, line = bench_prior.verdict(_quick_result(device="cuda"), ref)
+    assert passed is None and "no reference for this device yet" in line and "(cuda)" in line
+    passed, line = bench_prior.verdict(_quick_result(), ref)
+    assert passed is True and line.count("\n") == 0 and "PASS" in line
+    # within tolerance: IoU 0.04 lower, colour 0.04 worse
+    passed, _ = bench_prior.verdict(_quick_result(ious=(0.46, 0.76, 0.41, 0.46), color=(0.24, 0.24, 0.19, 0.74)), ref)
+    assert passed is True
+    passed, line = bench_prior.verdict(_quick_result(ious=(0.4, 0.7, 0.4, 0.4)), ref)
+    assert passed is False and "median IoU" in line
+    passed, line = bench_prior.verdict(_quick_result(color=(0.3, 0.3, 0.3, 0.7)), ref)
+    assert passed is False and "colour error" in line
+    # one object collapsing fails the gate even when the medians hold
+    passed, line = bench_prior.verdict(_quick_result(ious=(0.5, 0.8, 0.1, 0.5)), ref)
+    assert passed is False and "a blue torus collapsed" in line
+    failed = _quick_result()
+    failed["settings"]["on"]["rows"][0].update(status="failed", iou=None)
+    passed, line = bench_prior.verdict(failed, ref)
+    assert passed is False and "a red cube collapsed" in line
+
+
+def test_quick_runs_its_own_subset_and_flags():
+    args = argparse.Namespace(objects=None, seeds=None, view_dependent="on,off", concurrency=1, device="auto")
+    quick, flags = bench_prior.quick_args(args, ["--sds.guidance_scale", "40"], "cuda:0")
+    assert quick.objects.split(",") == list(bench_prior.QUICK_OBJECTS) and quick.seeds == "0"
+    assert quick.view_dependent == "on" and quick.concurrency == len(bench_prior.QUICK_OBJECTS)
+    assert flags[: len(bench_prior.QUICK_FLAGS["cuda"])] == list(bench_prior.QUICK_FLAGS["cuda"])
+    assert flags[-2:] == ["--sds.guidance_scale", "40"]  # the user's flags last: they win
+    colours = {o.split()[1] for o in bench_prior.QUICK_OBJECTS}
+    assert {"red", "green", "blue", "six-colored"} <= colours
+    with pytest.raises(ValueError, match="--quick runs its own"):
+        bench_prior.quick_args(copy.copy(argparse.Namespace(**{**vars(args), "objects": "a red cube"})), [], "cpu")
+
+
+def test_stored_references_are_valid():
+    refs = bench_prior.load_references()
+    assert set(refs) <= {"cpu", "cuda"}
+    for kind, ref in refs.items():
+        assert [r["object"] for r in ref["rows"]] == list(bench_prior.QUICK_OBJECTS), kind
+        assert ref["summary"]["median_iou"] is not None and ref["tolerance"] == bench_prior.QUICK_TOLERANCE
