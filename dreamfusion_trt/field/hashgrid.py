@@ -7,7 +7,9 @@ a finer level hashes each vertex with Instant-NGP's XOR of coordinates times the
 ``(1, 2654435761, 805459861)``, modulo ``T`` (a power of two, so only the low bits matter and
 int64 arithmetic gives the same index as the uint32 original). Features of the 8 corners of the
 cell holding a point are blended trilinearly, which keeps the output differentiable w.r.t. the
-tables and w.r.t. the input positions.
+tables and w.r.t. the input positions. `forward_with_jacobian` also returns the features' spatial
+derivative (the derivatives of the trilinear weights inside each point's cell), which gives analytic
+normals from the same single query.
 
 Every prompt k owns its own tables: parameters are ``[K, L, T, F]``.
 """
@@ -41,7 +43,8 @@ def level_resolutions(cfg: FieldConfig) -> list[int]:
 
 
 class HashGridEncoding(nn.Module):
-    """``forward(x [K, N, 3] in [0, 1]) -> [K, N, L * F]``; tables ``[K, L, T, F]``."""
+    """``forward(x [K, N, 3] in [0, 1]) -> [K, N, L * F]``; ``forward_with_jacobian(x) ->
+    ([K, N, L * F], [K, N, 3, L * F])``; tables ``[K, L, T, F]``."""
 
     def __init__(self, num_prompts: int, cfg: FieldConfig) -> None:
         super().__init__()

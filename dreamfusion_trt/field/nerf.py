@@ -166,7 +166,7 @@ class NeRFField(nn.Module):
         raw = h[..., 0] + density_blob(xf, self.cfg.blob_density, self.cfg.blob_radius)
         if self.cfg.density_activation == "exp":
             sigma = trunc_exp(raw)
-            dsigma_draw = sigma  # _TruncExp's backward: exp(min(raw, EXP_CLAMP))
+            dsigma_draw = torch.exp(raw.clamp(max=EXP_CLAMP))  # _TruncExp's backward, as autograd differentiates it
         elif self.cfg.density_activation == "softplus":
             sigma = F.softplus(raw)
             dsigma_draw = torch.where(raw > SOFTPLUS_THRESHOLD, torch.ones_like(raw), torch.sigmoid(raw))
