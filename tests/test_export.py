@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import imageio.v2 as imageio
@@ -11,7 +12,15 @@ import torch
 import trimesh
 
 from dreamfusion_trt.export.media import image_grid, side_by_side, to_uint8, write_png, write_video
-from dreamfusion_trt.export.mesh import extract_mesh, grid_coordinates, sample_density_grid, save_mesh, save_meshes
+from dreamfusion_trt.export.mesh import (
+    extract_mesh,
+    grid_coordinates,
+    load_mesh_world,
+    mesh_file_frame,
+    sample_density_grid,
+    save_mesh,
+    save_meshes,
+)
 
 R0 = 0.5
 
@@ -135,6 +144,19 @@ def test_chunk_size_does_not_change_the_mesh():
     np.testing.assert_array_equal(small.faces, big.faces)
 
 
+def test_density_sampling_logs_progress(monkeypatch, caplog):
+    from dreamfusion_trt.export import mesh as mesh_mod
+
+    monkeypatch.setattr(mesh_mod, "PROGRESS_EVERY_S", 0.0)  # a line after every chunk
+    with caplog.at_level(logging.INFO, logger="dreamfusion_trt.export.mesh"):
+        sample_density_grid(sphere_density(), 1.0, 16, chunk=1024)  # 4096 points in 4 chunks
+    lines = [r.getMessage() for r in caplog.records]
+    progress = [m for m in lines if "% (" in m]
+    assert [m.split(":")[1].split("%")[0].strip() for m in progress] == ["25", "50", "75"]
+    assert all("points/s" in m and "s left" in m for m in progress)
+    assert "density on the 16^3 grid: 0.0M points in" in lines[-1]
+
+
 def test_surface_touching_the_box_is_capped_on_the_box_face():
     mesh = extract_mesh(sphere_density(center=(0.8, 0.0, 0.0)), None, bound=1.0, resolution=64, threshold=0.0)
     assert mesh.is_watertight
@@ -201,12 +223,62 @@ def test_bad_arguments_raise():
 def test_mesh_round_trip(colored_sphere, tmp_path, fmt):
     path = save_mesh(colored_sphere, tmp_path / f"sphere.{fmt}")
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"sphere.{fmt}"]  # no temp or .mtl files
-    loaded = trimesh.load(path, force="mesh", process=False)
+    loaded = load_mesh_world(path)
     assert len(loaded.vertices) == len(colored_sphere.vertices)
     assert len(loaded.faces) == len(colored_sphere.faces)
-    np.testing.assert_allclose(loaded.bounds, colored_sphere.bounds, atol=1e-5)
+    # GLB and PLY store float32, OBJ 8 decimals: 1e-6 absolute for coordinates within [-1, 1]
+    np.testing.assert_allclose(loaded.vertices, colored_sphere.vertices, atol=1e-6)
+    np.testing.assert_array_equal(loaded.faces, colored_sphere.faces)
     colors = np.asarray(loaded.visual.vertex_colors)
     np.testing.assert_array_equal(colors[:, :3], colored_sphere.visual.vertex_colors[:, :3])
+
+
+def _figure() -> trimesh.Trimesh:
+    """World frame: a body tall along z (up), a nose towards +x (the front the azimuth-0 camera
+    sees), a marker low on +y."""
+    body = trimesh.creation.box(extents=(0.4, 0.4, 1.2))
+    nose = trimesh.creation.box(extents=(0.3, 0.1, 0.1))
+    nose.apply_translation((0.35, 0.0, 0.3))
+    marker = trimesh.creation.box(extents=(0.1, 0.2, 0.1))
+    marker.apply_translation((0.0, 0.3, -0.4))
+    return trimesh.util.concatenate([body, nose, marker])
+
+
+@pytest.mark.parametrize("fmt", ["glb", "obj", "ply"])
+def test_mesh_files_open_upright_in_a_y_up_viewer(tmp_path, fmt):
+    """glTF (and what Blender, three.js assume for OBJ): +Y up, the front faces +Z, the asset's
+    right is -X, so a viewer looking at its front sees +X on the right."""
+    world = _figure()
+    path = save_mesh(world, tmp_path / f"figure.{fmt}")
+    seen = trimesh.load(path, force="mesh", process=False)  # raw coordinates, as a viewer reads them
+    np.testing.assert_allclose(seen.bounds, [[-0.2, -0.6, -0.2], [0.4, 0.6, 0.5]], atol=1e-6)
+    assert np.argmax(seen.extents) == 1  # tall along +Y: upright
+    nose = seen.vertices[seen.vertices[:, 2] > 0.45]  # the part furthest towards the viewer (+Z)
+    assert len(nose) and (nose[:, 1] > 0.2).all()  # ... is the nose, high up
+    marker = seen.vertices[seen.vertices[:, 0] > 0.25]
+    assert len(marker) and (marker[:, 1] < -0.3).all()  # the marker: low, on the viewer's right
+    assert seen.volume > 0  # faces still wound outward after the rotation
+    back = load_mesh_world(path)
+    np.testing.assert_allclose(back.vertices, world.vertices, atol=1e-6)
+    assert mesh_file_frame(path) == "gltf_y_up"
+
+
+@pytest.mark.parametrize("fmt", ["glb", "obj", "ply"])
+def test_untagged_mesh_of_an_older_version_reads_as_world_frame(tmp_path, fmt):
+    world = _figure()
+    path = tmp_path / f"old.{fmt}"
+    data = world.export(file_type=fmt)  # what versions before the Y-up change wrote
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    assert mesh_file_frame(path) == "world"
+    np.testing.assert_allclose(load_mesh_world(path).vertices, world.vertices, atol=1e-6)
+
+
+def test_load_mesh_world_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mesh not found"):
+        load_mesh_world(tmp_path / "none.glb")
+    (tmp_path / "bad.glb").write_bytes(b"not a glb at all")
+    with pytest.raises(ValueError, match="could not read mesh"):
+        load_mesh_world(tmp_path / "bad.glb")
 
 
 def test_save_meshes_writes_each_format(colored_sphere, tmp_path):

@@ -18,7 +18,10 @@ Conventions:
 
 from __future__ import annotations
 
+import json
 import logging
+import struct
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
@@ -46,24 +49,32 @@ def grid_coordinates(bound: float, resolution: int) -> np.ndarray:
     return np.arange(resolution, dtype=np.float64) * spacing - bound
 
 
+def default_chunk(device: torch.device | str | None) -> int:
+    """Points per density query: 2^20 on a GPU (fewer, fuller launches), 2^18 elsewhere."""
+    return 2**20 if device is not None and torch.device(device).type == "cuda" else 2**18
+
+
 @torch.no_grad()
 def sample_density_grid(
     density_fn: DensityFn,
     bound: float,
     resolution: int,
-    chunk: int = 2**18,
+    chunk: int | None = None,
     device: torch.device | str | None = None,
 ) -> np.ndarray:
     """Evaluate `density_fn` on the resolution^3 grid over [-bound, bound]^3.
 
     Returns float32 [R, R, R] indexed [ix, iy, iz]. Points are sent in chunks of at most `chunk`
-    rows, as float32 on `device` (CPU when None).
+    rows (default: `default_chunk(device)`), as float32 on `device` (CPU when None). Progress
+    (share done, points/s, time left) is logged every `PROGRESS_EVERY_S` seconds.
     """
+    chunk = default_chunk(device) if chunk is None else chunk
     _check_grid_args(bound, resolution, chunk)
     device = torch.device(device) if device is not None else torch.device("cpu")
     axis = torch.as_tensor(grid_coordinates(bound, resolution), dtype=torch.float32, device=device)
     total = resolution**3
     out = np.empty(total, dtype=np.float32)
+    progress = _Progress(f"density on the {resolution}^3 grid", total)
     for start in range(0, total, chunk):
         idx = torch.arange(start, min(start + chunk, total), device=device)
         ix = idx // (resolution * resolution)
@@ -76,7 +87,37 @@ def sample_density_grid(
                 f"density_fn must return [N] (or [N, 1]) for N={len(idx)} points, got shape {tuple(sigma.shape)}"
             )
         out[start : start + len(idx)] = sigma.reshape(-1).float().cpu().numpy()
+        progress.update(start + len(idx))
+    progress.done()
     return out.reshape(resolution, resolution, resolution)
+
+
+PROGRESS_EVERY_S = 5.0
+
+
+class _Progress:
+    """Log lines for a long loop over `total` points: at most one per `PROGRESS_EVERY_S`."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total = what, total
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_EVERY_S or done >= self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        logger.info(
+            "%s: %d%% (%.1fM of %.1fM points, %.2fM points/s, about %.0f s left)",
+            self.what, 100 * done // self.total, done / 1e6, self.total / 1e6, rate / 1e6, (self.total - done) / rate,
+        )  # fmt: skip
+
+    def done(self) -> None:
+        elapsed = time.perf_counter() - self.t0
+        level = logging.INFO if elapsed >= PROGRESS_EVERY_S else logging.DEBUG
+        logger.log(level, "%s: %.1fM points in %.1f s (%.2fM points/s)", self.what, self.total / 1e6, elapsed,
+                   self.total / 1e6 / max(elapsed, 1e-9))  # fmt: skip
 
 
 def extract_mesh(
@@ -85,7 +126,7 @@ def extract_mesh(
     bound: float,
     resolution: int,
     threshold: float,
-    chunk: int = 2**18,
+    chunk: int | None = None,
     device: torch.device | str | None = None,
     components: Literal["all", "largest"] = "all",
     min_component_fraction: float = 1e-3,
@@ -100,7 +141,7 @@ def extract_mesh(
         bound: the grid covers [-bound, bound]^3 (world units).
         resolution: grid points per axis (>= 2); vertices are exact world coordinates.
         threshold: density iso-level; denser than this is inside.
-        chunk: points per call of `density_fn` / `color_fn`.
+        chunk: points per call of `density_fn` / `color_fn` (default: `default_chunk(device)`).
         device: where query points are created (CPU when None).
         components: "all" keeps every connected piece (minus tiny floaters, below); "largest"
             keeps only the piece with the most faces.
@@ -119,12 +160,15 @@ def extract_mesh(
     """
     from skimage.measure import marching_cubes
 
+    chunk = default_chunk(device) if chunk is None else chunk
+    t_start = time.perf_counter()
     if components not in ("all", "largest"):
         raise ValueError(f"components must be 'all' or 'largest', got {components!r}")
     if not 0.0 <= min_component_fraction < 1.0:
         raise ValueError(f"min_component_fraction must be in [0, 1), got {min_component_fraction!r}")
     _check_grid_args(bound, resolution, chunk)
     volume = sample_density_grid(density_fn, bound, resolution, chunk, device)  # [R, R, R]
+    t_sampled = time.perf_counter()
 
     n_nan = int(np.isnan(volume).sum())
     if n_nan:
@@ -164,12 +208,15 @@ def extract_mesh(
         rgb = _query_colors(color_fn, mesh.vertices, chunk, device)  # [V, 3] uint8
         rgba = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
         mesh.visual = trimesh.visual.ColorVisuals(mesh=mesh, vertex_colors=rgba)
+    t_end = time.perf_counter()
     logger.info(
-        "marching cubes at %d^3, threshold %g: %d vertices, %d faces",
+        "marching cubes at %d^3, threshold %g: %d vertices, %d faces in %.1f s (%.1f s querying the density)",
         resolution,
         threshold,
         len(mesh.vertices),
         len(mesh.faces),
+        t_end - t_start,
+        t_sampled - t_start,
     )
     return mesh
 
@@ -187,8 +234,18 @@ def fill_enclosed_cavities(volume: np.ndarray, threshold: float) -> int:
     return count
 
 
+# Mesh files are in glTF's frame: +Y up, the object's front (what the azimuth-0 camera on the
+# world's +x axis sees) facing +Z, so (x, y, z) in the world (z up) is (y, z, x) in the file. A
+# proper rotation (a cyclic permutation of the axes): winding and outward faces are kept.
+WORLD_TO_FILE = np.array([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+FILE_FRAME = "gltf_y_up"  # the tag our files carry (GLB: asset.extras; OBJ, PLY: a header comment)
+_TAG = f"dreamfusion-trt frame: {FILE_FRAME} (world x, y, z = file z, x, y)"
+
+
 def save_mesh(mesh: trimesh.Trimesh, path: str | Path) -> Path:
-    """Write `mesh` to `path` atomically; the format follows the suffix (.glb, .obj or .ply).
+    """Write a world-frame `mesh` to `path` atomically; the format follows the suffix (.glb, .obj
+    or .ply). Every format is written in glTF's frame (+Y up, front facing +Z; `WORLD_TO_FILE`)
+    and tagged so `load_mesh_world` returns the world-frame mesh.
 
     Vertex colors are kept in all three: GLB as the COLOR_0 attribute, PLY as per-vertex
     red/green/blue/alpha, OBJ as trimesh writes them (``v x y z r g b``).
@@ -199,16 +256,73 @@ def save_mesh(mesh: trimesh.Trimesh, path: str | Path) -> Path:
         raise ValueError(
             f"unsupported mesh format {path.suffix!r} in '{path}'; allowed: {', '.join('.' + f for f in MESH_FORMATS)}"
         )
+    out = mesh.copy()
+    out.apply_transform(WORLD_TO_FILE)
     if fmt == "obj":
         # no materials or texture files: a single self-contained OBJ with colored vertices
-        data = trimesh.exchange.obj.export_obj(mesh, include_color=True, include_texture=False)
+        data = f"# {_TAG}\n" + trimesh.exchange.obj.export_obj(out, include_color=True, include_texture=False)
+    elif fmt == "glb":
+
+        def tag(tree: dict) -> None:
+            tree.setdefault("asset", {}).setdefault("extras", {})["dreamfusion_trt"] = {"frame": FILE_FRAME}
+
+        data = trimesh.exchange.gltf.export_glb(trimesh.Scene(out), tree_postprocessor=tag)
     else:
-        data = mesh.export(file_type=fmt)
+        data = out.export(file_type="ply")
+        magic, fmt_line, rest = data.split(b"\n", 2)
+        data = b"\n".join([magic, fmt_line, f"comment {_TAG}".encode(), rest])  # after "ply" and "format ..."
     if isinstance(data, str):
         data = data.encode()
     atomic_write_bytes(path, data)
     logger.info("wrote %s (%d vertices, %d faces)", path, len(mesh.vertices), len(mesh.faces))
     return path
+
+
+def mesh_file_frame(path: str | Path) -> str:
+    """The frame a mesh file of ours is in: `FILE_FRAME`, or "world" for files written before
+    meshes were written in glTF's frame (untagged). Raises ValueError for an unreadable GLB."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if path.suffix.lower() == ".glb":
+        if len(head) < 20 or head[:4] != b"glTF" or head[16:20] != b"JSON":
+            raise ValueError(f"'{path}' is not a binary glTF file")
+        (n,) = struct.unpack("<I", head[12:16])
+        if 20 + n > len(head):
+            with open(path, "rb") as f:
+                head = f.read(20 + n)
+        try:
+            tree = json.loads(head[20 : 20 + n])
+        except ValueError as exc:
+            raise ValueError(f"'{path}' has an unreadable glTF JSON chunk: {exc}") from exc
+        tag = tree.get("asset", {}).get("extras", {}).get("dreamfusion_trt", {})
+        return FILE_FRAME if isinstance(tag, dict) and tag.get("frame") == FILE_FRAME else "world"
+    return FILE_FRAME if f"dreamfusion-trt frame: {FILE_FRAME}".encode() in head[:4096] else "world"
+
+
+def load_mesh_world(path: str | Path) -> trimesh.Trimesh:
+    """Read one of our mesh files (GLB, OBJ or PLY; a scene is concatenated) back into the world
+    frame (z up, front towards +x), whichever frame it was written in: glTF's (tagged, today's)
+    or the world frame (untagged files of older versions). Vertex colors are kept.
+
+    Raises FileNotFoundError when it is missing, ValueError when it cannot be read or has no
+    triangles.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mesh not found: '{path}'")
+    try:
+        frame = mesh_file_frame(path)
+        mesh = trimesh.load(str(path), force="mesh", process=False)
+    except Exception as exc:  # noqa: BLE001 -- trimesh raises many types for unreadable files
+        raise ValueError(f"could not read mesh '{path}': {exc}") from exc
+    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+        raise ValueError(f"mesh '{path}' has no triangles")
+    if frame == FILE_FRAME:
+        mesh.apply_transform(np.linalg.inv(WORLD_TO_FILE))
+    else:
+        logger.debug("'%s' carries no frame tag: read as the world frame (z up), as older versions wrote it", path)
+    return mesh
 
 
 def save_meshes(mesh: trimesh.Trimesh, out_dir: str | Path, stem: str, formats: Iterable[str]) -> list[Path]:
