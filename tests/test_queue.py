@@ -87,12 +87,12 @@ def test_killed_holder_is_taken_over_after_its_lease_expires(tmp_path):
     ids = IDS[:10]
     ready = _fork.Event()
     # another host name: the dead-pid shortcut cannot apply, only the lease's expiry
-    proc = _fork.Process(target=_holder, args=(tmp_path, ids, "node-a", 1.0, ready, True), daemon=True)
+    proc = _fork.Process(target=_holder, args=(tmp_path, ids, "node-a", 2.0, ready, True), daemon=True)
     proc.start()
     assert ready.wait(30)
-    taker = PromptQueue(tmp_path, ids, lease_s=1.0, rank=2, host="node-b", skew_s=0)
+    taker = PromptQueue(tmp_path, ids, lease_s=2.0, rank=2, host="node-b", skew_s=0)
     mine = []
-    deadline = time.monotonic() + 2.5  # more than two lease times while the holder renews
+    deadline = time.monotonic() + 3.0  # longer than a lease, while the holder renews
     while time.monotonic() < deadline:
         pid = taker.claim_next()
         if pid is not None:
@@ -290,3 +290,89 @@ def test_parse_shard():
         parse_shard("0/0")
     with pytest.raises(ValueError, match="2/2 is not a shard"):
         shard_ids(IDS, 2, 2)
+
+
+# ------------------------------------------------------------------------------------------
+# the pattern the batch driver follows, end to end: K slots per rank, renew every step,
+# checkpoints in each prompt's folder, one rank SIGKILLed mid-run
+
+
+def _train_worker(out, ids, rank, iters, step_s, go, results):
+    q = PromptQueue(out, ids, lease_s=1.0, rank=rank, host=f"node-{rank}", skew_s=0, renew_every_s=0.1)
+    slots = {}  # id -> [step, start step]
+
+    def start(pid):
+        ckpt = out / pid / "ckpt.json"
+        step = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
+        slots[pid] = [step, step]
+
+    def save(pid):
+        (out / pid).mkdir(exist_ok=True)
+        tmp = out / pid / f".ckpt.{rank}"
+        tmp.write_text(json.dumps({"step": slots[pid][0], "rank": rank}))
+        os.replace(tmp, out / pid / "ckpt.json")
+
+    go.wait()
+    finished = []
+    while True:
+        while len(slots) < 2 and (pid := q.claim_next()) is not None:
+            start(pid)
+        if not slots:
+            if (pid := q.wait_claim(poll_s=0.05)) is None:
+                break
+            start(pid)
+        time.sleep(step_s)  # one training step of every slot
+        for s in slots.values():
+            s[0] += 1
+        for pid in q.renew(info={p: {"step": s[0]} for p, s in slots.items()}):
+            del slots[pid]  # taken over: drop it, write nothing
+        for pid, (step, begun) in list(slots.items()):
+            if step % 5 == 0 or step >= iters:
+                save(pid)
+            if step >= iters:
+                if q.holds(pid) and q.finish(pid, "done", {"start": begun, "rank": rank}):
+                    finished.append(pid)  # (a rank starved of CPU past its lease loses the prompt instead)
+                del slots[pid]
+    results.put((rank, finished))
+
+
+def test_a_killed_rank_costs_nothing_but_time(tmp_path):
+    ids = [f"p-{i:02d}" for i in range(12)]
+    go, results = _fork.Event(), _fork.Queue()
+    step_s = {0: 0.01, 1: 0.05, 2: 0.01}  # rank 1 is slow: it is still holding prompts when killed
+    procs = {r: _fork.Process(target=_train_worker, args=(tmp_path, ids, r, 20, step_s[r], go, results), daemon=True)
+             for r in range(3)}  # fmt: skip
+    for p in procs.values():
+        p.start()
+    go.set()
+    deadline = time.monotonic() + 60
+    while True:  # until rank 1 holds a prompt it has checkpointed past step 0
+        states = read_states(tmp_path, ids)
+        victims = {pid: s for pid, s in states.items() if s.state == "held" and s.record.holder.rank == 1}
+        steps = {pid: json.loads((tmp_path / pid / "ckpt.json").read_text())["step"]
+                 for pid in victims if (tmp_path / pid / "ckpt.json").exists()}  # fmt: skip
+        if any(v >= 5 for v in steps.values()):
+            break
+        assert time.monotonic() < deadline, "rank 1 never checkpointed"
+        time.sleep(0.005)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    procs[1].join(10)
+    # what rank 1 left behind: its leases and its last checkpoints
+    left = {pid: s.gen for pid, s in read_states(tmp_path, ids).items() if s.state in ("held", "expired") and s.record.holder.rank == 1}
+    at_death = {pid: json.loads((tmp_path / pid / "ckpt.json").read_text())["step"] if (tmp_path / pid / "ckpt.json").exists() else 0
+                for pid in left}  # fmt: skip
+    assert any(step >= 5 for step in at_death.values())
+    got = dict(results.get(timeout=60) for _ in (0, 2))
+    for r in (0, 2):
+        procs[r].join(10)
+        assert procs[r].exitcode == 0
+    finished = got[0] + got[2]
+    finished_by_1 = [pid for pid, s in read_states(tmp_path, ids).items() if s.record.holder.rank == 1]
+    assert sorted(finished + finished_by_1) == ids  # every prompt finished, none twice
+    final = read_states(tmp_path, ids)
+    assert all(s.state == "done" for s in final.values())
+    for pid, step in at_death.items():  # the survivors resumed rank 1's prompts from its checkpoints
+        assert final[pid].record.holder.rank in (0, 2)
+        assert final[pid].record.info["start"] >= step  # == unless a starved survivor lost it to the other
+        rest = _chain(tmp_path, pid)[left[pid]:]
+        assert rest[0] == "lease" and rest[-1] == "done" and set(rest[1:-1]) == {"lease"}
