@@ -262,7 +262,7 @@ exec "$@"
 def test_sbatch_scripts_parse():
     assert {p.name for p in SCRIPTS} == {"one_node.sbatch", "multi_node.sbatch", "array.sbatch"}
     for script in SCRIPTS:
-        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
         assert result.returncode == 0, (script.name, result.stderr)
     assert "--rdzv-backend c10d" in (SLURM / "multi_node.sbatch").read_text()
     assert '--shard "$SHARD"' in (SLURM / "array.sbatch").read_text()

@@ -16,9 +16,9 @@ import pytest
 
 from dreamfusion_trt.train.queue import (
     PromptQueue,
+    parse_shard,
     queue_dir,
     read_states,
-    parse_shard,
     shard_ids,
 )
 

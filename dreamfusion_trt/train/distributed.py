@@ -48,9 +48,10 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..atomic import atomic_write_text
 from .queue import DEFAULT_LEASE_S, DEFAULT_SKEW_S, PromptState, queue_dir, read_states
@@ -333,7 +334,7 @@ class StopFlag:
         self._previous: dict[int, Any] = {}
         self._checked = float("-inf")
 
-    def install(self, names: Iterable[str] = STOP_SIGNALS) -> "StopFlag":
+    def install(self, names: Iterable[str] = STOP_SIGNALS) -> StopFlag:
         """Handle the named signals (main thread only; ValueError elsewhere)."""
         if threading.current_thread() is not threading.main_thread():
             raise ValueError("stop signals can only be handled in the main thread")
@@ -349,7 +350,7 @@ class StopFlag:
             signal.signal(signum, previous)
         self._previous.clear()
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

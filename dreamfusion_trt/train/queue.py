@@ -60,9 +60,10 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class Record:
                            "expires": self.expires, "info": self.info}, ensure_ascii=False)  # fmt: skip
 
     @classmethod
-    def from_json(cls, text: str) -> "Record":
+    def from_json(cls, text: str) -> Record:
         d = json.loads(text)
         if d.get("kind") not in KINDS:
             raise ValueError(f"unknown record kind {d.get('kind')!r}")
@@ -368,6 +369,7 @@ class PromptQueue:
         self.retry_before = self.opened if retry_failed else None
         self._held: dict[str, _Claim] = {}
         self._terminal: set[str] = set()  # seen done/failed: never read again
+        self._final: dict[str, Record] = {}  # done/failed records read so far
         self._last_renew = time.monotonic()
 
     # ---- reading
@@ -392,10 +394,21 @@ class PromptQueue:
             if gen < 0:
                 out[pid] = PromptState(pid, "free", None, -1)
                 continue
-            record, mtime = _read(self.dir, pid, gen)
+            record, mtime = self._read(pid, gen)
             state = _state_of(record, mtime, now, self.lease_s, self.skew_s, self.holder, self.retry_before)
             out[pid] = PromptState(pid, state, record, gen)
         return out
+
+    def _read(self, pid: str, gen: int) -> tuple[Record | None, float]:
+        """`_read`, remembering final records (they never change) so that polling a long
+        batch reads only the prompts still in flight."""
+        cached = self._final.get(pid)
+        if cached is not None and cached.gen == gen:
+            return cached, cached.time
+        record, mtime = _read(self.dir, pid, gen)
+        if record is not None and record.kind in ("done", "failed"):
+            self._final[pid] = record
+        return record, mtime
 
     def pending(self) -> list[str]:
         """Ids not finished yet (neither done nor failed), whoever holds them: the job is over
@@ -456,7 +469,7 @@ class PromptQueue:
     def _try_claim(self, pid: str, gen: int) -> bool:
         previous = None
         if gen >= 0:
-            previous, mtime = _read(self.dir, pid, gen)
+            previous, mtime = self._read(pid, gen)
             state = _state_of(previous, mtime, self.clock(), self.lease_s, self.skew_s, self.holder, self.retry_before)
             if state in ("done", "failed"):
                 self._terminal.add(pid)
