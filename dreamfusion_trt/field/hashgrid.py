@@ -122,7 +122,7 @@ class HashGridEncoding(nn.Module):
         flat = tables.reshape(-1, self.level_dim)  # [K' * L * T, F]
         # Row offset of prompt k, level 0 in `flat`.
         prompt_base = (torch.arange(k, device=x.device) * (self.num_levels * self.table_size)).view(k, 1, 1)
-        sign = torch.tensor([-1.0, 1.0], device=x.device, dtype=x.dtype)  # d(1 - f)/df, df/df
+        sign = torch.arange(2, device=x.device, dtype=x.dtype) * 2.0 - 1.0  # d(1 - f)/df, df/df = -1, 1
         feats, jacs = [], []
         for level, res in enumerate(self.resolutions):
             pos = x * res  # [K', N, 3]
