@@ -140,7 +140,9 @@ def test_chunk_size_does_not_change_the_mesh():
     assert max(n for n, _ in calls) <= 1000
     assert not any(g for _, g in calls)
     big = extract_mesh(sphere_density(), None, bound=1.0, resolution=24, threshold=0.0)
-    np.testing.assert_array_equal(small.vertices, big.vertices)
+    # The density is per point, so chunking cannot change it beyond float rounding in the norm's
+    # vectorised reduction; grid values sit well away from the threshold, so faces are identical.
+    np.testing.assert_allclose(small.vertices, big.vertices, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(small.faces, big.faces)
 
 

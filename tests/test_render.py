@@ -315,11 +315,14 @@ def test_render_image_is_chunk_independent_and_matches_render():
     chunked = renderer.render_image(cams, 8, 10, shading="normal", chunk=7)
     assert full["rgb"].shape == (2, 8, 10, 3) and full["opacity"].shape == (2, 8, 10, 1)
     assert full["depth"].shape == (2, 8, 10, 1) and full["normal"].shape == (2, 8, 10, 3)
+    # Chunks are different batch sizes through the field's float32 MLP, whose CPU GEMMs sum in a
+    # batch- and thread-dependent order (~1e-6 apart); values are O(1) colours, opacities and
+    # depths, and a chunk stitched in the wrong place moves them by order 0.1.
     for key in full:
-        torch.testing.assert_close(chunked[key], full[key], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(chunked[key], full[key], atol=1e-5, rtol=1e-4)
     o, d = get_rays(cams, 8, 10)
     out = renderer.render(o, d, cams.light_dir, shading="normal")
-    torch.testing.assert_close(full["rgb"].reshape(2, 80, 3), out.rgb, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(full["rgb"].reshape(2, 80, 3), out.rgb, atol=1e-5, rtol=1e-4)
     assert not full["rgb"].requires_grad  # evaluation images carry no graph
 
 
@@ -369,7 +372,8 @@ def test_scene_saved_with_or_without_nerfacc_opens_with_either(monkeypatch, tmp_
     for key, value in src.state_dict().items():
         assert torch.equal(dst.state_dict()[key], value), key
     cams = orbit_cameras(2, elevation_deg=30.0, radius=2.0, fovy_deg=50.0)
-    torch.testing.assert_close(dst.render_image(cams, 6, 6)["rgb"], src.render_image(cams, 6, 6)["rgb"], rtol=0, atol=0)
+    # Every tensor is equal (above); the image is the same computation at float32 precision.
+    torch.testing.assert_close(dst.render_image(cams, 6, 6)["rgb"], src.render_image(cams, 6, 6)["rgb"])
 
 
 def test_scenes_saved_by_older_versions_still_load(monkeypatch):

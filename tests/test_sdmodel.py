@@ -52,7 +52,9 @@ def test_single_file_matches_folder(folder_model, tiny_sd_paths):
             a, b = getattr(folder_model, name).state_dict(), getattr(m, name).state_dict()
             assert a.keys() == b.keys(), name
             assert all(torch.equal(a[k], b[k]) for k in a), f"{name} weights differ after loading {path.name}"
-        torch.testing.assert_close(EagerNoisePredictor(m.unet)(x, t, emb), ref, rtol=0, atol=1e-6)
+        # Bitwise-equal weights (checked above) and the same batch in the same process run the
+        # same kernels; the tolerance only absorbs a kernel picked by the weights' memory layout.
+        torch.testing.assert_close(EagerNoisePredictor(m.unet)(x, t, emb), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m.alphas_cumprod, folder_model.alphas_cumprod)
         assert m.key != folder_model.key and m.key.startswith("tiny-")
 
@@ -162,8 +164,12 @@ def test_eager_predictor(folder_model):
     x.requires_grad_(True)
     eps = pred(x, t, emb)
     assert eps.shape == x.shape and eps.dtype == x.dtype and not eps.requires_grad
-    # Batch of one equals the matching row of the batch.
-    torch.testing.assert_close(pred(x[1:2].detach(), t[1:2], emb[1:2]), eps[1:2], rtol=1e-5, atol=1e-6)
+    # Batch of one equals the matching row of the batch. Not bit-exact: CPU convolution and GEMM
+    # kernels pick their algorithm (and so the summation order) by batch size and thread count,
+    # so float32 rows differ by a few 1e-6 on some machines (2.1e-6 seen on a 2-core EPYC). The
+    # prediction is O(1); a row mixed up with another, or a wrong timestep or embedding, moves it
+    # by order 0.1, so 1e-4 separates the two by orders of magnitude either way.
+    torch.testing.assert_close(pred(x[1:2].detach(), t[1:2], emb[1:2]), eps[1:2], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match=r"text_embeddings \[3, L, D\]"):
         pred(x, t, emb[:2])
 

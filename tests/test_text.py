@@ -18,6 +18,13 @@ from dreamfusion_trt.guidance.text import (
 )
 from dreamfusion_trt.sdmodel import load_diffusion
 
+# Embeddings computed in a batch of one and in a larger batch (4 views, or several prompts) go
+# through float32 CPU GEMMs whose blocking and summation order depend on the batch size and the
+# thread count, so they agree to ~1e-6 on one machine and a few times that on another. The
+# outputs are layer-normed, O(1): 1e-4 is far above that noise and far below any real mistake
+# (a wrong prompt, padding mask or position gives differences of order 0.1).
+ACROSS_BATCHES = dict(rtol=1e-4, atol=1e-4)
+
 
 @pytest.fixture
 def model(tiny_sd_paths):
@@ -83,14 +90,14 @@ def test_encode_prompt_values(model, tmp_path):
     assert emb.cond.shape == (4, 77, 32) and emb.uncond.shape == (77, 32)
     assert emb.views == VIEWS and emb.prompt == "a hamburger" and not emb.truncated
     for row, view in enumerate(VIEWS):
-        torch.testing.assert_close(emb.cond[row], direct_embedding(model, f"a hamburger, {view} view"))
-    torch.testing.assert_close(emb.uncond, direct_embedding(model, "blurry"))
+        torch.testing.assert_close(emb.cond[row], direct_embedding(model, f"a hamburger, {view} view"), **ACROSS_BATCHES)
+    torch.testing.assert_close(emb.uncond, direct_embedding(model, "blurry"), **ACROSS_BATCHES)
     assert not torch.allclose(emb.cond[0], emb.cond[1])
 
     plain = encode_prompt(model, PromptConfig(text="a dog", view_dependent=False), tmp_path)
     assert plain.views == (NO_VIEW,) and plain.cond.shape == (1, 77, 32)
-    torch.testing.assert_close(plain.cond[0], direct_embedding(model, "a dog"))
-    torch.testing.assert_close(plain.uncond, direct_embedding(model, ""))
+    torch.testing.assert_close(plain.cond[0], direct_embedding(model, "a dog"), **ACROSS_BATCHES)
+    torch.testing.assert_close(plain.uncond, direct_embedding(model, ""), **ACROSS_BATCHES)
 
 
 def test_cache_hit_needs_no_text_encoder(model, tmp_path):
@@ -155,8 +162,8 @@ def test_encode_prompts_batches_and_matches_single(model, tmp_path):
     batch = encode_prompts(model, cfgs, tmp_path / "batch")
     assert counter.calls == [3 * 4 + 2]  # 12 view prompts + "" + "blurry", one call
     for s, b in zip(singles, batch):
-        torch.testing.assert_close(b.cond, s.cond, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(b.uncond, s.uncond, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.cond, s.cond, **ACROSS_BATCHES)
+        torch.testing.assert_close(b.uncond, s.uncond, **ACROSS_BATCHES)
     # Cached and uncached prompts mixed: only the new one is encoded.
     again = encode_prompts(model, [cfgs[0], PromptConfig(text="a blue chair"), cfgs[2]], tmp_path / "batch")
     assert counter.calls == [14, 5]
