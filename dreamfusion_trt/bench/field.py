@@ -25,7 +25,8 @@ import logging
 import statistics
 import time
 import typing
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -97,7 +98,7 @@ def bench_encoding(
     for impl, enc in (("torch", reference), ("triton", fused)):
         for jacobian in (False, True):
 
-            def step(mark: Callable[[], None]) -> None:
+            def step(mark: Callable[[], None], enc: HashGridEncoding = enc, jacobian: bool = jacobian) -> None:
                 enc.tables.grad = None
                 if jacobian:
                     feats, jac = enc.forward_with_jacobian(x)
@@ -149,7 +150,7 @@ def bench_field_query(
     normals = {}
     for mode, field in fields.items():
 
-        def step(mark: Callable[[], None]) -> None:
+        def step(mark: Callable[[], None], field: NeRFField = field) -> None:
             field.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = field.query(x, with_normals=True)
