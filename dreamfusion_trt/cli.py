@@ -77,6 +77,18 @@ def _layer_flags(args: argparse.Namespace, cfg: RunConfig) -> RunConfig:
     return from_dict(short, cfg)
 
 
+def builtin_scorer(cfg: RunConfig):
+    """The scorer for runs of `cfg`'s model: the built-in prior's (its objects have known
+    answers), or None."""
+    from .prior import is_builtin
+
+    if not is_builtin(cfg.model.model):
+        return None
+    from .prior.score import write_score
+
+    return write_score
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .train.generate import generate
@@ -88,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.prompt is not None and args.prompt != base.prompt.text:
             raise ValueError(f"--resume: '{out}' was trained on {base.prompt.text!r}, not {args.prompt!r}")
     cfg = build_config(args, base)
-    outputs = generate(cfg, resume=args.resume, progress=not args.quiet)
+    outputs = generate(cfg, resume=args.resume, progress=not args.quiet, scorer=builtin_scorer(cfg))
     for name, value in dataclasses.asdict(outputs).items():
         log.info("%s: %s", name, value)
     print(outputs.out_dir)
@@ -97,7 +109,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from .train.batch import load_batch_config, run_batch
-    from .train.generate import builtin_scorer
 
     out = Path(args.out).expanduser() if args.out else Path("runs") / Path(args.prompts).stem
     base = load_batch_config(out)  # a re-run continues with the settings the batch started with
@@ -272,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command="build-engines", func=cmd_build_engines, rest=argv[1:], verbose=False)
     else:
         args = parser.parse_args(argv)
+    from .train.driver import Interrupted
+
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
@@ -283,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dreamfusion-trt: interrupted", file=sys.stderr)
         return 130
+    except Interrupted as exc:  # SIGTERM / SIGUSR1: checkpoints are written, the same command continues
+        print(f"dreamfusion-trt: {exc}; checkpoints written", file=sys.stderr)
+        return exc.exit_code
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError) as exc:
         if args.verbose:
             log.exception("failed")

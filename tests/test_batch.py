@@ -14,8 +14,11 @@ from dreamfusion_trt import cli
 from dreamfusion_trt.checkpoint import load_checkpoint
 from dreamfusion_trt.config import from_dict
 from dreamfusion_trt.engines.eager import EagerImageEncoder
+from dreamfusion_trt.guidance.sds import SDSGuidance
 from dreamfusion_trt.train import batch as batch_mod
+from dreamfusion_trt.train import driver as driver_mod
 from dreamfusion_trt.train import frozen as frozen_mod
+from dreamfusion_trt.train import plan as plan_mod
 from dreamfusion_trt.train import trainer as trainer_mod
 from dreamfusion_trt.train.manifest import Manifest
 from dreamfusion_trt.train.prompts import prompt_folder, prompt_id, read_prompts
@@ -198,24 +201,30 @@ def test_a_failing_prompt_is_isolated_and_the_others_finish(tmp_path, tiny_sd_pa
     its line number; unsafe prompts land in safe folders."""
     prompts = _write(tmp_path / "prompts.txt", ["a red chair", "bad \x07 line", "../../etc/passwd", "# a comment", "CON"])
     out = tmp_path / "batch"
-    real_sds = trainer_mod.Trainer._sds
+    real_sds = SDSGuidance.__call__
+    real_step = trainer_mod.Trainer.train_step
+    texts = {}
 
-    def nan_for_the_chair(self, latents, *args):
-        loss = real_sds(self, latents, *args)
-        poisoned = torch.tensor([s is not None and s.cfg.prompt.text == "a red chair" for s in self.slots])
-        return torch.where(poisoned, torch.full_like(loss, float("nan")), loss)
+    def remember_slots(self, *args, **kwargs):
+        texts["now"] = [s is not None and s.cfg.prompt.text == "a red chair" for s in self.slots]
+        return real_step(self, *args, **kwargs)
 
-    real_write = batch_mod.write_outputs
+    def nan_for_the_chair(self, *args):
+        loss = real_sds(self, *args)
+        return torch.where(torch.tensor(texts["now"]), torch.full_like(loss, float("nan")), loss)
+
+    real_write = driver_mod.write_outputs
     writes = {"n": 0}
 
-    def flaky_write(scene, cfg, folder):
+    def flaky_write(scene, cfg, folder, scorer):
         if cfg.prompt.text == "../../etc/passwd" and writes["n"] == 0:
             writes["n"] += 1
             raise OSError("disk full (simulated)")
-        return real_write(scene, cfg, folder)
+        return real_write(scene, cfg, folder, scorer)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_sds", nan_for_the_chair)
-    monkeypatch.setattr(batch_mod, "write_outputs", flaky_write)
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", remember_slots)
+    monkeypatch.setattr(SDSGuidance, "__call__", nan_for_the_chair)
+    monkeypatch.setattr(driver_mod, "write_outputs", flaky_write)
     with caplog.at_level(logging.WARNING, logger="dreamfusion_trt"):
         code = _run(tmp_path, tiny_sd_paths, "batch", str(prompts), "--out", str(out), "--concurrency", "3", "--iters", "3")
     assert code == 1
@@ -395,13 +404,13 @@ def test_training_step_reads_nothing_back_from_the_device(tmp_path, tiny_sd_path
                 raise AssertionError(f"the training step reads a value back from the device: {func}")
             return func(*args, **(kwargs or {}))
 
-    real_host_plan = trainer_mod.Trainer._host_plan
+    real_host_plan = plan_mod.host_plan
 
-    def host_plan_outside_the_check(self):
+    def host_plan_outside_the_check(*args):
         with _disable_current_modes():
-            return real_host_plan(self)
+            return real_host_plan(*args)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_host_plan", host_plan_outside_the_check)
+    monkeypatch.setattr(plan_mod, "host_plan", host_plan_outside_the_check)
     trainer = _trainer(tiny_sd_paths, tmp_path, "cpu", 3, iters=(2, 6, 3))
     trainer.train_step()
     trainer.train_step()

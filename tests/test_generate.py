@@ -179,23 +179,29 @@ def test_builtin_prior_names_the_prompts_it_knows(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_image_space_sds_trains_with_inference_only_vae(tmp_path, tiny_sd_paths, monkeypatch):
-    """sds.rgb_mode=image: the RGB phase never backpropagates through the VAE encoder."""
-    from dreamfusion_trt.engines import image_sds as image_sds_mod
+    """sds.rgb_mode=image: the RGB phase goes through image-space SDS and the VAE encoder never
+    runs with autograd on (so it may be an engine)."""
+    from dreamfusion_trt.engines.eager import EagerImageEncoder
+    from dreamfusion_trt.guidance import sds as sds_mod
 
-    calls = []
-    real = image_sds_mod.image_sds
+    calls, encodes = [], []
+    real, real_encode = sds_mod.image_sds, EagerImageEncoder.__call__
 
     def spy(images, *args, **kwargs):
         calls.append(images.shape)
-        out = real(images, *args, **kwargs)
-        assert out.target.grad_fn is None and out.latents.grad_fn is None  # no graph through the VAE
-        return out
+        return real(images, *args, **kwargs)
 
-    monkeypatch.setattr("dreamfusion_trt.train.trainer.image_sds", spy)
+    def recording_encode(self, images):
+        encodes.append((torch.is_grad_enabled(), images.requires_grad))
+        return real_encode(self, images)
+
+    monkeypatch.setattr(sds_mod, "image_sds", spy)
+    monkeypatch.setattr(EagerImageEncoder, "__call__", recording_encode)
     out = tmp_path / "image"
     assert _generate(tmp_path, tiny_sd_paths, out, "--iters", "4", "--sds.rgb_mode", "image") == 0
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [r["phase"] for r in rows] == ["latent", "latent", "rgb", "rgb"]
     assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
     assert len(calls) == 2 and calls[0][1] == 3  # the two RGB steps went through image-space SDS
+    assert len(encodes) >= 2 and not any(grad or needs for grad, needs in encodes)  # no graph through the VAE
     assert (out / "mesh.glb").is_file()

@@ -13,14 +13,14 @@ def _stacked(seed=0):
     gen = torch.Generator().manual_seed(seed)
     table = torch.nn.Parameter(torch.randn(K, 5, 2, generator=gen))  # a hash table [K, T, F]
     weight = torch.nn.Parameter(torch.randn(K, 4, 3, generator=gen))  # an MLP layer [K, in, out]
-    owned = [torch.nn.Parameter(torch.randn(6, generator=gen)) for _ in range(K)]  # per-prompt modules
+    owned = torch.nn.Parameter(torch.randn(K, 6, generator=gen))  # a third stacked parameter [K, F]
     return table, weight, owned
 
 
 def _slot_adam(table, weight, owned):
     groups = [
-        SlotParamGroup([(weight, None)], lr=1e-2),
-        SlotParamGroup([(table, None), *[(p, k) for k, p in enumerate(owned)]], lr=1e-1),
+        SlotParamGroup([weight], lr=1e-2),
+        SlotParamGroup([table, owned], lr=1e-1),
     ]
     return SlotAdam(groups, K, betas=BETAS, eps=EPS)
 
@@ -29,7 +29,7 @@ def _alone(table, weight, owned, k):
     """Slot k's parameters as a one-prompt model with its own torch Adam."""
     t = torch.nn.Parameter(table.detach()[k].clone())
     w = torch.nn.Parameter(weight.detach()[k].clone())
-    o = torch.nn.Parameter(owned[k].detach().clone())
+    o = torch.nn.Parameter(owned.detach()[k].clone())
     opt = torch.optim.Adam([{"params": [w], "lr": 1e-2}, {"params": [t, o], "lr": 1e-1}], betas=BETAS, eps=EPS)
     return (t, w, o), opt
 
@@ -42,8 +42,7 @@ def _grads(step, k):
 def _set_grads(table, weight, owned, step, nan_slot=None):
     table.grad = torch.stack([_grads(step, k)[0] for k in range(K)])
     weight.grad = torch.stack([_grads(step, k)[1] for k in range(K)])
-    for k, p in enumerate(owned):
-        p.grad = _grads(step, k)[2].clone()
+    owned.grad = torch.stack([_grads(step, k)[2] for k in range(K)])
     if nan_slot is not None:
         table.grad[nan_slot, 0, 0] = float("nan")
 
@@ -123,8 +122,7 @@ def test_loss_scale_is_undone_per_slot():
     _set_grads(table, weight, owned, 0)
     table.grad *= scale.view(K, 1, 1)
     weight.grad *= scale.view(K, 1, 1)
-    for k, p in enumerate(owned):
-        p.grad *= scale[k]
+    owned.grad *= scale.view(K, 1)
     opt.step(torch.ones(K, dtype=torch.bool), inv_scale=scale.reciprocal())
     _set_grads(ref_t, ref_w, ref_o, 0)
     ref.step(torch.ones(K, dtype=torch.bool))
@@ -159,7 +157,7 @@ def test_slot_state_round_trips_through_torch_adam_format():
         opt.step(torch.ones(K, dtype=torch.bool))
     state = opt.slot_state_dict(2)
     assert [g["params"] for g in state["param_groups"]] == [[0], [1, 2]]
-    assert state["state"][1]["exp_avg"].shape == (1, 5, 2) and state["state"][2]["exp_avg"].shape == (6,)
+    assert state["state"][1]["exp_avg"].shape == (1, 5, 2) and state["state"][2]["exp_avg"].shape == (1, 6)
     # torch Adam continues from the exported state exactly as the slot does
     (t, w, o), adam = _alone(table, weight, owned, 2)
     adam.load_state_dict(
@@ -177,7 +175,7 @@ def test_slot_state_round_trips_through_torch_adam_format():
                 "param_groups": state["param_groups"]}  # fmt: skip
     opt.load_slot_state_dict(0, exported)
     torch.testing.assert_close(opt.exp_avg[1][0], opt.exp_avg[1][2], rtol=0, atol=0)
-    torch.testing.assert_close(opt.exp_avg_sq[2 + 0], opt.exp_avg_sq[2 + 2], rtol=0, atol=0)  # owned params
+    torch.testing.assert_close(opt.exp_avg_sq[2][0], opt.exp_avg_sq[2][2], rtol=0, atol=0)
     assert opt.step_count.tolist() == [4.0, 4.0, 4.0]
     with pytest.raises(ValueError, match="holds 2 parameters, a slot of this scene has 3"):
         opt.load_slot_state_dict(1, {"state": {}, "param_groups": [{"params": [0, 1]}]})
@@ -198,4 +196,4 @@ def test_grad_scaler_backs_off_only_the_overflowing_slot():
 
 def test_rejects_parameters_without_the_slot_dimension():
     with pytest.raises(ValueError, match="leading dimension of 3"):
-        SlotAdam([SlotParamGroup([(torch.nn.Parameter(torch.zeros(2, 4)), None)], lr=1e-3)], K)
+        SlotAdam([SlotParamGroup([torch.nn.Parameter(torch.zeros(2, 4))], lr=1e-3)], K)

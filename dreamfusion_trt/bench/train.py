@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import typing
 import logging
 import statistics
 import time
@@ -34,7 +35,7 @@ from typing import Any, Sequence
 import torch
 
 from ..atomic import atomic_write_text
-from ..config import RunConfig, from_dict, to_dict
+from ..config import FieldConfig, RunConfig, from_dict, to_dict
 from ..guidance.text import NO_VIEW, VIEWS, PromptEmbeddings
 from ..sdmodel import DiffusionModel
 from ..train.monitor import StageTimer
@@ -178,9 +179,7 @@ def time_phase(trainer: Any, phase: str, warmup: int, steps: int) -> dict[str, A
 def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by `args` (see `make_parser`); returns the JSON-able result,
     also written to ``args.out`` after every backend."""
-    from ..engines.eager import EagerImageEncoder
-    from ..guidance.latents import fit_rgb_to_latent
-    from ..train.frozen import Frozen, new_trainer
+    from ..train.frozen import frozen_from_model, new_trainer
     from ..train.slots import fresh_slot_state
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -210,10 +209,6 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     model = build_random_sd(arch, device, dtype)
     result["text_encoder"] = time_text_encoder(model, prompts=32, reps=3)
     model.free_text_encoder()
-    encoder = EagerImageEncoder(model.vae, model.vae_scaling_factor)
-    latent_map = fit_rgb_to_latent(encoder, device=device, dtype=dtype)
-    latent_size = int(model.unet.config.sample_size)
-    image_size = latent_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
     views = VIEWS if cfg.prompt.view_dependent else (NO_VIEW,)
     gen = torch.Generator().manual_seed(0)
     embedding = PromptEmbeddings(
@@ -230,12 +225,7 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
             log.warning("backend %s skipped: %s", backend, exc)
             result["skipped"].append({"backend": backend, "reason": str(exc)})
             continue
-        decoder = None
-        if cfg.sds.rgb_mode == "image":  # inference-only VAE halves: the engine-only RGB variant
-            from ..engines.eager import EagerLatentDecoder
-
-            decoder = EagerLatentDecoder(model.vae, model.vae_scaling_factor)
-        frozen = Frozen(model, predictor, encoder, latent_map, decoder, latent_size, image_size)
+        frozen = frozen_from_model(model, cfg, predictor, max(ks))
         for k in ks:
             trainer = None
             rows = {}
@@ -281,8 +271,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per phase (default: 3; tiny: 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per phase (default: 8; tiny: 2)")
     p.add_argument("--render-backend", choices=("auto", "nerfacc", "torch"), help="render.backend (default: auto)")
-    p.add_argument("--field-backend", choices=("torch", "triton", "tcnn"), default="torch",
-                   help="hash-grid implementation (default: %(default)s)")
+    p.add_argument("--field-backend", choices=typing.get_args(typing.get_type_hints(FieldConfig)["backend"]), default="auto",
+                   help="hash-grid implementation, as training picks it by default (default: %(default)s)")
     p.add_argument("--rgb-mode", choices=("latent", "image"), default="latent",
                    help="RGB phase: latent SDS through the VAE encoder, or image-space SDS with inference-only VAE (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the renderer / field")

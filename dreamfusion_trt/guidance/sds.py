@@ -1,28 +1,25 @@
-"""Score Distillation Sampling (DreamFusion, Poole et al. 2022).
+"""Score Distillation Sampling (DreamFusion, Poole et al. 2022): renders in, one loss per prompt out.
 
-For latents x of K renders: draw t ~ U{t_lo..t_hi} and eps ~ N(0, I) per prompt, noise
-x_t = sqrt(a_t) x + sqrt(1 - a_t) eps, predict the noise with classifier-free guidance and use
-w(t) (eps_hat - eps) as the gradient of the loss with respect to x, skipping the UNet's Jacobian.
-The noise predictor is injected (eager, compiled or TensorRT), so this file is the same on every
-backend. Nothing here synchronises with the host.
+For the model input x of each prompt's render (latents, or the VAE's input image in image space)
+and that prompt's own t and eps: x_t = sqrt(a_t) x + sqrt(1 - a_t) eps, the noise is predicted
+with classifier-free guidance (`engines.base.guided_noise`, the one place CFG is written), and
+w(t) (eps_hat - eps) is the gradient of the loss with respect to x, skipping the UNet's Jacobian.
+The noise predictor is injected (eager, compiled or TensorRT) and so is the strategy that turns a
+render into x (`inputs.py`), so this file is the same on every backend and in every phase.
+Nothing here synchronises with the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 
 from ..config import SDSConfig
-from ..engines.base import NoisePredictor
-
-
-@dataclass
-class SDSOutput:
-    loss: torch.Tensor  # scalar, 0.5 * ||grad||^2; d loss / d latents == grad
-    grad: torch.Tensor  # [K, C, h, w], detached
-    t: torch.Tensor  # [K] long timesteps used
-    noise_pred: torch.Tensor | None = None  # [K, C, h, w] guided eps_hat
+from ..engines.base import NoisePredictor, guided_noise
+from .image_sds import image_sds
+from .inputs import ImageSpace, RenderInput
 
 
 def sds_weight(alphas_cumprod_t: torch.Tensor, weighting: str) -> torch.Tensor:
@@ -47,13 +44,28 @@ def sds_surrogate(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return dot - dot.detach() + 0.5 * grad.float().square().flatten(1).sum(dim=1)
 
 
-def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """`sds_surrogate` summed over prompts: a scalar whose gradient is exactly `grad`."""
-    return sds_surrogate(latents, grad).sum()
+@dataclass
+class RenderPart:
+    """The renders of the prompts in one phase: `images` [n, 3, R, R] in [0, 1] of the prompts
+    at positions `slots` [n] (long, on the device) = `members` (the same, on the host)."""
+
+    phase: str
+    images: torch.Tensor
+    slots: torch.Tensor
+    members: list[int]
 
 
 class SDSGuidance:
-    def __init__(self, predictor: NoisePredictor, alphas_cumprod: torch.Tensor, cfg: SDSConfig) -> None:
+    """Renders -> per-prompt SDS losses. Built once from the config with the noise predictor,
+    the scheduler's alphas_cumprod and one `RenderInput` strategy per phase."""
+
+    def __init__(
+        self,
+        predictor: NoisePredictor,
+        alphas_cumprod: torch.Tensor,  # [T]
+        cfg: SDSConfig,
+        inputs: Mapping[str, RenderInput] | None = None,
+    ) -> None:
         if not 0.0 <= cfg.t_min <= cfg.t_max <= 1.0 or not 0.0 <= cfg.t_max_final <= 1.0:
             raise ValueError(f"SDS timestep fractions must satisfy 0 <= t_min <= t_max <= 1, got {cfg}")
         sds_weight(alphas_cumprod[:1], cfg.weighting)  # rejects an unknown weighting now
@@ -61,6 +73,7 @@ class SDSGuidance:
         self.alphas_cumprod = alphas_cumprod.float()  # [T]
         self.cfg = cfg
         self.num_timesteps = alphas_cumprod.shape[0]
+        self.inputs = dict(inputs or {})
 
     def t_range(self, progress: float) -> tuple[int, int]:
         """Inclusive timestep range at training progress in [0, 1]; t_max moves towards
@@ -72,24 +85,10 @@ class SDSGuidance:
         lo = min(round(self.cfg.t_min * self.num_timesteps), last)
         return lo, min(max(round(t_max * self.num_timesteps), lo), last)
 
-    def __call__(
-        self,
-        latents: torch.Tensor,  # [K, C, h, w], requires grad
-        cond: torch.Tensor,  # [K, 77, D]
-        uncond: torch.Tensor,  # [K, 77, D]
-        progress: float,
-        generator: torch.Generator | None = None,  # on the latents' device
-    ) -> SDSOutput:
-        k = latents.shape[0]
-        if latents.ndim != 4 or cond.shape[0] != k or uncond.shape != cond.shape:
-            raise ValueError(f"expected latents [K,C,h,w] with cond, uncond [K,77,D]; got {tuple(latents.shape)}, "
-                             f"{tuple(cond.shape)}, {tuple(uncond.shape)}")  # fmt: skip
+    def sample_t(self, progress: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """One timestep [1] (long) uniformly from `t_range(progress)`, inclusive."""
         lo, hi = self.t_range(progress)
-        device = latents.device
-        t = torch.randint(lo, hi + 1, (k,), generator=generator, device=device)
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-        grad, eps_hat = self.grad(latents, t, noise, cond, uncond)
-        return SDSOutput(loss=sds_loss(latents, grad), grad=grad, t=t, noise_pred=eps_hat)
+        return torch.randint(lo, hi + 1, (1,), generator=generator, device=device)
 
     @torch.no_grad()
     def grad(
@@ -101,13 +100,55 @@ class SDSGuidance:
         uncond: torch.Tensor,  # [K, 77, D]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The SDS gradient w(t) (eps_hat - eps) [K, C, h, w] for given timesteps and noise, and
-        the guided prediction eps_hat: one predictor call on the CFG-doubled batch (uncond first),
-        never through autograd."""
+        the guided prediction eps_hat: one predictor call on the CFG-doubled batch, never
+        through autograd."""
         k = latents.shape[0]
+        if latents.ndim != 4 or t.shape != (k,) or cond.shape[0] != k or uncond.shape != cond.shape:
+            raise ValueError(f"expected latents [K,C,h,w], t [K] and cond, uncond [K,77,D]; got {tuple(latents.shape)}, "
+                             f"{tuple(t.shape)}, {tuple(cond.shape)}, {tuple(uncond.shape)}")  # fmt: skip
         a = self.alphas_cumprod.to(latents.device)[t].view(k, 1, 1, 1)
         x_t = (a.sqrt() * latents + (1.0 - a).sqrt() * noise).to(latents.dtype)
-        eps = self.predictor(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
-        eps_u, eps_c = eps.chunk(2)
-        eps_hat = eps_u + self.cfg.guidance_scale * (eps_c - eps_u)
+        eps_hat = guided_noise(self.predictor, x_t, t, cond, uncond, self.cfg.guidance_scale)
         grad = torch.nan_to_num(sds_weight(a, self.cfg.weighting) * (eps_hat - noise)).to(latents.dtype)
         return grad, eps_hat
+
+    def __call__(
+        self,
+        parts: Sequence[RenderPart],
+        t: torch.Tensor,  # [K] long, each prompt's timestep
+        noise: Sequence[torch.Tensor],  # K tensors [1, C, h, w], each prompt's noise for its phase
+        cond: torch.Tensor,  # [K, 77, D], each prompt's (view-dependent) text embedding
+        uncond: torch.Tensor,  # [K, 77, D]
+    ) -> torch.Tensor:
+        """Per-prompt losses [K] whose gradient with respect to each prompt's model input is its
+        SDS gradient. Phases whose inputs have one shape share one noise-predictor call."""
+        k = t.shape[0]
+        xs = [self.inputs[p.phase](p.images) for p in parts]
+        strategies = [self.inputs[p.phase] for p in parts]
+        merged = len(parts) > 1 and len({(x.shape[1:], s.space) for x, s in zip(xs, strategies)}) == 1
+        if len(parts) == 1 or merged:  # one call, prompts back in slot order
+            x = xs[0]
+            if merged:
+                stacked = torch.cat([x_i.to(xs[0].dtype) for x_i in xs])
+                x = torch.zeros_like(stacked).index_copy(0, torch.cat([p.slots for p in parts]), stacked)
+            return self._loss(strategies[0], x, t, torch.cat(list(noise)), cond, uncond)
+        loss = torch.zeros(k, device=t.device)
+        for p, x, s in zip(parts, xs, strategies):
+            part_noise = torch.cat([noise[i] for i in p.members])
+            loss = loss.index_copy(0, p.slots, self._loss(s, x, t[p.slots], part_noise, cond[p.slots], uncond[p.slots]))
+        return loss
+
+    def _loss(self, strategy: RenderInput, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor,
+              uncond: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """SDS per prompt for model inputs `x` [n, ...] with their t [n] and noise [n, C, h, w]."""
+        # One memory layout whatever produced the input (the VAE may return channels-last, a mix
+        # of phases comes back through index_copy): convolutions pick their algorithm by layout,
+        # and a prompt's numbers must not depend on which others share the step.
+        x = x.contiguous()
+        if isinstance(strategy, ImageSpace):
+            w = sds_weight(self.alphas_cumprod.to(x.device)[t], self.cfg.weighting)  # [n]
+            return image_sds(x, t, noise, cond, uncond, encoder=strategy.encoder, predictor=self.predictor,
+                             decoder=strategy.decoder, alphas_cumprod=self.alphas_cumprod, weight=w,
+                             guidance_scale=self.cfg.guidance_scale).per_prompt  # fmt: skip
+        grad, _ = self.grad(x, t, noise.to(x.dtype), cond, uncond)
+        return sds_surrogate(x, grad)

@@ -1,8 +1,9 @@
 """The frozen side of a run, loaded once: Stable Diffusion, the prompts' text embeddings (all
-encoded up front, then the text encoder is freed), the noise-predictor backend, the VAE encoder
-and the fitted RGB -> latent map. `new_trainer` puts a K-slot trainer on top of them; a batch
-builds several over its lifetime (start-up at a lower K after running out of memory, a smaller
-one for the last prompts) without reloading anything.
+encoded up front, then the text encoder is freed), the noise-predictor backend and the render
+strategy of each phase (the fitted colour -> latent map; the VAE encoder, or image space).
+`new_trainer` puts a K-slot trainer on top of them; a batch builds several over its lifetime
+(start-up at a lower K after running out of memory, a smaller one for the last prompts) without
+reloading anything.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..config import PromptConfig, RunConfig
 from ..engines.base import ImageEncoder, LatentDecoder, NoisePredictor
 from ..engines.eager import EagerImageEncoder, EagerNoisePredictor
 from ..engines.registry import make_image_encoder, make_latent_decoder, make_noise_predictor
+from ..guidance.inputs import ColourMap, ImageSpace, RenderInput, VAEEncoding
 from ..guidance.latents import LinearLatentMap, fit_rgb_to_latent
 from ..guidance.sds import SDSGuidance
 from ..guidance.text import PromptEmbeddings, encode_prompts
@@ -34,11 +36,8 @@ LATENT_MAP_SEED = 0  # the colour -> latent fit is a property of the VAE, not of
 class Frozen:
     model: DiffusionModel
     predictor: NoisePredictor
-    encoder: ImageEncoder
     latent_map: LinearLatentMap
-    decoder: LatentDecoder | None  # only for sds.rgb_mode = image
-    latent_size: int  # UNet latent resolution (64 for SD)
-    image_size: int  # matching VAE image resolution (512 for SD)
+    inputs: dict[str, RenderInput]  # the render strategy of each phase ("latent", "rgb")
 
 
 def predictor_batch_sizes(backend: str, max_prompts: int) -> tuple[int, ...]:
@@ -75,25 +74,36 @@ def load_frozen(
     embeddings = encode_prompts(model, list(prompts), Path(cfg.model.cache_dir).expanduser()) if prompts else []
     model.free_text_encoder()
     predictor = make_predictor(model, cfg, max_prompts) if max_prompts else EagerNoisePredictor(model.unet)
-    encoder = EagerImageEncoder(model.vae, model.vae_scaling_factor)  # the RGB phase backpropagates through it
-    latent_map = fit_rgb_to_latent(encoder, device=device, dtype=model.dtype, seed=LATENT_MAP_SEED)
-    decoder = None
+    return frozen_from_model(model, cfg, predictor, max_prompts or 1), embeddings
+
+
+def frozen_from_model(model: DiffusionModel, cfg: RunConfig, predictor: NoisePredictor, max_prompts: int = 1) -> Frozen:
+    """The frozen side over a loaded model and its noise predictor: the colour -> latent map
+    fitted to the VAE, and the render strategy of each phase (``sds.rgb_mode``)."""
+    encoder: ImageEncoder = EagerImageEncoder(model.vae, model.vae_scaling_factor)  # the RGB phase backpropagates through it
+    latent_map = fit_rgb_to_latent(encoder, device=model.device, dtype=model.dtype, seed=LATENT_MAP_SEED)
+    latent_size = int(model.unet.config.sample_size)  # 64 for SD
+    image_size = latent_size * 2 ** (len(model.vae.config.block_out_channels) - 1)  # 512 for SD
+    encode_size = cfg.train.encode_size or image_size
+    rgb_latents = (int(latent_map.weight.shape[0]), encode_size * latent_size // image_size, encode_size * latent_size // image_size)
+    rgb: RenderInput
     if cfg.sds.rgb_mode == "image":
         # Image-space SDS needs no gradient through the VAE: both halves may run as engines.
-        n = max(1, max_prompts or 1)
-        encoder = make_image_encoder(model, cfg.model.backend, Path(cfg.model.engines_dir), batch_sizes=(n,))
-        decoder = make_latent_decoder(model, cfg.model.backend, Path(cfg.model.engines_dir), batch_sizes=(n,))
-    latent_size = int(model.unet.config.sample_size)
-    image_size = latent_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
-    return Frozen(model, predictor, encoder, latent_map, decoder, latent_size, image_size), embeddings
+        n = max(1, max_prompts)
+        engines = Path(cfg.model.engines_dir)
+        decoder: LatentDecoder = make_latent_decoder(model, cfg.model.backend, engines, batch_sizes=(n,))
+        encoder = make_image_encoder(model, cfg.model.backend, engines, batch_sizes=(n,))
+        rgb = ImageSpace(encoder, decoder, encode_size, cfg.camera.render_size, rgb_latents)
+    else:
+        rgb = VAEEncoding(encoder, encode_size, cfg.camera.render_size, rgb_latents)
+    inputs = {"latent": ColourMap(latent_map, latent_size), "rgb": rgb}
+    return Frozen(model, predictor, latent_map, inputs)
 
 
 def new_trainer(frozen: Frozen, cfg: RunConfig, num_slots: int, device: torch.device) -> Trainer:
     """A trainer of `num_slots` empty slots over a fresh K-prompt scene (fill them with `assign`)."""
     renderer = build_scene(cfg, num_prompts=num_slots, device=device)
-    guidance = SDSGuidance(frozen.predictor, frozen.model.alphas_cumprod, cfg.sds)
+    guidance = SDSGuidance(frozen.predictor, frozen.model.alphas_cumprod, cfg.sds, frozen.inputs)
     model = frozen.model
-    return Trainer(
-        cfg, renderer, guidance, frozen.encoder, frozen.latent_map, device, frozen.latent_size, frozen.image_size,
-        text_shape=(model.max_length, model.text_dim), text_dtype=model.dtype, decoder=frozen.decoder,
-    )  # fmt: skip
+    return Trainer(cfg, renderer, guidance, device, text_shape=(model.max_length, model.text_dim), text_dtype=model.dtype,
+                   colour_state=frozen.latent_map)  # fmt: skip

@@ -1,8 +1,8 @@
 """`generate`: one prompt from text to checkpoint, turntable, image grid, mesh and metrics.
 
-Input is checked before anything is written; the frozen model is loaded once, the prompt's
-embeddings come from the on-disk cache when they can, and the text encoder is freed before
-training starts.
+Input is checked before anything is written; then the one training loop (`driver.py`) runs a
+single job whose folder is ``--out``: the frozen model is loaded once, the prompt's embeddings
+come from the on-disk cache when they can, and the text encoder is freed before training starts.
 """
 
 from __future__ import annotations
@@ -11,14 +11,10 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
-from ..checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint
+from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..config import RunConfig
-from ..export.artifacts import RunOutputs, Scorer, write_outputs
-from ..scene import resolve_device
-from .frozen import load_frozen, new_trainer
-from .trainer import Trainer
+from ..export.artifacts import RunOutputs, Scorer
+from .driver import Driver, Job, checkpoint_step
 
 log = logging.getLogger(__name__)
 
@@ -64,42 +60,22 @@ def validate(cfg: RunConfig, resume: bool) -> Path:
     return out_dir
 
 
-def build_trainer(cfg: RunConfig, device: torch.device, checkpoint: Checkpoint | None = None) -> Trainer:
-    """Load the frozen model, embed the prompt, and assemble a one-slot Trainer holding it
-    (fresh from ``train.seed``, or from `checkpoint`)."""
-    frozen, (embedding,) = load_frozen(cfg, device, [cfg.prompt], max_prompts=1)
-    trainer = new_trainer(frozen, cfg, 1, device)
-    trainer.assign(0, cfg, embedding, checkpoint=checkpoint)
-    return trainer
-
-
-def builtin_scorer(cfg: RunConfig) -> Scorer | None:
-    """The scorer for runs of `cfg`'s model: the built-in prior's, or None (no known answer)."""
-    from ..prior import is_builtin
-
-    if not is_builtin(cfg.model.model):
-        return None
-    from ..prior.score import write_score
-
-    return write_score
-
-
-def generate(cfg: RunConfig, resume: bool = False, progress: bool = True) -> RunOutputs:
+def generate(cfg: RunConfig, resume: bool = False, progress: bool = True, scorer: Scorer | None = None) -> RunOutputs:
+    """Train one prompt into ``cfg.output.out`` and write its outputs: the training loop of
+    `batch` with one job whose folder is the output folder. A non-finite loss raises
+    FloatingPointError (the last good checkpoint is kept); Ctrl-C and SIGTERM/SIGUSR1 write a
+    checkpoint that ``resume`` continues from."""
     out_dir = validate(cfg, resume)
-    device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    # Scatter-adds into the hash tables otherwise accumulate in a thread-dependent order, so a
-    # resumed run would match an uninterrupted one only to float tolerance.
-    torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     cfg.output.out = str(out_dir)
-    checkpoint = load_checkpoint(out_dir, map_location=device) if resume else None
-    if checkpoint is not None and int(checkpoint.state.get("num_prompts", 1)) != 1:
-        raise ValueError(f"checkpoint '{out_dir}' holds {checkpoint.state.get('num_prompts')} prompts, --resume continues one")
-    trainer = build_trainer(cfg, device, checkpoint)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("training '%s' for %d iterations on %s -> %s", cfg.prompt.text, cfg.train.iters, device, out_dir)
-    trainer.fit(progress=progress)
-    return write_outputs(trainer.renderer, cfg, out_dir, builtin_scorer(cfg))
+    if resume:
+        step = load_checkpoint(out_dir).step  # a corrupt checkpoint fails here, before any loading
+        if step > cfg.train.iters:
+            raise ValueError(f"--resume: the checkpoint in '{out_dir}' is at step {step}, past --iters {cfg.train.iters}")
+    log.info("training '%s' for %d iterations -> %s", cfg.prompt.text, cfg.train.iters, out_dir)
+    job = Job("generate", cfg, out_dir, start_step=checkpoint_step(out_dir) if resume else 0)
+    driver = Driver(cfg, [job], concurrency=1, progress=progress, scorer=scorer, retries=0)
+    driver.run()
+    if job.error is not None:
+        raise (FloatingPointError if "non-finite" in job.error else ValueError)(job.error)
+    assert job.outputs is not None
+    return job.outputs

@@ -5,12 +5,8 @@ were optimised alone: its own Adam moments and step count (bias correction), its
 clipping, its own fp16 loss scale, and a non-finite gradient in one slot must not skip or
 poison the others' updates. A finished slot is refilled with a new prompt by resetting its rows.
 
-Parameters come in two kinds:
-
-- **stacked**: the leading dimension is K and row k belongs to slot k (hash tables
-  ``[K, L, T, F]``, MLP weights ``[K, in, out]``, biases ``[K, 1, out]``);
-- **owned**: the whole tensor belongs to one slot (per-prompt modules such as the tinycudann
-  encodings), given as ``(tensor, k)``.
+Every parameter is stacked: its leading dimension is K and row k belongs to slot k (hash
+tables ``[K, L, T, F]``, MLP weights ``[K, in, out]``, biases ``[K, 1, out]``).
 
 Per-slot quantities (step count, loss scale, masks) are ``[K]`` tensors on the parameters'
 device and every update is a masked tensor expression, so nothing here synchronises with the host.
@@ -25,21 +21,15 @@ from typing import Any, Sequence
 
 import torch
 
-SlotParam = tuple[torch.Tensor, int | None]  # (parameter, owning slot or None when stacked)
-
-
 @dataclass
 class SlotParamGroup:
-    params: list[SlotParam]
+    params: list[torch.Tensor]  # stacked over the K slots
     lr: float
 
 
-def _view(values: torch.Tensor, param: torch.Tensor, owner: int | None) -> torch.Tensor:
-    """A per-slot ``[K]`` tensor shaped to broadcast against `param`: ``[K, 1, ...]`` for a
-    stacked parameter, the owner's 0-d entry for an owned one."""
-    if owner is None:
-        return values.view(-1, *([1] * (param.dim() - 1)))
-    return values[owner]
+def _view(values: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A per-slot ``[K]`` tensor shaped ``[K, 1, ...]`` to broadcast against a stacked `param`."""
+    return values.view(-1, *([1] * (param.dim() - 1)))
 
 
 class SlotAdam:
@@ -69,26 +59,23 @@ class SlotAdam:
         self.num_slots = num_slots
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
-        params = [p for g in self.groups for p, _ in g.params]
+        params = [p for g in self.groups for p in g.params]
         if not params:
             raise ValueError("SlotAdam got no parameters")
         device = params[0].device
-        for g in self.groups:
-            for p, owner in g.params:
-                if owner is None and (p.dim() == 0 or p.shape[0] != num_slots):
-                    raise ValueError(f"a stacked parameter must have a leading dimension of {num_slots}, got {tuple(p.shape)}")
-                if owner is not None and not 0 <= owner < num_slots:
-                    raise ValueError(f"parameter owner {owner!r} is not a slot in [0, {num_slots})")
+        for p in params:
+            if p.dim() == 0 or p.shape[0] != num_slots:
+                raise ValueError(f"a stacked parameter must have a leading dimension of {num_slots}, got {tuple(p.shape)}")
         self.device = device
         self.step_count = torch.zeros(num_slots, dtype=torch.float32, device=device)  # [K]
         self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-        self._flat: list[tuple[torch.Tensor, int | None, float]] = [(p, o, g.lr) for g in self.groups for p, o in g.params]
+        self._flat: list[tuple[torch.Tensor, float]] = [(p, g.lr) for g in self.groups for p in g.params]
 
     # -- the update -------------------------------------------------------------------------------
 
     def zero_grad(self) -> None:
-        for p, _, _ in self._flat:
+        for p, _ in self._flat:
             p.grad = None
 
     @torch.no_grad()
@@ -102,17 +89,15 @@ class SlotAdam:
         k = self.num_slots
         sq = torch.zeros(k, dtype=torch.float32, device=self.device)
         grads: list[torch.Tensor | None] = []
-        for p, owner, _ in self._flat:
+        for p, _ in self._flat:
             g = p.grad
             if g is None:
                 grads.append(None)
                 continue
             if inv_scale is not None:
-                g.mul_(_view(inv_scale, g, owner).to(g.dtype))
-            if owner is None:  # a reduction per slot, without a gradient-sized temporary
-                sq += torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32).square()
-            else:
-                sq[owner] += torch.linalg.vector_norm(g, dtype=torch.float32).square()
+                g.mul_(_view(inv_scale, g).to(g.dtype))
+            # a reduction per slot, without a gradient-sized temporary
+            sq += torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32).square()
             grads.append(g)
         norm = sq.sqrt()  # [K]; inf or nan where some gradient is not finite
         finite = torch.isfinite(norm)
@@ -132,19 +117,19 @@ class SlotAdam:
         bc1 = torch.where(update, bc1, torch.ones_like(bc1))
         bc2_sqrt = torch.where(update, bc2_sqrt, torch.ones_like(bc2_sqrt)).float()
         neg_step: dict[float, torch.Tensor] = {}
-        for (p, owner, lr), g, m, v in zip(self._flat, grads, self.exp_avg, self.exp_avg_sq):
+        for (p, lr), g, m, v in zip(self._flat, grads, self.exp_avg, self.exp_avg_sq):
             if g is None:
                 continue
             # A skipped slot's (possibly non-finite) gradient becomes 0, so 0 * g cannot be nan.
-            g.masked_fill_(~_view(update, g, owner), 0.0)
+            g.masked_fill_(~_view(update, g), 0.0)
             if max_grad_norm > 0:
-                g.mul_(_view(clip, g, owner).to(g.dtype))
-            m.lerp_(g, _view(1.0 - keep1, m, owner).to(m.dtype))
-            v.mul_(_view(keep2, v, owner).to(v.dtype)).add_(g.square().mul_(_view(1.0 - keep2, v, owner).to(v.dtype)))
+                g.mul_(_view(clip, g).to(g.dtype))
+            m.lerp_(g, _view(1.0 - keep1, m).to(m.dtype))
+            v.mul_(_view(keep2, v).to(v.dtype)).add_(g.square().mul_(_view(1.0 - keep2, v).to(v.dtype)))
             if lr not in neg_step:
                 neg_step[lr] = torch.where(update, -lr / bc1, torch.zeros_like(bc1)).float()
-            denom = (v.sqrt() / _view(bc2_sqrt, v, owner)).add_(self.eps)
-            p.addcdiv_(m * _view(neg_step[lr], m, owner).to(m.dtype), denom)
+            denom = (v.sqrt() / _view(bc2_sqrt, v)).add_(self.eps)
+            p.addcdiv_(m * _view(neg_step[lr], m).to(m.dtype), denom)
         return update, norm
 
     # -- per-slot state -----------------------------------------------------------------------------
@@ -154,34 +139,23 @@ class SlotAdam:
         """Fresh Adam state for slot `k` (its prompt was replaced)."""
         self._check_slot(k)
         self.step_count[k] = 0.0
-        for (p, owner, _), m, v in zip(self._flat, self.exp_avg, self.exp_avg_sq):
-            if owner is None:
-                m[k].zero_()
-                v[k].zero_()
-            elif owner == k:
-                m.zero_()
-                v.zero_()
-
-    def _slot_indices(self, k: int) -> list[int]:
-        return [i for i, (_, owner, _) in enumerate(self._flat) if owner is None or owner == k]
+        for m, v in zip(self.exp_avg, self.exp_avg_sq):
+            m[k].zero_()
+            v[k].zero_()
 
     def slot_state_dict(self, k: int) -> dict[str, Any]:
         """Slot `k`'s state as `torch.optim.Adam.state_dict()` of a one-prompt scene: parameters
-        are numbered in this optimizer's order, skipping those owned by other slots, and every
-        stacked tensor keeps a leading dimension of 1. Tensors are views (copy before changing
-        this slot)."""
+        are numbered in this optimizer's order and every tensor keeps a leading dimension of 1.
+        Tensors are views (copy before changing this slot)."""
         self._check_slot(k)
         state: dict[int, dict[str, torch.Tensor]] = {}
         groups = []
         n = 0
         for g in self.groups:
             ids = []
-            for p, owner in g.params:
-                i = next(j for j, (q, _, _) in enumerate(self._flat) if q is p)
-                if owner is not None and owner != k:
-                    continue
-                sl = slice(k, k + 1) if owner is None else slice(None)
-                state[n] = {"step": self.step_count[k].clone(), "exp_avg": self.exp_avg[i][sl], "exp_avg_sq": self.exp_avg_sq[i][sl]}
+            for _ in g.params:
+                sl = slice(k, k + 1)
+                state[n] = {"step": self.step_count[k].clone(), "exp_avg": self.exp_avg[n][sl], "exp_avg_sq": self.exp_avg_sq[n][sl]}
                 ids.append(n)
                 n += 1
             groups.append({"lr": g.lr, "betas": list(self.betas), "eps": self.eps, "weight_decay": 0.0,
@@ -193,23 +167,21 @@ class SlotAdam:
         """Load a one-prompt Adam state (as written by `slot_state_dict`, or by
         `torch.optim.Adam` for the same parameters in the same order) into slot `k`."""
         self._check_slot(k)
-        indices = self._slot_indices(k)
         state = {int(i): s for i, s in state_dict.get("state", {}).items()}
         n_params = sum(len(g["params"]) for g in state_dict.get("param_groups", []))
-        if n_params != len(indices):
-            raise ValueError(f"optimizer state holds {n_params} parameters, a slot of this scene has {len(indices)}")
+        if n_params != len(self._flat):
+            raise ValueError(f"optimizer state holds {n_params} parameters, a slot of this scene has {len(self._flat)}")
         self.reset_slot(k)
         steps = []
-        for n, i in enumerate(indices):
+        for n in range(len(self._flat)):
             s = state.get(n)
             if not s:
                 continue  # a parameter that never got a gradient
-            p, owner, _ = self._flat[i]
-            for name, buf in (("exp_avg", self.exp_avg[i]), ("exp_avg_sq", self.exp_avg_sq[i])):
+            for name, buf in (("exp_avg", self.exp_avg[n]), ("exp_avg_sq", self.exp_avg_sq[n])):
                 src = s[name].to(buf.device, buf.dtype)
-                dst = buf[k] if owner is None else buf
+                dst = buf[k]
                 want = tuple(dst.shape)
-                if owner is None and tuple(src.shape) == (1, *want):
+                if tuple(src.shape) == (1, *want):
                     src = src[0]
                 if tuple(src.shape) != want:
                     raise ValueError(f"optimizer state '{name}' of parameter {n} has shape {tuple(src.shape)}, expected {want}")

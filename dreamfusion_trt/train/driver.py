@@ -1,0 +1,441 @@
+"""The one training loop: jobs (one prompt each) through K-slot trainers to their output folders.
+
+`generate` is a driver of one job writing into `--out`; `batch` is a driver of a prompts file's
+jobs, each into its own folder, with a manifest. Either way the frozen model is loaded and every
+prompt embedded once, a K-slot `Trainer` trains K prompts per step (one noise-predictor call for
+all of them), and when a prompt finishes its checkpoint and outputs are written and its slot
+takes the next job without stopping the others.
+
+Failures stay with their job: a non-finite loss (seen through the trainer's device-side flag at
+each poll) or an output that fails to write rolls that job back to its last checkpoint and
+retries it (`retries` times, with fresh random draws), then marks it failed with the reason.
+Running out of GPU memory at start-up halves K and says so; later, every job in flight goes back
+to its checkpoint and K halves. Ctrl-C, SIGTERM and SIGUSR1 (what `timeout`, Kubernetes and
+Slurm send before they kill) write every job's checkpoint: the signals between two steps, Ctrl-C
+where it lands. When the queue runs dry and at most half the slots are busy, the survivors move
+to a smaller trainer so the last prompts do not pay for empty slots.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
+from ..config import RunConfig
+from ..export.artifacts import RunOutputs, Scorer, write_outputs
+from ..guidance.text import PromptEmbeddings
+from ..scene import resolve_device, scene_from_checkpoint
+from .frozen import Frozen, load_frozen, make_predictor, new_trainer
+from .manifest import Manifest
+from .monitor import MetricsLog
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+CPU_CONCURRENCY = 2  # default K without a GPU
+MAX_CONCURRENCY = 64  # default K is never above this
+MEMORY_HEADROOM = 0.85  # share of free GPU memory the default K plans to use
+RETRIES = 1  # roll-backs per prompt before it is marked failed
+_RESEED = 1_000_003  # a retry draws other random numbers: seed + attempt * this
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after every job in flight was checkpointed."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 138 for SIGUSR1
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+@dataclass
+class Job:
+    id: str
+    cfg: RunConfig  # the prompt's own config: text, negative, seed, iters, output folder
+    folder: Path
+    line: int = 0  # in the prompts file
+    start_step: int = 0  # from its checkpoint, when one exists
+    embedding: PromptEmbeddings | None = None
+    attempts: int = 0
+    metrics: MetricsLog | None = None
+    started: float = 0.0
+    outputs: RunOutputs | None = None  # once done
+    error: str | None = None  # once failed
+
+
+def checkpoint_step(folder: Path) -> int:
+    """Step of the checkpoint in `folder` from its JSON sidecar (0 when there is none)."""
+    try:
+        return int(json.loads((folder / "checkpoint.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def setup_torch(cfg: RunConfig) -> torch.device:
+    """The run's device, with its determinism and TF32 settings applied."""
+    device = resolve_device(cfg.train.device)
+    # Scatter-adds into the hash tables otherwise accumulate in a thread-dependent order, so a
+    # resumed run would match an uninterrupted one only to float tolerance.
+    torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    return device
+
+
+class Driver:
+    def __init__(self, cfg: RunConfig, jobs: Sequence[Job], *, concurrency: int | None, progress: bool, scorer: Scorer | None,
+                 manifest: Manifest | None = None, retries: int = RETRIES, desc: str | None = None) -> None:  # fmt: skip
+        """`cfg` holds what every job shares; `concurrency` is K (None: from GPU memory, or 2 on
+        a CPU); `manifest` (batch) is kept up to date with every job's status."""
+        if concurrency is not None and concurrency < 1:
+            raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+        self.cfg = cfg
+        self.jobs = list(jobs)
+        self.concurrency = concurrency
+        self.progress = progress
+        self.scorer = scorer
+        self.manifest = manifest
+        self.retries = retries
+        self.desc = desc
+        self.done: list[Job] = []
+        self.failed: list[Job] = []
+        self.device = torch.device("cpu")
+        self.frozen: Frozen | None = None
+        self.trainer: Trainer | None = None
+        self.bar: Any = None
+        self.tick = 0
+        self._stop: int | None = None  # a stop signal that arrived
+
+    def _record(self, job: Job, **fields: Any) -> None:
+        if self.manifest is not None:
+            self.manifest.update(job.id, **fields)
+
+    # ------------------------------------------------------------------------------------------
+    # the run
+
+    def run(self) -> int:
+        """Train every job; returns the K it started with. Raises KeyboardInterrupt or
+        `Interrupted` after checkpointing when stopped."""
+        todo = self.jobs
+        cfg = self.cfg
+        self.device = device = setup_torch(cfg)
+        from_memory = self.concurrency is None and device.type == "cuda"
+        k = min(self.concurrency or CPU_CONCURRENCY, len(todo))
+        # From memory: probe with the eager UNet, then build the chosen backend for that K.
+        self.frozen, embeddings = load_frozen(cfg, device, [j.cfg.prompt for j in todo], max_prompts=None if from_memory else k)
+        for job, emb in zip(todo, embeddings):
+            job.embedding = dataclasses.replace(emb, cond=emb.cond.cpu(), uncond=emb.uncond.cpu())
+        if from_memory:
+            k = self._predictor_for(self._concurrency_from_memory(len(todo)))
+        trainer, k = self._start(k)
+        log.info("training %d prompt(s), %d at a time, on %s", len(todo), k, device)
+        queue: collections.deque[Job] = collections.deque(todo)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=sum(j.cfg.train.iters for j in todo), initial=sum(min(j.start_step, j.cfg.train.iters) for j in todo),
+                        disable=not self.progress, unit="it", dynamic_ncols=True, desc=self.desc)  # fmt: skip
+        self.tick = min((j.start_step for j in todo), default=0)  # logs land on the steps a lone prompt logs
+        try:
+            with self._stop_signals():
+                self._loop(queue)
+        except (KeyboardInterrupt, Interrupted):
+            self._interrupt()
+            raise
+        finally:
+            self.bar.close()
+        return k
+
+    @contextlib.contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGUSR1 set a flag the loop checks between steps (never mid-step or mid-write)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+        def stop(signum: int, frame: Any) -> None:
+            self._stop = signum
+
+        for s in STOP_SIGNALS:
+            signal.signal(s, stop)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _loop(self, queue: collections.deque[Job]) -> None:
+        while True:
+            if self._stop is not None:
+                raise Interrupted(self._stop)
+            trainer = self.trainer
+            for k in range(trainer.num_slots):
+                while trainer.slots[k] is None and queue:
+                    self._start_job(trainer, k, queue.popleft())
+            busy = trainer.active_slots
+            if not busy:
+                return
+            if not queue and trainer.num_slots > 1 and len(busy) <= trainer.num_slots // 2:
+                self._poll(trainer, write=False)
+                self._shrink(trainer)
+                continue
+            try:
+                trainer.train_step()
+            except torch.OutOfMemoryError:
+                self._out_of_memory(trainer, queue)
+                continue
+            self.tick += 1
+            self.bar.update(len(busy))
+            slots = {k: trainer.slots[k] for k in busy}
+            finished = [k for k, s in slots.items() if s.done]
+            every = [k for k, s in slots.items() if s.cfg.train.ckpt_every > 0 and s.step % s.cfg.train.ckpt_every == 0 and not s.done]
+            if self.tick % self.cfg.train.log_every == 0 or finished or every:
+                self._poll(trainer)
+                for k in every:
+                    if trainer.slots[k] is slots[k]:  # not rolled back or failed by the poll
+                        self._checkpoint(trainer, k)
+                for k in finished:
+                    if trainer.slots[k] is slots[k]:
+                        self._finish(trainer, k)
+            self.bar.set_postfix(done=len(self.done), failed=len(self.failed), queued=len(queue),
+                                 active=len(trainer.active_slots), refresh=False)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------
+    # trainers
+
+    def _concurrency_from_memory(self, n_prompts: int) -> int:
+        """K from the peak memory of one probe step with one slot and the free GPU memory."""
+        device = self.device
+        self._free_memory()
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        probe = new_trainer(self.frozen, self.cfg, 1, device)
+        probe.probe()
+        per_slot = max(torch.cuda.max_memory_allocated(device) - base, 1)
+        del probe
+        self._free_memory()
+        free, _ = torch.cuda.mem_get_info(device)
+        k = int(max(1, min(n_prompts, MAX_CONCURRENCY, MEMORY_HEADROOM * free // per_slot)))
+        log.info("one prompt's step needs %.2f GiB at its peak, %.1f GiB are free: %d prompt(s) at a time",
+                 per_slot / 2**30, free / 2**30, k)  # fmt: skip
+        return k
+
+    def _predictor_for(self, k: int) -> int:
+        """Build the configured noise predictor for k prompts; with built engines that do not
+        cover a batch of 2k, halve k until one does."""
+        while True:
+            try:
+                self.frozen.predictor = make_predictor(self.frozen.model, self.cfg, k)
+                return k
+            except (ValueError, FileNotFoundError) as exc:
+                if k == 1 or self.cfg.model.backend not in ("tensorrt", "aotinductor"):
+                    raise
+                log.warning("%d prompts at once need a UNet batch of %d: %s; trying %d", k, 2 * k, exc, k // 2)
+                k //= 2
+
+    def _start(self, k: int) -> tuple[Trainer, int]:
+        """A k-slot trainer that survived a probe step; k halves while memory runs out."""
+        while True:
+            trainer = None
+            try:
+                trainer = new_trainer(self.frozen, self.cfg, k, self.device)
+                trainer.probe()
+                self.trainer = trainer
+                return trainer, k
+            except torch.OutOfMemoryError as exc:
+                del trainer
+                self._free_memory()
+                if k == 1:
+                    raise ValueError(f"out of GPU memory with one prompt at a time: {str(exc).splitlines()[0]}") from exc
+                log.warning("out of GPU memory with %d prompts at once; lowering the concurrency to %d", k, k // 2)
+                k //= 2
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _shrink(self, trainer: Trainer) -> None:
+        """Move the busy slots to a trainer of just that many slots."""
+        busy = trainer.active_slots
+        smaller = new_trainer(self.frozen, self.cfg, len(busy), self.device)
+        for j, k in enumerate(busy):
+            old = trainer.slots[k]
+            slot = smaller.assign(j, old.cfg, old.tag.embedding, checkpoint=trainer.slot_checkpoint(k), tag=old.tag)
+            slot.polled_at, slot.polled_step, slot.elapsed_s = old.polled_at, old.polled_step, old.elapsed_s
+        log.info("%d prompt(s) left: continuing with %d slots instead of %d", len(busy), len(busy), trainer.num_slots)
+        self.trainer = smaller
+        del trainer
+        self._free_memory()
+
+    def _out_of_memory(self, trainer: Trainer, queue: collections.deque[Job]) -> None:
+        """Mid-run out of memory: every job in flight goes back to its last checkpoint (at the
+        front of the queue) and training continues with half the slots."""
+        if trainer.num_slots == 1:
+            raise ValueError("out of GPU memory while training with one prompt at a time")
+        k = trainer.num_slots // 2
+        log.warning("out of GPU memory with %d prompts at once; they restart from their last checkpoints with %d slots",
+                    trainer.num_slots, k)  # fmt: skip
+        for slot_index in reversed(trainer.active_slots):
+            slot = trainer.slots[slot_index]
+            job: Job = slot.tag
+            job.start_step = checkpoint_step(job.folder)
+            self.bar.update(job.start_step - slot.step)
+            if job.metrics is not None:
+                job.metrics.close()
+            queue.appendleft(job)
+        self.trainer = None
+        del trainer
+        self._free_memory()
+        self._start(k)
+
+    # ------------------------------------------------------------------------------------------
+    # one job
+
+    def _start_job(self, trainer: Trainer, k: int, job: Job, reseed: int | None = None) -> None:
+        try:
+            ckpt = load_checkpoint(job.folder, map_location=self.device) if (job.folder / CHECKPOINT_NAME).is_file() else None
+            if ckpt is not None and ckpt.config.prompt.text != job.cfg.prompt.text:
+                raise ValueError(f"'{job.folder}' holds a run of {ckpt.config.prompt.text!r}, not {job.cfg.prompt.text!r}")
+            if ckpt is not None and ckpt.step >= job.cfg.train.iters:
+                self._write(job, scene_from_checkpoint(ckpt, self.device), float(ckpt.state.get("elapsed_s", 0.0)))
+                return
+            job.folder.mkdir(parents=True, exist_ok=True)
+            slot = trainer.assign(k, job.cfg, job.embedding, checkpoint=ckpt, tag=job, reseed=reseed)
+        except (ValueError, OSError) as exc:
+            self._fail(job, f"could not start: {exc}")
+            return
+        if ckpt is not None and reseed is None:
+            log.info("%r resumes from its checkpoint at step %d of %d", job.cfg.prompt.text, slot.step, job.cfg.train.iters)
+        job.start_step = slot.step
+        job.started = job.started or time.perf_counter()
+        job.metrics = MetricsLog(job.folder, slot.step, tensorboard=job.cfg.train.tensorboard)
+        self._record(job, status="running", step=slot.step, attempts=job.attempts, line=job.line)
+        log.debug("slot %d: %r from step %d", k, job.cfg.prompt.text, slot.step)
+
+    def _poll(self, trainer: Trainer, write: bool = True) -> None:
+        for report in trainer.poll():
+            job: Job = trainer.slots[report.slot].tag
+            if not report.finite:
+                self._retry_or_fail(trainer, report.slot, f"non-finite loss ({report.row['loss']}) by step {report.step}")
+            elif write and job.metrics is not None:
+                job.metrics.write(report.row)
+
+    def _checkpoint(self, trainer: Trainer, k: int) -> None:
+        job: Job = trainer.slots[k].tag
+        try:
+            trainer.save_slot(k)
+        except OSError as exc:
+            self._retry_or_fail(trainer, k, f"checkpoint could not be written: {exc}")
+            return
+        self._record(job, step=trainer.slots[k].step)
+
+    def _retry_or_fail(self, trainer: Trainer, k: int, reason: str) -> None:
+        """Roll slot k's job back to its last checkpoint and retry, else mark it failed."""
+        slot = trainer.slots[k]
+        job: Job = slot.tag
+        trainer.release(k)
+        if job.metrics is not None:
+            job.metrics.close()
+        lost = slot.step - checkpoint_step(job.folder)
+        if job.attempts >= self.retries:
+            self.bar.total -= job.cfg.train.iters - slot.step
+            self.bar.refresh()
+            tried = f"; already rolled back and retried {job.attempts} time(s)" if self.retries else "; last good checkpoint kept"
+            self._fail(job, reason + tried)
+            return
+        job.attempts += 1
+        self.bar.update(-lost)
+        log.warning("prompt %r: %s; rolling back to its last checkpoint (step %d) and retrying",
+                    job.cfg.prompt.text, reason, slot.step - lost)  # fmt: skip
+        self._start_job(trainer, k, job, reseed=job.cfg.train.seed + job.attempts * _RESEED)
+
+    def _fail(self, job: Job, reason: str) -> None:
+        log.error("prompt %r failed: %s", job.cfg.prompt.text, reason)
+        job.error = reason
+        wall = time.perf_counter() - job.started if job.started else 0.0
+        self._record(job, status="failed", error=reason, attempts=job.attempts, wall_s=round(wall, 2))
+        self.failed.append(job)
+
+    def _finish(self, trainer: Trainer, k: int) -> None:
+        slot = trainer.slots[k]
+        job: Job = slot.tag
+        try:
+            trainer.save_slot(k)
+        except OSError as exc:
+            self._retry_or_fail(trainer, k, f"final checkpoint could not be written: {exc}")
+            return
+        scene = scene_from_checkpoint(trainer.slot_checkpoint(k), self.device)  # a copy: the slot is refilled next
+        trainer.release(k)
+        if job.metrics is not None:
+            job.metrics.close()
+        self._record(job, step=slot.step)
+        self._write(job, scene, slot.elapsed_s)
+
+    def _write(self, job: Job, scene: Any, train_s: float) -> None:
+        """Write a finished job's outputs; on failure reload its checkpoint and try once more."""
+        start = time.perf_counter()
+        for attempt in range(RETRIES + 1):
+            try:
+                outputs = write_outputs(scene, job.cfg, job.folder, self.scorer)
+                break
+            except Exception as exc:  # noqa: BLE001 -- one prompt's broken output must not stop the others
+                if attempt >= RETRIES:
+                    self._fail(job, f"outputs could not be written: {type(exc).__name__}: {exc}")
+                    return
+                log.warning("prompt %r: outputs could not be written (%s); retrying from its checkpoint", job.cfg.prompt.text, exc)
+                try:
+                    scene = scene_from_checkpoint(load_checkpoint(job.folder, map_location=self.device), self.device)
+                except (ValueError, FileNotFoundError) as load_exc:
+                    self._fail(job, f"outputs could not be written ({exc}) and the checkpoint did not reload: {load_exc}")
+                    return
+        job.outputs = outputs
+        if self.manifest is not None:
+            rel = lambda p: str(Path(p).relative_to(self.manifest.out_dir))  # noqa: E731
+            paths = {"checkpoint": rel(outputs.checkpoint), "turntable": rel(outputs.turntable), "grid": rel(outputs.grid),
+                     "meshes": [rel(m) for m in outputs.meshes], "metrics": rel(outputs.metrics)}  # fmt: skip
+            if outputs.score is not None:
+                paths["score"] = rel(outputs.score)
+            wall = train_s + time.perf_counter() - start
+            self._record(job, status="done", step=job.cfg.train.iters, outputs=paths, error=None, wall_s=round(wall, 2))
+        self.done.append(job)
+        log.info("done: %r -> %s", job.cfg.prompt.text, job.folder)
+
+    def _interrupt(self) -> None:
+        """Stopped: checkpoint every job in flight (unless its loss went non-finite)."""
+        trainer, saved = self.trainer, 0
+        if trainer is not None:
+            for report in trainer.poll():
+                job: Job = trainer.slots[report.slot].tag
+                if report.finite:
+                    try:
+                        trainer.save_slot(report.slot)
+                        saved += 1
+                    except OSError as exc:
+                        log.error("prompt %r: checkpoint could not be written on interrupt: %s", job.cfg.prompt.text, exc)
+                self._record(job, status="pending", step=checkpoint_step(job.folder))
+                if job.metrics is not None:
+                    job.metrics.close()
+        if self.manifest is not None:
+            for record in self.manifest.records.values():
+                if record.status == "running":
+                    record.status = "pending"
+            self.manifest.save()
+        why = f"stopped by {signal.Signals(self._stop).name}" if self._stop is not None else "interrupted"
+        log.warning("%s; %d checkpoint(s) written; the same command with --resume (generate) or again (batch) continues", why, saved)
