@@ -13,6 +13,7 @@ from tiny_sd import tiny_sd_paths  # noqa: F401  (session fixture)
 from dreamfusion_trt import cli
 from dreamfusion_trt.checkpoint import load_checkpoint
 from dreamfusion_trt.config import from_dict
+from dreamfusion_trt.export.artifacts import RunOutputs
 from dreamfusion_trt.engines.eager import EagerImageEncoder
 from dreamfusion_trt.guidance.sds import SDSGuidance
 from dreamfusion_trt.train import batch as batch_mod
@@ -103,7 +104,7 @@ ALONE_ARGS = {  # the same prompts through `generate`
 
 
 @pytest.mark.slow
-def test_prompts_trained_together_equal_each_trained_alone(tmp_path, tiny_sd_paths, per_sample_networks, caplog):
+def test_prompts_trained_together_equal_each_trained_alone(tmp_path, tiny_sd_paths, per_sample_networks, caplog, monkeypatch):
     """Three prompts of different lengths on two slots: the phases mix within a step, the first
     slot to finish is refilled, the last prompt moves to a one-slot trainer; every checkpoint
     equals `generate` of that prompt alone, bit for bit. (Both phases render 8x8 here, as both
@@ -126,6 +127,11 @@ def test_prompts_trained_together_equal_each_trained_alone(tmp_path, tiny_sd_pat
         assert [int(r["step"]) for r in rows] == list(range(1, record["iters"] + 1))
         assert record["step"] == record["iters"] and record["wall_s"] > 0
 
+    # Each prompt alone through `generate`; only its checkpoint is compared, so no media is written.
+    def checkpoint_only(scene, cfg, folder, scorer):
+        return RunOutputs(folder, folder / "checkpoint.safetensors", None, None, [], folder / "metrics.csv")
+
+    monkeypatch.setattr(driver_mod, "write_outputs", checkpoint_only)
     for record in records:
         alone = tmp_path / f"alone-{record['id']}"
         assert _run(tmp_path, tiny_sd_paths, "generate", record["prompt"], "--out", str(alone), *ALONE_ARGS[record["prompt"]]) == 0
@@ -247,8 +253,15 @@ def test_a_failing_prompt_is_isolated_and_the_others_finish(tmp_path, tiny_sd_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["batch", "cache", "prompts.txt"])  # nothing escaped
 
     # A re-run leaves finished and failed prompts alone; --retry-failed runs the failed one again.
+    done_mtime = (out / records["CON"].id / "checkpoint.safetensors").stat().st_mtime_ns
     assert cli.main(["batch", str(prompts), "--out", str(out), "--quiet"]) == 0
     assert Manifest.load(out).records[chair.id].status == "failed"
+    monkeypatch.setattr(SDSGuidance, "__call__", real_sds)  # the chair's loss is finite from now on
+    assert cli.main(["batch", str(prompts), "--out", str(out), "--quiet", "--retry-failed"]) == 0
+    again = Manifest.load(out).records
+    assert again[chair.id].status == "done" and again[chair.id].error is None
+    assert (out / chair.id / "mesh.glb").is_file()
+    assert (out / records["CON"].id / "checkpoint.safetensors").stat().st_mtime_ns == done_mtime  # done: not retrained
 
 
 @pytest.mark.slow
