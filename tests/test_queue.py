@@ -376,3 +376,34 @@ def test_a_killed_rank_costs_nothing_but_time(tmp_path):
         assert final[pid].record.info["start"] >= step  # == unless a starved survivor lost it to the other
         rest = _chain(tmp_path, pid)[left[pid]:]
         assert rest[0] == "lease" and rest[-1] == "done" and set(rest[1:-1]) == {"lease"}
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_the_queue_and_recover_from_a_sigkill(tmp_path):
+    """Three torchrun ranks (CPU); rank 1 SIGKILLs itself mid-prompt. torchrun stops the other
+    two (they checkpoint and release on its SIGTERM) and restarts the group once; every prompt
+    ends done exactly once and the interrupted ones resume from their checkpoints."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "smoke"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "--max-restarts", "1",
+           str(repo / "examples" / "slurm" / "smoke_queue.py"), "--out", str(out), "--prompts", "6", "--steps", "30",
+           "--kill-rank", "1"]  # fmt: skip
+    environ = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(cmd, cwd=repo, env=environ, capture_output=True, text=True, timeout=240, check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    report = json.loads((out / "smoke.json").read_text())
+    assert report["all_done_once"] and report["world_size"] == 3 and report["launcher"] == "torchrun"
+    assert report["resumed"], log[-3000:]  # something was interrupted and picked up from its step
+    for pid, start in report["resumed"].items():
+        assert 0 < start < 30 and _chain(tmp_path / "smoke", pid)[-1] == "done"
+    qdir = queue_dir(out)
+    taken = []  # (gen, rank) of leases that ended without a record by their holder: the SIGKILL
+    for pid in report["resumed"]:
+        chain = [json.loads((qdir / f"{pid}.{g}").read_text()) for g in range(len(_chain(out, pid)))]
+        taken += [(a["gen"], a["rank"]) for a, b in zip(chain, chain[1:]) if a["kind"] == b["kind"] == "lease" and a["token"] != b["token"]]
+    assert any(rank == 1 for _, rank in taken), taken
