@@ -31,7 +31,13 @@ from pathlib import Path
 import torch
 
 from dreamfusion_trt.atomic import atomic_write_text
-from dreamfusion_trt.train.distributed import ProgressReporter, StopFlag, device_for, dist_env, format_summary
+from dreamfusion_trt.train.distributed import (
+    ProgressReporter,
+    StopFlag,
+    device_for,
+    dist_env,
+    format_summary,
+)
 from dreamfusion_trt.train.queue import PromptQueue, read_states
 
 
