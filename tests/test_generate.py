@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import signal
 
 import imageio.v2 as imageio
 import pytest
@@ -205,3 +207,34 @@ def test_image_space_sds_trains_with_inference_only_vae(tmp_path, tiny_sd_paths,
     assert len(calls) == 2 and calls[0][1] == 3  # the two RGB steps went through image-space SDS
     assert len(encodes) >= 2 and not any(grad or needs for grad, needs in encodes)  # no graph through the VAE
     assert (out / "mesh.glb").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
+def test_sigterm_and_sigusr1_leave_a_resumable_checkpoint(tmp_path, tiny_sd_paths, monkeypatch, capsys, signum, code):
+    """What Slurm, Kubernetes and `timeout` send before they kill: the step in flight finishes,
+    the checkpoint is written, the exit code says which signal, and --resume finishes the run."""
+    real_step = trainer_mod.Trainer.train_step
+
+    def signal_at_3(self, *args, **kwargs):
+        real_step(self, *args, **kwargs)
+        if self.slots[0].step == 3:
+            os.kill(os.getpid(), signum)  # delivered to the handler right here, between two steps
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", signal_at_3)
+    out = tmp_path / "run"
+    assert _generate(tmp_path, tiny_sd_paths, out, "--iters", "6", "--train.ckpt_every", "1000") == code
+    assert f"stopped by {signal.Signals(signum).name}" in capsys.readouterr().err
+    assert load_checkpoint(out).step == 3 and not (out / "mesh.glb").exists()
+    assert not list(out.glob(".*tmp*"))  # nothing half-written
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    assert cli.main(["generate", "--resume", "--out", str(out), "--quiet", "--device", "cpu"]) == 0
+    assert load_checkpoint(out).step == 6 and (out / "mesh.glb").is_file()
+    assert signal.getsignal(signum) is signal.SIG_DFL  # the handler is gone once training ends
+
+
+def test_resume_past_the_last_iteration_is_refused(tmp_path, tiny_sd_paths, capsys):
+    out = tmp_path / "run"
+    assert _generate(tmp_path, tiny_sd_paths, out, "--iters", "2") == 0
+    assert cli.main(["generate", "--resume", "--out", str(out), "--iters", "1", "--device", "cpu", "--quiet"]) == 2
+    assert "at step 2, past --iters 1" in _error(capsys)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import typing
 import logging
+import typing
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 
 from ..atomic import atomic_write_text
-from ..config import FieldConfig, RunConfig, from_dict, to_dict
+from ..config import FieldConfig, NormalsMode, RunConfig, from_dict, to_dict
 from ..guidance.text import NO_VIEW, VIEWS, PromptEmbeddings
 from ..sdmodel import DiffusionModel
 from ..train.monitor import StageTimer
@@ -143,6 +143,8 @@ def bench_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
         overrides["render"] = {"backend": args.render_backend}
     overrides["sds"] = {"rgb_mode": args.rgb_mode}
     overrides["field"] = {"backend": args.field_backend}
+    if args.field_normals:
+        overrides["field"]["normals"] = args.field_normals
     return from_dict(overrides, cfg)
 
 
@@ -273,6 +275,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--render-backend", choices=("auto", "nerfacc", "torch"), help="render.backend (default: auto)")
     p.add_argument("--field-backend", choices=typing.get_args(typing.get_type_hints(FieldConfig)["backend"]), default="auto",
                    help="hash-grid implementation, as training picks it by default (default: %(default)s)")
+    p.add_argument("--field-normals", choices=typing.get_args(NormalsMode), default=None,
+                   help="field.normals (default: the config's)")
     p.add_argument("--rgb-mode", choices=("latent", "image"), default="latent",
                    help="RGB phase: latent SDS through the VAE encoder, or image-space SDS with inference-only VAE (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the renderer / field")
