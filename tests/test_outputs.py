@@ -105,6 +105,18 @@ def test_a_failing_scorer_and_grid_do_not_stop_the_rest(scene, tmp_path, monkeyp
     assert out.meshes[0].is_file() and out.turntable.is_file() and out.grid is None
 
 
+def test_turntable_and_grid_views_from_one_pass_equal_per_shading_renders(scene):
+    renderer, cfg = scene
+    renderer.eval()
+    modes = list(artifacts.TURNTABLE_PANELS) + ["albedo"]
+    light = (0.0, 0.0, 1.0)
+    many = artifacts.render_views_shadings(renderer, cfg, 3, 8, modes, light_dir=light)
+    for m in modes:
+        single = artifacts.render_views(renderer, cfg, 3, 8, m, light_dir=light)  # [K, n, H, W, 3]
+        assert many[m].shape == single.shape == (1, 3, 8, 8, 3)
+        torch.testing.assert_close(many[m], single)
+
+
 # ---------------------------------------------------------------------------------------------
 # MP4 writers
 

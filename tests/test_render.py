@@ -326,6 +326,29 @@ def test_render_image_is_chunk_independent_and_matches_render():
     assert not full["rgb"].requires_grad  # evaluation images carry no graph
 
 
+def test_one_pass_gives_every_shading_as_separate_renders_do(monkeypatch):
+    """issue 11 item 3: one field query per chunk serves all shadings of the outputs."""
+    renderer = _renderer(k=2, field_cfg=FIELD).eval()
+    with torch.no_grad():
+        renderer.field.encoding.tables.normal_(0, 0.5)
+    cams = orbit_cameras(2, elevation_deg=20.0, radius=2.5, fovy_deg=45.0)
+    modes = ["albedo", "lambertian", "textureless", "normal"]
+    singles = {m: renderer.render_image(cams, 6, 7, shading=m, need_normals=True, chunk=16) for m in modes}
+    calls = []
+    query = renderer.field.query
+    monkeypatch.setattr(renderer.field, "query", lambda *a, **kw: calls.append(1) or query(*a, **kw))
+    many = renderer.render_image_shadings(cams, 6, 7, modes, chunk=16)
+    assert len(calls) == math.ceil(42 / 16)  # one query per chunk, not one per chunk and mode
+    assert list(many) == modes
+    for m in modes:  # the same computation at float32 precision
+        assert many[m].keys() == singles[m].keys() == {"rgb", "opacity", "depth", "normal"}
+        for key in singles[m]:
+            torch.testing.assert_close(many[m][key], singles[m][key])
+    assert not torch.allclose(many["albedo"]["rgb"], many["normal"]["rgb"])
+    with pytest.raises(ValueError, match="shading must be one of"):
+        renderer.render_image_shadings(cams, 4, 4, ["albedo", "glossy"])
+
+
 def test_state_dict_round_trip_renders_the_same_image():
     cfg = dataclasses.replace(RENDER, backend="auto")
     a = _renderer(k=2, field_cfg=FIELD, render_cfg=cfg).eval()
@@ -447,6 +470,11 @@ def test_packed_path_with_pytorch_kernels_matches_torch_renderer(monkeypatch):
     assert got.num_samples < expected.num_samples
     for name in ("rgb", "opacity", "depth", "normal", "orientation"):
         torch.testing.assert_close(getattr(got, name), getattr(expected, name), atol=1e-5, rtol=1e-4)
+    # Several shadings from one packed pass equal the packed renders one mode at a time.
+    many = renderer.render_shadings(o, d, light, ["normal", "lambertian", "albedo"])
+    torch.testing.assert_close(many["lambertian"].rgb, got.rgb)
+    for mode in ("normal", "albedo"):
+        torch.testing.assert_close(many[mode].rgb, renderer.render(o, d, light, shading=mode, need_normals=True).rgb)
 
 
 @pytest.mark.gpu

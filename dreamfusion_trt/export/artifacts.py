@@ -8,7 +8,7 @@ import logging
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from .mesh import extract_mesh, save_meshes
 log = logging.getLogger(__name__)
 
 TURNTABLE_PANELS = ("lambertian", "normal", "textureless")
+GRID_ROWS = ("albedo", "lambertian", "normal")  # only "lambertian" depends on the light
 CHECKPOINT_FILE = "checkpoint.safetensors"  # written by the trainer, listed here with the rest
 
 # Scores a finished run folder (its mesh against a known answer) and returns the file it wrote,
@@ -104,25 +105,43 @@ def _repeat_for_prompts(cams, index: int, k: int):
     return CameraBatch(**{name: t[index : index + 1].expand(k, *t.shape[1:]).contiguous() for name, t in cams.__dict__.items()})
 
 
+def image_chunk(device: torch.device, k: int) -> int:
+    """Rays per prompt per render call for output images: 2^15 rays in all on a GPU (a 256^2
+    view in two calls), 4096 per prompt on a CPU (where bigger calls gain nothing)."""
+    return max(4096, 2**15 // max(k, 1)) if device.type == "cuda" else 4096
+
+
 @torch.no_grad()
-def render_views(renderer: Renderer, cfg: RunConfig, n: int, size: int, shading: str, light_dir=None) -> torch.Tensor:
-    """Render `n` orbit views of every prompt: float [K, n, H, W, 3] in [0, 1] on the CPU."""
+def render_views_shadings(
+    renderer: Renderer, cfg: RunConfig, n: int, size: int, shadings: Sequence[str], light_dir=None
+) -> dict[str, torch.Tensor]:
+    """Render `n` orbit views of every prompt in each mode of `shadings`, from one render pass per
+    view (density, albedo and normals are shared; only the shading differs):
+    ``{mode: float [K, n, H, W, 3] in [0, 1] on the CPU}``."""
     k = renderer.num_prompts
     cams = _orbit(cfg, n, light_dir)
     device = next(renderer.parameters()).device
-    frames = []
+    chunk = image_chunk(device, k)
+    frames: dict[str, list[torch.Tensor]] = {m: [] for m in dict.fromkeys(shadings)}
     for i in range(n):
         view = _repeat_for_prompts(cams, i, k).to(device)
-        out = renderer.render_image(view, size, size, shading, cfg.render.ambient_ratio)
-        frames.append(out["rgb"].float().clamp(0, 1).cpu())  # [K, H, W, 3]
-    return torch.stack(frames, dim=1)
+        outs = renderer.render_image_shadings(view, size, size, list(frames), cfg.render.ambient_ratio, chunk=chunk)
+        for m, out in outs.items():
+            frames[m].append(out["rgb"].float().clamp(0, 1).cpu())  # [K, H, W, 3]
+    return {m: torch.stack(f, dim=1) for m, f in frames.items()}
+
+
+def render_views(renderer: Renderer, cfg: RunConfig, n: int, size: int, shading: str, light_dir=None) -> torch.Tensor:
+    """Render `n` orbit views of every prompt: float [K, n, H, W, 3] in [0, 1] on the CPU."""
+    return render_views_shadings(renderer, cfg, n, size, [shading], light_dir)[shading]
 
 
 def write_turntables(renderer: Renderer, cfg: RunConfig, paths: list[Path]) -> None:
-    """One MP4 per prompt: lambertian | normals | textureless, side by side, one orbit."""
+    """One MP4 per prompt: lambertian | normals | textureless, side by side, one orbit (all three
+    from one render pass per frame)."""
     n, size = cfg.output.video_frames, cfg.output.video_size
-    panels = [render_views(renderer, cfg, n, size, shading) for shading in TURNTABLE_PANELS]
-    video = torch.cat(panels, dim=3)  # [K, n, H, 3W, 3]
+    views = render_views_shadings(renderer, cfg, n, size, TURNTABLE_PANELS)
+    video = torch.cat([views[m] for m in TURNTABLE_PANELS], dim=3)  # [K, n, H, 3W, 3]
     for k, path in enumerate(paths):
         write_video(to_uint8(video[k]), path, fps=cfg.output.video_fps)
         log.info("turntable: %s", path)
@@ -130,13 +149,12 @@ def write_turntables(renderer: Renderer, cfg: RunConfig, paths: list[Path]) -> N
 
 def write_grids(renderer: Renderer, cfg: RunConfig, paths: list[Path], light_dir=None) -> None:
     """One PNG per prompt: a row of albedo views over a row of shaded views (relit when
-    `light_dir` is a world-space direction, otherwise lit from each camera)."""
+    `light_dir` is a world-space direction, otherwise lit from each camera) over a row of
+    normals, all from one render pass per view (albedo and normals ignore the light)."""
     n, size = cfg.output.grid_views, cfg.output.video_size
-    albedo = render_views(renderer, cfg, n, size, "albedo")
-    shaded = render_views(renderer, cfg, n, size, "lambertian", light_dir)
-    normal = render_views(renderer, cfg, n, size, "normal")
+    views = render_views_shadings(renderer, cfg, n, size, GRID_ROWS, light_dir)
     for k, path in enumerate(paths):
-        rows = torch.cat([albedo[k], shaded[k], normal[k]], dim=0)
+        rows = torch.cat([views[m][k] for m in GRID_ROWS], dim=0)
         write_png(image_grid(to_uint8(rows), cols=n), path)
         log.info("image grid: %s", path)
 

@@ -26,6 +26,7 @@ generator.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from ..config import RenderConfig
 from ..field.background import Background
 from ..field.nerf import FieldOutput, NeRFField
 from . import volrend
+from .occupancy import DERIVED_GRID_BUFFERS, OccupancyGrid, upgrade_scene_state
 from .sampling import ray_aabb_intersect, stratified_intervals
 from .shading import NEEDS_NORMALS, SHADING_MODES, shade, shade_per_prompt
 
@@ -80,45 +82,6 @@ class RenderOutput:
     orientation: torch.Tensor | None = None  # [K] Ref-NeRF penalty, mean over rays of sum w max(0, n.d)^2
     orientation_rays: torch.Tensor | None = None  # [K, R] the penalty of each ray (before that mean)
     num_samples: int = 0  # field samples composited (for logs)
-
-
-# Buffers of a nerfacc estimator that follow from the config (not saved).
-DERIVED_GRID_BUFFERS = ("resolution", "aabbs")
-
-
-class OccupancyGrid(nn.Module):
-    """The occupancy state of one prompt without nerfacc: the tensors a one-level
-    `nerfacc.OccGridEstimator` saves, with the same names, shapes and dtypes, so its state_dict
-    is interchangeable with the estimator's. Unused by the torch sampler; kept so the scene
-    carries its grid to a machine where nerfacc marches it.
-
-    ``occs [R^3]`` float32: the running occupancy value of each cell (nerfacc's cell order);
-    ``binaries [1, R, R, R]`` bool: cells the marcher visits.
-    """
-
-    def __init__(self, resolution: int) -> None:
-        super().__init__()
-        if resolution < 1:
-            raise ValueError(f"render.grid_resolution must be at least 1, got {resolution!r}")
-        self.register_buffer("occs", torch.zeros(resolution**3))
-        self.register_buffer("binaries", torch.zeros(1, resolution, resolution, resolution, dtype=torch.bool))
-
-
-def upgrade_scene_state(state: Mapping[str, torch.Tensor], num_prompts: int, grid_resolution: int) -> dict[str, torch.Tensor]:
-    """A scene state in today's backend-neutral form (a new dict; tensors are not copied).
-
-    Scenes saved by older versions differ only in the occupancy grids: with nerfacc they also
-    hold each estimator's derived ``resolution`` and ``aabbs`` (dropped here); without nerfacc
-    they hold no grid at all (given fully occupied grids here, what such a scene rendered with).
-    """
-    out = {k: v for k, v in state.items() if not (k.startswith("estimators.") and k.rsplit(".", 1)[-1] in DERIVED_GRID_BUFFERS)}
-    if not any(k.startswith("estimators.") for k in out):
-        logger.debug("scene state without occupancy grids (saved without nerfacc by an older version): grids start full")
-        r = grid_resolution
-        for i in range(num_prompts):
-            out[f"estimators.{i}.occs"] = torch.zeros(r**3)
-            out[f"estimators.{i}.binaries"] = torch.ones(1, r, r, r, dtype=torch.bool)
-    return out
 
 
 def _nerfacc():
@@ -231,17 +194,68 @@ class Renderer(nn.Module):
         `background` (``[K, R, 3]`` or ``[K, 1, 3]``) replaces the Background module's colours.
         """
         k = self.num_prompts
+        self._check_rays(rays_o, rays_d, light_dir)
+        mode = self._resolve_shading(shading, k, rays_o.device)
+        return self._render_many(
+            rays_o, rays_d, light_dir, [mode], ambient_ratio, generator, need_normals, stratified, background, jitter
+        )[0]
+
+    def render_shadings(
+        self,
+        rays_o: torch.Tensor,
+        rays_d: torch.Tensor,
+        light_dir: torch.Tensor,
+        shadings: Sequence[str],
+        ambient_ratio: float = 0.1,
+        generator: torch.Generator | None = None,
+        stratified: bool | None = None,
+        background: torch.Tensor | None = None,
+        jitter: torch.Tensor | None = None,
+    ) -> dict[str, RenderOutput]:
+        """`render` for several shading modes at once: the samples, the field query (density,
+        albedo, normals), the weights, opacity, depth and normals are computed once and only the
+        shading differs, so N modes cost about one render. Returns ``{mode: RenderOutput}``, each
+        equal to ``render(..., shading=mode, need_normals=<any mode needs them>)``; the outputs
+        share every tensor but ``rgb``."""
+        self._check_rays(rays_o, rays_d, light_dir)
+        modes = list(dict.fromkeys(shadings))
+        if not modes:
+            raise ValueError("render_shadings needs at least one shading mode")
+        resolved = [self._resolve_shading(m, self.num_prompts, rays_o.device) for m in modes]
+        outs = self._render_many(
+            rays_o, rays_d, light_dir, resolved, ambient_ratio, generator, False, stratified, background, jitter
+        )
+        return dict(zip(modes, outs))
+
+    def _check_rays(self, rays_o: torch.Tensor, rays_d: torch.Tensor, light_dir: torch.Tensor) -> None:
+        k = self.num_prompts
         if rays_o.dim() != 3 or rays_o.shape[0] != k or rays_o.shape[-1] != 3 or rays_d.shape != rays_o.shape:
             raise ValueError(
                 f"expected rays_o and rays_d of shape [{k}, R, 3], got {tuple(rays_o.shape)} and {tuple(rays_d.shape)}"
             )
         if light_dir.shape != (k, 3):
             raise ValueError(f"expected light_dir of shape [{k}, 3], got {tuple(light_dir.shape)}")
-        mode = self._resolve_shading(shading, k, rays_o.device)
-        if isinstance(mode, str):
-            need_normals = need_normals or mode in NEEDS_NORMALS
-        else:
-            need_normals = need_normals or any(m in NEEDS_NORMALS for m in mode.modes)
+
+    def _render_many(
+        self,
+        rays_o: torch.Tensor,
+        rays_d: torch.Tensor,
+        light_dir: torch.Tensor,
+        modes: list[str | _PromptShading],
+        ambient_ratio: float,
+        generator: torch.Generator | None,
+        need_normals: bool,
+        stratified: bool | None,
+        background: torch.Tensor | None,
+        jitter: torch.Tensor | None,
+    ) -> list[RenderOutput]:
+        """One sampling and field query, one RenderOutput per resolved shading in `modes`."""
+        k = self.num_prompts
+        for mode in modes:
+            if isinstance(mode, str):
+                need_normals = need_normals or mode in NEEDS_NORMALS
+            else:
+                need_normals = need_normals or any(m in NEEDS_NORMALS for m in mode.modes)
         stratify = self.training if stratified is None else stratified
         if jitter is not None:
             want = (k, rays_o.shape[1], self.cfg.num_samples)
@@ -249,9 +263,9 @@ class Renderer(nn.Module):
                 raise ValueError(f"expected jitter of shape {list(want)}, got {tuple(jitter.shape)}")
         rays_o, rays_d, light_dir = rays_o.float(), rays_d.float(), light_dir.float()
         if self.backend_for(rays_o.device) == "nerfacc":
-            out = self._render_nerfacc(rays_o, rays_d, light_dir, mode, ambient_ratio, need_normals, stratify)
+            outs = self._render_nerfacc(rays_o, rays_d, light_dir, modes, ambient_ratio, need_normals, stratify)
         else:
-            out = self._render_torch(rays_o, rays_d, light_dir, mode, ambient_ratio, need_normals, stratify, generator, jitter)
+            outs = self._render_torch(rays_o, rays_d, light_dir, modes, ambient_ratio, need_normals, stratify, generator, jitter)
         if background is None:
             bg = self.background(rays_d, generator=generator)  # [K, R, 3]
         else:
@@ -260,9 +274,10 @@ class Renderer(nn.Module):
                     f"expected a background of shape [{k}, R, 3] or [{k}, 1, 3], got {tuple(background.shape)}"
                 )
             bg = background.to(rays_d.device, torch.float32).expand(rays_d.shape)
-        out.background = bg
-        out.rgb = volrend.composite_background(out.rgb, out.opacity[..., None], bg)
-        return out
+        for out in outs:
+            out.background = bg
+            out.rgb = volrend.composite_background(out.rgb, out.opacity[..., None], bg)
+        return outs
 
     @staticmethod
     def _resolve_shading(shading: Shading, k: int, device: torch.device) -> str | _PromptShading:
@@ -291,13 +306,13 @@ class Renderer(nn.Module):
         rays_o: torch.Tensor,
         rays_d: torch.Tensor,
         light_dir: torch.Tensor,
-        shading: str | _PromptShading,
+        shadings: list[str | _PromptShading],
         ambient_ratio: float,
         need_normals: bool,
         stratify: bool,
         generator: torch.Generator | None,
         jitter: torch.Tensor | None = None,
-    ) -> RenderOutput:
+    ) -> list[RenderOutput]:
         k, r = rays_o.shape[:2]
         s = self.cfg.num_samples
         near, far, _ = ray_aabb_intersect(rays_o, rays_d, self.bound)  # [K, R]
@@ -322,7 +337,7 @@ class Renderer(nn.Module):
             fo=per_sample,
             dirs=rays_d[:, :, None, :],
             light=light_dir[:, None, None, :],
-            shading=shading,
+            shadings=shadings,
             ambient_ratio=ambient_ratio,
             num_samples=k * r * s,
             sample_prompt=torch.arange(k, device=rays_o.device).view(k, 1, 1),
@@ -333,11 +348,11 @@ class Renderer(nn.Module):
         rays_o: torch.Tensor,
         rays_d: torch.Tensor,
         light_dir: torch.Tensor,
-        shading: str | _PromptShading,
+        shadings: list[str | _PromptShading],
         ambient_ratio: float,
         need_normals: bool,
         jitter: bool,
-    ) -> RenderOutput:
+    ) -> list[RenderOutput]:
         import nerfacc  # noqa: PLC0415  (backend_for checked it imports)
 
         k, r = rays_o.shape[:2]
@@ -397,7 +412,7 @@ class Renderer(nn.Module):
             fo=per_sample,
             dirs=flat_d[ray_indices],
             light=light_dir[prompt_of],
-            shading=shading,
+            shadings=shadings,
             ambient_ratio=ambient_ratio,
             num_samples=len(ray_indices),
             sample_prompt=prompt_of,
@@ -411,20 +426,24 @@ class Renderer(nn.Module):
         fo: FieldOutput,
         dirs: torch.Tensor,
         light: torch.Tensor,
-        shading: str | _PromptShading,
+        shadings: list[str | _PromptShading],
         ambient_ratio: float,
         num_samples: int,
         sample_prompt: torch.Tensor | None = None,
-    ) -> RenderOutput:
-        """Shade samples and accumulate them into per-ray ``[K, R, C]`` quantities; `dirs` and
+    ) -> list[RenderOutput]:
+        """Shade samples and accumulate them into per-ray ``[K, R, C]`` quantities, once per
+        entry of `shadings` (everything but the colour is computed once and shared); `dirs` and
         `light` broadcast against the per-sample values (fixed-count or packed alike), and so
         does `sample_prompt` (the prompt of each sample, for per-prompt shading)."""
-        if isinstance(shading, str):
-            colors = shade(shading, fo.albedo, fo.normal, light, ambient_ratio)
-        else:
-            index = shading.index[sample_prompt]  # mode of each sample's prompt
-            colors = shade_per_prompt(shading.modes, index, fo.albedo, fo.normal, light, ambient_ratio)
-        rgb = acc(weights, colors)  # [K, R, 3]
+        rgbs = []
+        for shading in shadings:
+            if isinstance(shading, str):
+                colors = shade(shading, fo.albedo, fo.normal, light, ambient_ratio)
+            else:
+                index = shading.index[sample_prompt]  # mode of each sample's prompt
+                colors = shade_per_prompt(shading.modes, index, fo.albedo, fo.normal, light, ambient_ratio)
+            rgbs.append(acc(weights, colors))  # [K, R, 3]
+        rgb = rgbs[0]
         opacity = acc(weights, None)[..., 0]  # [K, R]
         depth_sum = acc(weights, t_mid[..., None])[..., 0]
         depth = torch.where(opacity > 1e-6, depth_sum / opacity.clamp_min(1e-6), torch.zeros_like(opacity))
@@ -437,7 +456,7 @@ class Renderer(nn.Module):
             facing_away = (fo.normal * dirs).sum(dim=-1, keepdim=True).clamp_min(0.0).square()
             out.orientation_rays = acc(weights.detach(), facing_away)[..., 0]  # [K, R]
             out.orientation = out.orientation_rays.mean(dim=-1)  # [K]
-        return out
+        return [out] + [dataclasses.replace(out, rgb=other) for other in rgbs[1:]]
 
     # -- occupancy grids --------------------------------------------------------------------------
 
@@ -497,36 +516,68 @@ class Renderer(nn.Module):
 
         Returns ``rgb [K, H, W, 3]``, ``opacity [K, H, W, 1]``, ``depth [K, H, W, 1]`` and, when
         normals were computed, ``normal [K, H, W, 3]``."""
+        return self._render_images(cams, height, width, [shading], ambient_ratio, chunk, need_normals, generator)[shading]
+
+    @torch.no_grad()
+    def render_image_shadings(
+        self,
+        cams: CameraBatch,
+        height: int,
+        width: int,
+        shadings: Sequence[str],
+        ambient_ratio: float = 0.1,
+        chunk: int = 4096,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """`render_image` in every mode of `shadings` from one render pass (see
+        `render_shadings`): ``{mode: {"rgb", "opacity", "depth"[, "normal"]}}``, shaped as
+        `render_image` returns them; only ``rgb`` differs between the modes."""
+        return self._render_images(cams, height, width, list(shadings), ambient_ratio, chunk, False, generator)
+
+    def _render_images(
+        self,
+        cams: CameraBatch,
+        height: int,
+        width: int,
+        shadings: list[str],
+        ambient_ratio: float,
+        chunk: int,
+        need_normals: bool,
+        generator: torch.Generator | None,
+    ) -> dict[str, dict[str, torch.Tensor]]:
         if len(cams) != self.num_prompts:
             raise ValueError(f"expected {self.num_prompts} cameras (one per prompt), got {len(cams)}")
         if height < 1 or width < 1 or chunk < 1:
             raise ValueError(f"image size and chunk must be positive, got {height!r}x{width!r}, chunk={chunk!r}")
+        if not shadings:
+            raise ValueError("at least one shading mode is needed")
         device = self._device()
         cams = cams.to(device)
         rays_o, rays_d = get_rays(cams, height, width)  # [K, H*W, 3]
         # A random background is drawn once per image, not once per chunk.
         bg = self.background(rays_d[:, :1], generator=generator) if self.background.kind == "random" else None
-        parts: dict[str, list[torch.Tensor]] = {"rgb": [], "opacity": [], "depth": [], "normal": []}
+        modes = list(dict.fromkeys(shadings))
+        rgb: dict[str, list[torch.Tensor]] = {m: [] for m in modes}
+        parts: dict[str, list[torch.Tensor]] = {"opacity": [], "depth": [], "normal": []}
         for s in range(0, height * width, chunk):
-            out = self.render(
-                rays_o[:, s : s + chunk],
-                rays_d[:, s : s + chunk],
-                cams.light_dir,
-                shading=shading,
-                ambient_ratio=ambient_ratio,
-                generator=generator,
-                need_normals=need_normals,
-                stratified=False,
-                background=bg,
-            )
-            parts["rgb"].append(out.rgb)
+            o, d = rays_o[:, s : s + chunk], rays_d[:, s : s + chunk]
+            if len(modes) == 1:
+                outs = {modes[0]: self.render(o, d, cams.light_dir, shading=modes[0], ambient_ratio=ambient_ratio,
+                                              generator=generator, need_normals=need_normals, stratified=False, background=bg)}  # fmt: skip
+            else:
+                outs = self.render_shadings(o, d, cams.light_dir, modes, ambient_ratio=ambient_ratio,
+                                            generator=generator, stratified=False, background=bg)  # fmt: skip
+            for m, out in outs.items():
+                rgb[m].append(out.rgb)
+            out = outs[modes[0]]
             parts["opacity"].append(out.opacity[..., None])
             parts["depth"].append(out.depth[..., None])
             if out.normal is not None:
                 parts["normal"].append(out.normal)
         k = self.num_prompts
-        return {
-            name: torch.cat(chunks, dim=1).reshape(k, height, width, -1)
-            for name, chunks in parts.items()
-            if chunks
-        }
+
+        def image(chunks: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(chunks, dim=1).reshape(k, height, width, -1)
+
+        shared = {name: image(chunks) for name, chunks in parts.items() if chunks}
+        return {m: {"rgb": image(rgb[m]), **shared} for m in modes}
