@@ -18,7 +18,8 @@ from ..atomic import atomic_write_text
 from ..checkpoint import CHECKPOINT_NAME
 from ..config import RunConfig, from_dict, to_dict
 from ..export.artifacts import Scorer
-from .driver import Driver, Job, checkpoint_step
+from .driver import Driver, checkpoint_step
+from .jobs import Job, LocalJobs
 from .generate import check_writable_dir, validate_training
 from .manifest import Manifest, PromptRecord
 from .prompts import PromptSpec, prompt_folder, prompt_id, read_prompts
@@ -81,7 +82,7 @@ def run_batch(
         log.info("%d prompt(s) already finished (or failed) in '%s' are skipped", len(skipped), out_dir)
     if not todo:
         return BatchResult(out_dir, [], [], skipped, problems, 0)
-    driver = Driver(cfg, todo, concurrency=concurrency, progress=progress, scorer=scorer, manifest=manifest, desc="batch")
+    driver = Driver(cfg, todo, concurrency=concurrency, progress=progress, scorer=scorer, source=LocalJobs(todo, manifest), desc="batch")
     k = driver.run()
     return BatchResult(out_dir, [j.id for j in driver.done], [j.id for j in driver.failed], skipped, problems, k)
 

@@ -18,7 +18,6 @@ to a smaller trainer so the last prompts do not pay for empty slots.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import gc
@@ -27,7 +26,6 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -35,11 +33,10 @@ import torch
 
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..config import RunConfig
-from ..export.artifacts import RunOutputs, Scorer, write_outputs
-from ..guidance.text import PromptEmbeddings
+from ..export.artifacts import Scorer, write_outputs
 from ..scene import resolve_device, scene_from_checkpoint
 from .frozen import Frozen, load_frozen, make_predictor, new_trainer
-from .manifest import Manifest
+from .jobs import Job, JobSource, LocalJobs
 from .monitor import MetricsLog
 from .trainer import Trainer
 
@@ -60,21 +57,6 @@ class Interrupted(Exception):
         self.signum = signum
         self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 138 for SIGUSR1
         super().__init__(f"stopped by {signal.Signals(signum).name}")
-
-
-@dataclass
-class Job:
-    id: str
-    cfg: RunConfig  # the prompt's own config: text, negative, seed, iters, output folder
-    folder: Path
-    line: int = 0  # in the prompts file
-    start_step: int = 0  # from its checkpoint, when one exists
-    embedding: PromptEmbeddings | None = None
-    attempts: int = 0
-    metrics: MetricsLog | None = None
-    started: float = 0.0
-    outputs: RunOutputs | None = None  # once done
-    error: str | None = None  # once failed
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -99,9 +81,11 @@ def setup_torch(cfg: RunConfig) -> torch.device:
 
 class Driver:
     def __init__(self, cfg: RunConfig, jobs: Sequence[Job], *, concurrency: int | None, progress: bool, scorer: Scorer | None,
-                 manifest: Manifest | None = None, retries: int = RETRIES, desc: str | None = None) -> None:  # fmt: skip
-        """`cfg` holds what every job shares; `concurrency` is K (None: from GPU memory, or 2 on
-        a CPU); `manifest` (batch) is kept up to date with every job's status."""
+                 source: JobSource | None = None, retries: int = RETRIES, desc: str | None = None) -> None:  # fmt: skip
+        """`cfg` holds what every job shares; `jobs` are all the jobs this process may train
+        (their prompts are embedded up front); `source` hands them out and hears what became of
+        them (default: `jobs` in order, no manifest); `concurrency` is K (None: from GPU memory,
+        or 2 on a CPU)."""
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
         self.cfg = cfg
@@ -109,7 +93,7 @@ class Driver:
         self.concurrency = concurrency
         self.progress = progress
         self.scorer = scorer
-        self.manifest = manifest
+        self.source: JobSource = source if source is not None else LocalJobs(jobs)
         self.retries = retries
         self.desc = desc
         self.done: list[Job] = []
@@ -122,8 +106,7 @@ class Driver:
         self._stop: int | None = None  # a stop signal that arrived
 
     def _record(self, job: Job, **fields: Any) -> None:
-        if self.manifest is not None:
-            self.manifest.update(job.id, **fields)
+        self.source.record(job, **fields)
 
     # ------------------------------------------------------------------------------------------
     # the run
@@ -144,7 +127,6 @@ class Driver:
             k = self._predictor_for(self._concurrency_from_memory(len(todo)))
         trainer, k = self._start(k)
         log.info("training %d prompt(s), %d at a time, on %s", len(todo), k, device)
-        queue: collections.deque[Job] = collections.deque(todo)
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=sum(j.cfg.train.iters for j in todo), initial=sum(min(j.start_step, j.cfg.train.iters) for j in todo),
@@ -152,12 +134,13 @@ class Driver:
         self.tick = min((j.start_step for j in todo), default=0)  # logs land on the steps a lone prompt logs
         try:
             with self._stop_signals():
-                self._loop(queue)
+                self._loop()
         except (KeyboardInterrupt, Interrupted):
             self._interrupt()
             raise
         finally:
             self.bar.close()
+            self.source.close()
         return k
 
     @contextlib.contextmanager
@@ -179,28 +162,39 @@ class Driver:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
-    def _loop(self, queue: collections.deque[Job]) -> None:
+    def _loop(self) -> None:
+        source = self.source
         while True:
             if self._stop is not None:
                 raise Interrupted(self._stop)
             trainer = self.trainer
             for k in range(trainer.num_slots):
-                while trainer.slots[k] is None and queue:
-                    self._start_job(trainer, k, queue.popleft())
+                while trainer.slots[k] is None and (job := source.take()) is not None:
+                    self._start_job(trainer, k, job)
             busy = trainer.active_slots
             if not busy:
-                return
-            if not queue and trainer.num_slots > 1 and len(busy) <= trainer.num_slots // 2:
+                job = source.wait()
+                if job is None:
+                    return
+                self._start_job(trainer, 0, job)
+                continue
+            if source.exhausted() and trainer.num_slots > 1 and len(busy) <= trainer.num_slots // 2:
                 self._poll(trainer, write=False)
                 self._shrink(trainer)
                 continue
             try:
                 trainer.train_step()
             except torch.OutOfMemoryError:
-                self._out_of_memory(trainer, queue)
+                self._out_of_memory(trainer)
                 continue
             self.tick += 1
             self.bar.update(len(busy))
+            for job in source.heartbeat([trainer.slots[k].tag for k in busy]):
+                k = next(k for k in busy if trainer.slots[k].tag is job)
+                log.warning("prompt %r: another process took it over; dropped here", job.cfg.prompt.text)
+                self.bar.update(-trainer.slots[k].step)
+                trainer.release(k)
+                busy.remove(k)
             slots = {k: trainer.slots[k] for k in busy}
             finished = [k for k, s in slots.items() if s.done]
             every = [k for k, s in slots.items() if s.cfg.train.ckpt_every > 0 and s.step % s.cfg.train.ckpt_every == 0 and not s.done]
@@ -212,8 +206,7 @@ class Driver:
                 for k in finished:
                     if trainer.slots[k] is slots[k]:
                         self._finish(trainer, k)
-            self.bar.set_postfix(done=len(self.done), failed=len(self.failed), queued=len(queue),
-                                 active=len(trainer.active_slots), refresh=False)  # fmt: skip
+            self.bar.set_postfix(done=len(self.done), failed=len(self.failed), active=len(trainer.active_slots), refresh=False)
 
     # ------------------------------------------------------------------------------------------
     # trainers
@@ -284,7 +277,7 @@ class Driver:
         del trainer
         self._free_memory()
 
-    def _out_of_memory(self, trainer: Trainer, queue: collections.deque[Job]) -> None:
+    def _out_of_memory(self, trainer: Trainer) -> None:
         """Mid-run out of memory: every job in flight goes back to its last checkpoint (at the
         front of the queue) and training continues with half the slots."""
         if trainer.num_slots == 1:
@@ -299,7 +292,7 @@ class Driver:
             self.bar.update(job.start_step - slot.step)
             if job.metrics is not None:
                 job.metrics.close()
-            queue.appendleft(job)
+            self.source.give_back(job)
         self.trainer = None
         del trainer
         self._free_memory()
@@ -406,14 +399,16 @@ class Driver:
                     self._fail(job, f"outputs could not be written ({exc}) and the checkpoint did not reload: {load_exc}")
                     return
         job.outputs = outputs
-        if self.manifest is not None:
-            rel = lambda p: str(Path(p).relative_to(self.manifest.out_dir))  # noqa: E731
-            paths = {"checkpoint": rel(outputs.checkpoint), "turntable": rel(outputs.turntable), "grid": rel(outputs.grid),
-                     "meshes": [rel(m) for m in outputs.meshes], "metrics": rel(outputs.metrics)}  # fmt: skip
-            if outputs.score is not None:
-                paths["score"] = rel(outputs.score)
-            wall = train_s + time.perf_counter() - start
-            self._record(job, status="done", step=job.cfg.train.iters, outputs=paths, error=None, wall_s=round(wall, 2))
+        def rel(p: Path | None) -> str | None:  # relative to the batch folder
+            return None if p is None else str(Path(p).relative_to(job.folder.parent))
+
+
+        paths = {"checkpoint": rel(outputs.checkpoint), "turntable": rel(outputs.turntable), "grid": rel(outputs.grid),
+                 "meshes": [rel(m) for m in outputs.meshes], "metrics": rel(outputs.metrics)}  # fmt: skip
+        if outputs.score is not None:
+            paths["score"] = rel(outputs.score)
+        wall = train_s + time.perf_counter() - start
+        self._record(job, status="done", step=job.cfg.train.iters, outputs=paths, error=None, wall_s=round(wall, 2))
         self.done.append(job)
         log.info("done: %r -> %s", job.cfg.prompt.text, job.folder)
 
@@ -432,10 +427,5 @@ class Driver:
                 self._record(job, status="pending", step=checkpoint_step(job.folder))
                 if job.metrics is not None:
                     job.metrics.close()
-        if self.manifest is not None:
-            for record in self.manifest.records.values():
-                if record.status == "running":
-                    record.status = "pending"
-            self.manifest.save()
         why = f"stopped by {signal.Signals(self._stop).name}" if self._stop is not None else "interrupted"
         log.warning("%s; %d checkpoint(s) written; the same command with --resume (generate) or again (batch) continues", why, saved)

@@ -14,7 +14,8 @@ from pathlib import Path
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..config import RunConfig
 from ..export.artifacts import RunOutputs, Scorer
-from .driver import Driver, Job, checkpoint_step
+from .driver import Driver, checkpoint_step
+from .jobs import Job
 
 log = logging.getLogger(__name__)
 
