@@ -137,6 +137,14 @@ def test_score_run_reads_the_prompt_and_mesh_and_writes_score_json(tmp_path):
     assert "best_iou" not in mesh_only and mesh_only["iou"] == result["iou"]
 
 
+def test_a_cone_saved_as_glb_scores_in_the_world_frame(tmp_path):
+    """GLB files are written in glTF's frame (y up); the score reads them back z up, so a cone
+    (not symmetric under the swap) still matches itself."""
+    run = _fake_run(tmp_path, "a red cone", analytic_mesh("a red cone", 40), name="mesh.glb")
+    result = score_run(run, resolution=40, surface_samples=3000, write=False, field=False)
+    assert result["mesh"] == "mesh.glb" and result["iou"] > 0.9
+
+
 def _field_scores(field, truth, views=2):
     renderer = Renderer(field, Background(FieldConfig(background="solid")), RenderConfig(backend="torch", num_samples=48), bound=0.6)
     return score_field(renderer, truth, 0.6, 10.0, orbit_cameras(views, 15.0, 2.0, 45.0), size=24, resolution=32)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
 from ..cameras import CameraBatch, get_rays, orbit_cameras
+from ..export.mesh import load_mesh_world
 from ..guidance.text import VIEWS
 from ..render.renderer import Renderer
 from ..render.sampling import ray_aabb_intersect
@@ -111,7 +112,7 @@ def score_run(
             f"no mesh in '{run_dir}' (looked for {', '.join(MESH_NAMES)}); "
             f"write one with: dreamfusion-trt export-mesh {run_dir}"
         )
-    mesh = load_mesh(mesh_path)
+    mesh = load_mesh_world(mesh_path)  # world frame (z up) whichever frame the file was written in
     obj = spec.build(bound=bound)
     result = {
         "prompt": prompt,
@@ -145,19 +146,6 @@ def write_score(out_dir: str | Path) -> Path | None:
         return None
     logger.info("score against the true %r: IoU %.3f, Chamfer %.4f (score.json)", result["object"], result["iou"], result["chamfer"])
     return Path(out_dir) / SCORE_NAME
-
-
-def load_mesh(path: str | Path):
-    """One `trimesh.Trimesh` from a GLB/OBJ/PLY file (scenes are concatenated)."""
-    import trimesh
-
-    try:
-        mesh = trimesh.load(str(path), force="mesh", process=False)
-    except Exception as exc:  # noqa: BLE001 -- trimesh raises many types for unreadable files
-        raise ValueError(f"could not read mesh '{path}': {exc}") from exc
-    if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
-        raise ValueError(f"mesh '{path}' has no triangles")
-    return mesh
 
 
 def score_mesh(
