@@ -1,0 +1,212 @@
+"""Render encoder benchmark: fit time and parity of the distilled encoder, and forward+backward
+cost of the three ways from a render to latents.
+
+1. A full-size SD 2.1-base VAE (its diffusers config, random weights: nothing is downloaded)
+   in the training dtype. The distilled encoder is fitted to it at render 64 / encode 512
+   (`fit_render_encoder`, times per stage) and its parity on held-out renders reported.
+2. The built-in prior's *trained* VAE (shipped with the package) at its CPU preset's render 32 /
+   encode 64, fitted the same way: parity against random weights says little (a random VAE's
+   group norms blow sub-pixel differences up to O(1) features), against trained ones it is the
+   number that matters. Skipped with ``--no-prior``.
+3. Forward + backward at K = 1 and 16 for the eager VAE (`EagerImageEncoder` through
+   `encode_rgb`, the reference), the compiled VAE (`CompiledImageEncoder`) and the distilled
+   encoder (under fp16 autocast on CUDA, as the RGB phase runs): warm-up calls, then CUDA events
+   around the forward and the backward of each call; medians and `max_memory_allocated`.
+
+    python -m dreamfusion_trt.bench.render_encoder --out bench_render_encoder.json            # H200
+    python -m dreamfusion_trt.bench.render_encoder --tiny --device cpu --compile-backend aot_eager --out t.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_write_text
+from ..engines.eager import EagerImageEncoder
+from ..guidance.latents import encode_rgb
+from ..guidance.render_encoder import DEFAULT_THRESHOLD, FitOptions, fit_render_encoder
+from ..guidance.vae_encode import CompiledImageEncoder
+from ..scene import resolve_device
+from .train import VAE_CONFIGS
+
+log = logging.getLogger(__name__)
+
+FULL = {"arch": "sd21base", "render": 64, "encode": 512, "options": FitOptions()}
+TINY = {
+    "arch": "tiny", "render": 16, "encode": 64,
+    "options": FitOptions(steps=30, batch=8, train_images=32, eval_images=8, width=16, blocks=1, render_samples=16),
+}  # fmt: skip
+PRIOR = {"render": 32, "encode": 64}
+
+
+def build_vae(arch: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple[Any, float]:
+    from diffusers import AutoencoderKL
+
+    cfg = dict(VAE_CONFIGS[arch])
+    scaling = cfg.pop("scaling_factor")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        vae = AutoencoderKL(**cfg, scaling_factor=scaling)
+    return vae.to(dtype).eval().requires_grad_(False), float(scaling)
+
+
+def prior_vae(device: torch.device) -> tuple[Any, float]:
+    from diffusers import AutoencoderKL
+
+    from ..prior import WEIGHTS_DIR
+
+    vae = AutoencoderKL.from_pretrained(WEIGHTS_DIR / "vae").to(device).eval().requires_grad_(False)
+    return vae, float(vae.config.scaling_factor)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fwd_bwd(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, warmup: int, reps: int, autocast: bool
+) -> dict[str, Any]:
+    """Median forward, backward and total milliseconds of ``fn(x)`` and its VJP for a random
+    latent gradient; peak memory of the timed calls."""
+    device = x.device
+    cuda = device.type == "cuda"
+
+    def call(events: tuple | None = None) -> None:
+        xi = x.detach().requires_grad_(True)
+        if events:
+            events[0].record()
+        with torch.autocast(device.type, dtype=torch.float16, enabled=autocast and cuda):
+            z = fn(xi)
+        if events:
+            events[1].record()
+        torch.autograd.grad(z, xi, torch.ones_like(z))
+        if events:
+            events[2].record()
+
+    for _ in range(warmup):
+        call()
+    _sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    fwd, bwd = [], []
+    for _ in range(reps):
+        if cuda:
+            ev = tuple(torch.cuda.Event(enable_timing=True) for _ in range(3))
+            call(ev)
+            torch.cuda.synchronize(device)
+            fwd.append(ev[0].elapsed_time(ev[1]))
+            bwd.append(ev[1].elapsed_time(ev[2]))
+        else:
+            t0 = time.perf_counter()
+            xi = x.detach().requires_grad_(True)
+            z = fn(xi)
+            t1 = time.perf_counter()
+            torch.autograd.grad(z, xi, torch.ones_like(z))
+            fwd.append((t1 - t0) * 1e3)
+            bwd.append((time.perf_counter() - t1) * 1e3)
+    total = [f + b for f, b in zip(fwd, bwd)]
+    return {
+        "forward_ms": statistics.median(fwd),
+        "backward_ms": statistics.median(bwd),
+        "total_ms": statistics.median(total),
+        "max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+    }
+
+
+def fit_and_report(vae: Any, scaling: float, render: int, encode: int, options: FitOptions, device: torch.device) -> tuple[Any, dict]:
+    start = time.perf_counter()
+    encoder, report = fit_render_encoder(vae, scaling, render, encode, options=options, device=device, progress=True)
+    _sync(device)
+    out = {
+        "render_size": render, "encode_size": encode, "fit_seconds": time.perf_counter() - start,
+        "stage_seconds": report.seconds, "parity": report.parity, "final_loss": report.final_loss,
+        "passes_default_threshold": not DEFAULT_THRESHOLD.failures(report.parity),
+        "threshold_failures": DEFAULT_THRESHOLD.failures(report.parity),
+        "params": sum(p.numel() for p in encoder.parameters()), "options": report.options,
+    }  # fmt: skip
+    log.info("fit render %d encode %d: %.1f s, parity %s", render, encode, out["fit_seconds"], json.dumps(report.parity))
+    return encoder, out
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    setup = TINY if args.tiny else FULL
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    options = setup["options"]
+    if args.steps is not None:
+        options = replace(options, steps=args.steps)
+    if args.train_images is not None:
+        options = replace(options, train_images=args.train_images)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "arch": setup["arch"], "dtype": str(dtype).removeprefix("torch."),
+        "threshold": asdict(DEFAULT_THRESHOLD), "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
+    }  # fmt: skip
+    vae, scaling = build_vae(setup["arch"], device, dtype)
+    render, encode = setup["render"], setup["encode"]
+    encoder, result["fit"] = fit_and_report(vae, scaling, render, encode, options, device)
+    if not args.no_prior:
+        pvae, pscale = prior_vae(device)
+        _, result["prior_fit"] = fit_and_report(pvae, pscale, PRIOR["render"], PRIOR["encode"], options, device)
+        del pvae
+
+    eager = EagerImageEncoder(vae, scaling)
+    compiled = CompiledImageEncoder(vae, scaling, backend=args.compile_backend,
+                                    mode=None if args.compile_mode == "default" else args.compile_mode)  # fmt: skip
+    paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "eager_vae": lambda x: encode_rgb(x, eager, encode),
+        "compiled_vae": lambda x: encode_rgb(x, compiled, encode),
+        "distilled": encoder,
+    }
+    result["timing"] = {}
+    for k in args.ks:
+        x = torch.rand(k, 3, render, render, device=device)
+        row = {}
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            row[name] = time_fwd_bwd(fn, x, args.warmup, args.reps, autocast=name == "distilled")
+            row[name]["wall_s_incl_warmup"] = time.perf_counter() - start
+            log.info("K=%d %s: %s", k, name, json.dumps(row[name]))
+        row["speedup_distilled_vs_eager"] = row["eager_vae"]["total_ms"] / row["distilled"]["total_ms"]
+        row["speedup_compiled_vs_eager"] = row["eager_vae"]["total_ms"] / row["compiled_vae"]["total_ms"]
+        result["timing"][str(k)] = row
+    return result
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench render_encoder", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="tiny VAE, render 16 / encode 64, a few fit steps (CPU smoke check)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16], help="batch sizes K (default: 1,16)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=None, help="fit steps (default: the recipe's)")
+    p.add_argument("--train-images", type=int, default=None, help="fit images (default: the recipe's)")
+    p.add_argument("--no-prior", action="store_true", help="skip the fit against the built-in prior's trained VAE")
+    p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager"))
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode for inductor (default: %(default)s)")
+    p.add_argument("--out", default="bench_render_encoder.json", help="JSON output (default: %(default)s)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = make_parser().parse_args(argv)
+    result = run_bench(args)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

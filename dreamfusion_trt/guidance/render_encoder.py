@@ -1,0 +1,514 @@
+"""A small network distilled from the RGB phase's render -> latent function, and its storage.
+
+The RGB phase computes ``encode_rgb(render, EagerImageEncoder(vae, scaling), E)``: the render
+[n, 3, R, R] in [0, 1] is resized bilinearly to E x E and run through SD's whole VAE encoder
+(posterior mean, times the scaling factor) -> latents [n, C, E/8, E/8]. The encoder never sees
+detail finer than the R x R render, so a convolutional network working at the latent grid can
+compute nearly the same function, and its vector-Jacobian products, at a small fraction of the
+cost. `DistilledRenderEncoder` is that network; `fit_render_encoder` fits it to the teacher on
+images made on the fly (`render_encoder_data`), matching both the latents and the teacher's
+VJPs for random cotangents, because SDS uses the encoder's gradient, not only its output.
+
+Parity (`measure_parity`, on held-out renders): per image the relative error of the latents
+``|z_s - z_t| / |z_t|`` and, per image and random latent-space gradient g, the cosine between the
+render gradients ``J_t^T g`` (full VAE) and ``J_s^T g`` (distilled). `ParityThreshold` says how
+good is good enough; the loader refuses an encoder whose recorded parity falls short and says why.
+
+Storage, beside the engines: ``<engines_dir>/<model key>/render_encoder.r{R}e{E}.v{recipe}.safetensors``
+(safetensors, written through `atomic`) with an entry in the folder's ``manifest.json`` (backend
+"distilled", network "render_encoder": model key, sizes, recipe version, architecture, fit
+settings, parity, sha256), checked by hash before loading. `load_or_fit` loads a matching,
+intact, passing encoder, or fits and stores one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..atomic import atomic_path
+from ..engines.eager import EagerImageEncoder
+from ..engines.registry import Manifest, model_folder, sha256_file
+from .latents import encode_rgb
+
+logger = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1  # bump when the architecture, the data or the loss changes
+NETWORK = "render_encoder"
+BACKEND = "distilled"
+
+Teacher = Callable[[torch.Tensor], torch.Tensor]  # images [n, 3, R, R] in [0, 1] -> latents [n, C, h, w]
+
+
+# ---------------------------------------------------------------------------------------------
+# the network
+
+
+@dataclass(frozen=True)
+class EncoderArch:
+    render_size: int  # R: the render is [n, 3, R, R]
+    encode_size: int  # E: the teacher resizes to E x E before its VAE
+    latent_channels: int = 4
+    vae_factor: int = 8  # E / latent size (2 ** (levels - 1) of the VAE encoder)
+    width: int = 64
+    blocks: int = 4
+
+    @property
+    def latent_size(self) -> int:
+        return self.encode_size // self.vae_factor
+
+    @property
+    def downsample(self) -> int:
+        """Stride-2 stages from the working size down to the latent grid (the render is resized
+        to ``latent_size * 2 ** downsample`` first when its size is not already that)."""
+        ratio = self.render_size / self.latent_size
+        return max(0, math.ceil(math.log2(ratio) - 1e-9))
+
+    def check(self) -> None:
+        if self.encode_size % self.vae_factor or self.latent_size < 1:
+            raise ValueError(f"encode size {self.encode_size!r} is not a multiple of the VAE's factor {self.vae_factor!r}")
+        if self.render_size < 1 or self.width < 8 or self.width % 8 or self.blocks < 1:
+            raise ValueError(f"invalid render encoder architecture {self!r} (render_size >= 1, width a multiple of 8, blocks >= 1)")
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(8, ch)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = _norm(ch), nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm2, self.conv2 = _norm(ch), nn.Conv2d(ch, ch, 3, padding=1)
+        # A global context term, as the VAE's mid-block attention and group norms see the whole image.
+        self.context = nn.Linear(ch, ch)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.context(h.mean(dim=(2, 3)))[:, :, None, None]
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class DistilledRenderEncoder(nn.Module):
+    """images [n, 3, R, R] in [0, 1] -> scaled latents [n, C, E/8, E/8], differentiable in the images.
+
+    Stem conv at the working size, stride-2 convs down to the latent grid, residual blocks with
+    group norms and a global context term, a conv head, plus a linear colour path (1x1 conv of
+    the area-averaged input) that carries the bulk of the per-pixel colour -> latent map.
+    Parameters are frozen after fitting; gradients still flow to the images.
+    """
+
+    def __init__(self, arch: EncoderArch) -> None:
+        super().__init__()
+        arch.check()
+        self.arch = arch
+        w = arch.width
+        self.work_size = arch.latent_size * 2**arch.downsample
+        self.stem = nn.Conv2d(3, w, 3, padding=1)
+        self.down = nn.ModuleList(nn.Conv2d(w, w, 3, stride=2, padding=1) for _ in range(arch.downsample))
+        self.blocks = nn.ModuleList(_ResBlock(w) for _ in range(arch.blocks))
+        self.head_norm = _norm(w)
+        self.head = nn.Conv2d(w, arch.latent_channels, 3, padding=1)
+        self.colour = nn.Conv2d(3, arch.latent_channels, 1)
+        nn.init.zeros_(self.head.weight)  # start as the colour path alone (set by the fit's least squares)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        r = self.arch.render_size
+        if images.ndim != 4 or images.shape[1:] != (3, r, r):
+            raise ValueError(f"images must be [n, 3, {r}, {r}], got shape {tuple(images.shape)}")
+        x = images * 2.0 - 1.0
+        if r != self.work_size:
+            x = F.interpolate(x, size=(self.work_size, self.work_size), mode="bilinear", align_corners=False)
+        h = self.stem(x)
+        for conv in self.down:
+            h = conv(F.silu(h))
+        for block in self.blocks:
+            h = block(h)
+        pooled = F.avg_pool2d(x, 2**self.arch.downsample) if self.arch.downsample else x
+        return self.head(F.silu(self.head_norm(h))) + self.colour(pooled)
+
+
+def vae_teacher(vae: nn.Module, scaling_factor: float, encode_size: int) -> Teacher:
+    """The exact function the RGB phase uses: ``encode_rgb(images, EagerImageEncoder(vae, s), E)``."""
+    encoder = EagerImageEncoder(vae, scaling_factor)
+    return lambda images: encode_rgb(images, encoder, encode_size)
+
+
+def vae_factor(vae: nn.Module) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher targets and parity
+
+
+def random_cotangents(shape: torch.Size | tuple[int, ...], gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Latent-space gradients [n, C, h, w] of unit RMS: white noise for even rows, smooth noise
+    (drawn at a quarter of the grid and upsampled) for odd rows, as SDS gradients range from
+    pixel noise (high t) to smooth structure."""
+    n, c, h, w = shape
+    white = torch.randn(n, c, h, w, generator=gen)
+    coarse = torch.randn(n, c, max(1, h // 4), max(1, w // 4), generator=gen)
+    smooth = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    g = torch.where((torch.arange(n) % 2 == 0)[:, None, None, None], white, smooth)
+    return (g / g.square().mean(dim=(1, 2, 3), keepdim=True).sqrt()).to(device)
+
+
+@dataclass
+class TeacherTargets:
+    images: torch.Tensor  # [N, 3, R, R]
+    latents: torch.Tensor  # [N, C, h, w]
+    cotangents: torch.Tensor  # [N, M, C, h, w]
+    vjps: torch.Tensor  # [N, M, 3, R, R]: J^T g for each cotangent
+
+
+def teacher_targets(
+    teacher: Teacher, images: torch.Tensor, cotangents_per_image: int, gen: torch.Generator, batch: int
+) -> TeacherTargets:
+    """Latents and VJPs of the teacher for `images` [N, 3, R, R], `batch` images at a time (fp32 out)."""
+    lat, cot, vjp = [], [], []
+    for chunk in images.split(batch):
+        x = chunk.detach().clone().requires_grad_(True)
+        z = teacher(x)
+        gs = [random_cotangents(z.shape, gen, z.device).to(z.dtype) for _ in range(cotangents_per_image)]
+        vs = [torch.autograd.grad(z, x, g, retain_graph=i + 1 < len(gs))[0] for i, g in enumerate(gs)]
+        lat.append(z.detach().float())
+        cot.append(torch.stack(gs, 1).float())
+        vjp.append(torch.stack(vs, 1).float())
+    return TeacherTargets(images.detach().float(), torch.cat(lat), torch.cat(cot), torch.cat(vjp))
+
+
+def _per_row(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    rel = (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)
+    cos = F.cosine_similarity(a, b, dim=1, eps=1e-30)
+    return rel, cos
+
+
+def measure_parity(student: Teacher, targets: TeacherTargets, batch: int = 32) -> dict[str, float]:
+    """Parity of `student` against the teacher's `targets` (held-out images):
+    latent relative error per image (mean, 95th percentile) and the cosine of the render
+    gradients J^T g per image and cotangent (mean, 5th percentile, and the gradient norm ratio)."""
+    rels, coss, ratios = [], [], []
+    for i in range(0, len(targets.images), batch):
+        x = targets.images[i : i + batch].detach().clone().requires_grad_(True)
+        z = student(x)
+        rels.append(_per_row(z.detach(), targets.latents[i : i + batch])[0])
+        g_all, v_all = targets.cotangents[i : i + batch], targets.vjps[i : i + batch]
+        m = g_all.shape[1]
+        for j in range(m):
+            (v,) = torch.autograd.grad(z, x, g_all[:, j].to(z.dtype), retain_graph=j + 1 < m)
+            _, cos = _per_row(v, v_all[:, j])
+            coss.append(cos)
+            ratios.append(v.flatten(1).double().norm(dim=1) / v_all[:, j].flatten(1).double().norm(dim=1).clamp_min(1e-30))
+    rel, cos, ratio = torch.cat(rels), torch.cat(coss), torch.cat(ratios)
+    return {
+        "latent_rel_err_mean": float(rel.mean()),
+        "latent_rel_err_p95": float(torch.quantile(rel, 0.95)),
+        "grad_cos_mean": float(cos.mean()),
+        "grad_cos_p5": float(torch.quantile(cos, 0.05)),
+        "grad_norm_ratio_mean": float(ratio.mean()),
+        "images": len(rel),
+        "gradients": len(cos),
+    }
+
+
+@dataclass(frozen=True)
+class ParityThreshold:
+    """What an encoder must reach on held-out renders to be used instead of the full VAE."""
+
+    max_latent_rel_err_mean: float
+    min_grad_cos_mean: float
+    min_grad_cos_p5: float
+
+    def failures(self, parity: dict[str, Any]) -> list[str]:
+        """Why `parity` falls short, one message per failed bound (empty when it passes)."""
+        out = []
+        checks = (
+            ("latent_rel_err_mean", self.max_latent_rel_err_mean, lambda v, t: v <= t, "above"),
+            ("grad_cos_mean", self.min_grad_cos_mean, lambda v, t: v >= t, "below"),
+            ("grad_cos_p5", self.min_grad_cos_p5, lambda v, t: v >= t, "below"),
+        )
+        for name, bound, ok, word in checks:
+            value = parity.get(name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value, bound):
+                out.append(f"{name} = {value!r} is {word} the threshold {bound:g}" if isinstance(value, (int, float)) else f"{name} missing")
+        return out
+
+
+# Default for SD-size VAEs. Provisional: set with room below what the tiny CPU fit reaches
+# (tests/test_render_encoder.py); `bench render_encoder` measures the SD 2.1-base numbers.
+DEFAULT_THRESHOLD = ParityThreshold(max_latent_rel_err_mean=0.10, min_grad_cos_mean=0.90, min_grad_cos_p5=0.80)
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    steps: int = 3000
+    batch: int = 32
+    train_images: int = 2048
+    eval_images: int = 256  # held-out renders for the parity report
+    cotangents_per_image: int = 2  # teacher VJPs per image; training mixes them linearly
+    lr: float = 2e-3
+    vjp_weight: float = 1.0
+    width: int = 64
+    blocks: int = 4
+    teacher_batch: int = 16
+    render_samples: int = 48  # ray samples of the training renders
+    seed: int = 0
+
+
+@dataclass
+class FitReport:
+    parity: dict[str, float]
+    options: dict[str, Any]
+    arch: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+    final_loss: dict[str, float] = field(default_factory=dict)
+
+
+def fit_render_encoder(
+    vae: nn.Module,
+    scaling_factor: float,
+    render_size: int,
+    encode_size: int,
+    *,
+    options: FitOptions = FitOptions(),
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[DistilledRenderEncoder, FitReport]:
+    """Fit a `DistilledRenderEncoder` to ``encode_rgb(., EagerImageEncoder(vae, scaling), encode_size)``
+    at `render_size`, on images made from ``options.seed``; returns it (eval, frozen) and the
+    report with its parity on held-out renders (another seed)."""
+    from tqdm.auto import tqdm
+
+    from .render_encoder_data import make_images
+
+    device = torch.device(device)
+    arch = EncoderArch(render_size, encode_size, int(vae.config.latent_channels), vae_factor(vae), options.width, options.blocks)
+    arch.check()
+    teacher = vae_teacher(vae, scaling_factor, encode_size)
+    gen = torch.Generator().manual_seed(options.seed)
+    seconds: dict[str, float] = {}
+
+    start = time.perf_counter()
+    train_x = make_images(options.train_images, render_size, options.seed, device, "mixed", options.render_samples)
+    eval_x = make_images(options.eval_images, render_size, options.seed + 7919, device, "renders", options.render_samples)
+    seconds["images"] = time.perf_counter() - start
+    start = time.perf_counter()
+    train = teacher_targets(teacher, train_x, options.cotangents_per_image, gen, options.teacher_batch)
+    held_out = teacher_targets(teacher, eval_x, 1, gen, options.teacher_batch)
+    _sync(device)
+    seconds["teacher"] = time.perf_counter() - start
+
+    torch.manual_seed(options.seed)
+    student = DistilledRenderEncoder(arch).to(device)
+    _init_colour_path(student, train)
+    opt = torch.optim.Adam(student.parameters(), lr=options.lr)
+    warmup = max(1, options.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, options.steps) / options.steps))
+    )
+    z_var = float(train.latents.var())
+    n, m = len(train.images), options.cotangents_per_image
+    start = time.perf_counter()
+    out_loss = vjp_loss = torch.zeros((), device=device)
+    for _ in tqdm(range(options.steps), disable=not progress, desc="render encoder", unit="step", dynamic_ncols=True):
+        idx = torch.randint(0, n, (options.batch,), generator=gen).to(device)
+        coeff = (torch.randn(options.batch, m, generator=gen) / math.sqrt(m)).to(device)
+        x = train.images[idx].requires_grad_(True)
+        z = student(x)
+        g = torch.einsum("bm,bm...->b...", coeff, train.cotangents[idx])
+        v_t = torch.einsum("bm,bm...->b...", coeff, train.vjps[idx])
+        (v_s,) = torch.autograd.grad(z, x, g, create_graph=True)
+        out_loss = (z - train.latents[idx]).square().mean() / z_var
+        vjp_loss = ((v_s - v_t).square().flatten(1).sum(1) / v_t.square().flatten(1).sum(1).clamp_min(1e-30)).mean()
+        opt.zero_grad(set_to_none=True)
+        (out_loss + options.vjp_weight * vjp_loss).backward()
+        opt.step()
+        sched.step()
+    _sync(device)
+    seconds["train"] = time.perf_counter() - start
+    student.eval().requires_grad_(False)
+    start = time.perf_counter()
+    parity = measure_parity(student, held_out)
+    seconds["parity"] = time.perf_counter() - start
+    report = FitReport(parity, asdict(options), asdict(arch), seconds,
+                       {"latent": float(out_loss.detach()), "vjp": float(vjp_loss.detach())})  # fmt: skip
+    logger.info(
+        "fitted the render encoder (render %d, encode %d) in %.0f s: latent rel. error %.4f (p95 %.4f), "
+        "gradient cosine %.4f (p5 %.4f) on %d held-out renders",
+        render_size, encode_size, sum(seconds.values()), parity["latent_rel_err_mean"], parity["latent_rel_err_p95"],
+        parity["grad_cos_mean"], parity["grad_cos_p5"], parity["images"],
+    )  # fmt: skip
+    return student, report
+
+
+def _init_colour_path(student: DistilledRenderEncoder, train: TeacherTargets) -> None:
+    """Start the linear colour path at the least-squares colour -> latent map of the teacher's
+    own targets (interior pixels), so the residual network only learns what is left."""
+    x = student.arch.downsample
+    with torch.no_grad():
+        inp = train.images * 2 - 1
+        if student.work_size != student.arch.render_size:
+            inp = F.interpolate(inp, size=(student.work_size,) * 2, mode="bilinear", align_corners=False)
+        colours = F.avg_pool2d(inp, 2**x) if x else inp
+        z = train.latents
+        if z.shape[-1] > 4:
+            colours, z = colours[..., 1:-1, 1:-1], z[..., 1:-1, 1:-1]
+        a = colours.permute(0, 2, 3, 1).reshape(-1, 3).double()
+        b = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+        design = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        sol = torch.linalg.lstsq(design.cpu(), b.cpu()).solution  # [4, C]
+        student.colour.weight.copy_(sol[:3].T[:, :, None, None].float())
+        student.colour.bias.copy_(sol[3].float())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# storage beside the engines
+
+
+def encoder_filename(render_size: int, encode_size: int, recipe_version: int = RECIPE_VERSION) -> str:
+    return f"{NETWORK}.r{render_size}e{encode_size}.v{recipe_version}.safetensors"
+
+
+def save_render_encoder(
+    encoder: DistilledRenderEncoder, report: FitReport, engines_dir: str | Path, model_key: str
+) -> Path:
+    """Write `encoder` as safetensors beside the engines of `model_key` (atomically) and record
+    it, with `report`'s parity and its sha256, in that folder's manifest.json. Returns the path."""
+    from safetensors.torch import save_file
+
+    arch = encoder.arch
+    folder = model_folder(engines_dir, model_key)
+    name = encoder_filename(arch.render_size, arch.encode_size)
+    path = folder / name
+    tensors = {k: v.detach().cpu().float().contiguous() for k, v in encoder.state_dict().items()}
+    metadata = {"model_key": model_key, "recipe_version": str(RECIPE_VERSION), "arch": json.dumps(asdict(arch))}
+    manifest = Manifest.load(folder, model_key)  # refuses a folder that belongs to another model
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    manifest.files[name] = {
+        "backend": BACKEND,
+        "network": NETWORK,
+        "model_key": model_key,
+        "render_size": arch.render_size,
+        "encode_size": arch.encode_size,
+        "recipe_version": RECIPE_VERSION,
+        "arch": asdict(arch),
+        "parity": report.parity,
+        "fit": {"options": report.options, "seconds": report.seconds, "final_loss": report.final_loss},
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest.save()
+    logger.info("stored the render encoder at '%s'", path)
+    return path
+
+
+def load_render_encoder(
+    engines_dir: str | Path,
+    model_key: str,
+    render_size: int,
+    encode_size: int,
+    *,
+    threshold: ParityThreshold = DEFAULT_THRESHOLD,
+    device: torch.device | str = "cpu",
+) -> tuple[DistilledRenderEncoder, dict[str, Any]]:
+    """The stored encoder for (`model_key`, `render_size`, `encode_size`, this recipe) and its
+    manifest entry. FileNotFoundError when none is recorded or its file is missing; ValueError
+    when its sha256 differs from the manifest, its entry does not match, or its recorded parity
+    is below `threshold` (each message says which)."""
+    from safetensors import safe_open
+
+    folder = model_folder(engines_dir, model_key)
+    name = encoder_filename(render_size, encode_size)
+    path = folder / name
+    entry = Manifest.load(folder, model_key).files.get(name)
+    if entry is None:
+        raise FileNotFoundError(f"no render encoder '{name}' is recorded in '{folder / 'manifest.json'}'")
+    if not path.is_file():
+        raise FileNotFoundError(f"render encoder '{path}' is in the manifest but the file is missing")
+    expect = {"backend": BACKEND, "network": NETWORK, "model_key": model_key, "render_size": render_size,
+              "encode_size": encode_size, "recipe_version": RECIPE_VERSION}  # fmt: skip
+    wrong = [f"{k} is {entry.get(k)!r}, expected {v!r}" for k, v in expect.items() if entry.get(k) != v]
+    if wrong:
+        raise ValueError(f"manifest entry of render encoder '{path}' does not match: {'; '.join(wrong)}")
+    if sha256_file(path) != entry.get("sha256"):
+        raise ValueError(f"sha256 of render encoder '{path}' differs from the manifest (changed since it was stored); "
+                         "refusing to load it")  # fmt: skip
+    failures = threshold.failures(entry.get("parity", {}))
+    if failures:
+        raise ValueError(f"render encoder '{path}' is below the parity threshold: {'; '.join(failures)}")
+    try:
+        arch = EncoderArch(**entry["arch"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"manifest entry of render encoder '{path}' has no usable architecture: {exc}") from exc
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if json.loads(meta.get("arch", "null")) != asdict(arch) or meta.get("model_key") != model_key:
+        raise ValueError(f"render encoder '{path}' was written for another model or architecture than its manifest entry says")
+    encoder = DistilledRenderEncoder(arch)
+    encoder.load_state_dict(state, strict=True)
+    return encoder.to(device).eval().requires_grad_(False), entry
+
+
+def load_or_fit(
+    vae: nn.Module,
+    scaling_factor: float,
+    model_key: str,
+    engines_dir: str | Path,
+    render_size: int,
+    encode_size: int,
+    *,
+    device: torch.device | str = "cpu",
+    options: FitOptions = FitOptions(),
+    threshold: ParityThreshold = DEFAULT_THRESHOLD,
+    progress: bool = True,
+) -> tuple[DistilledRenderEncoder, dict[str, Any]]:
+    """Load the stored encoder when one matches, is intact and passes `threshold`; else fit one
+    (progress bar, log line), store it and return it with its manifest entry.
+
+    An intact stored encoder of this recipe whose recorded parity fails is not refitted (the
+    same recipe would fit the same encoder): ValueError saying why, so the caller can fall back
+    to the full VAE. A freshly fitted encoder that fails is stored (its parity recorded) and
+    refused the same way.
+    """
+    try:
+        return load_render_encoder(engines_dir, model_key, render_size, encode_size, threshold=threshold, device=device)
+    except FileNotFoundError as exc:
+        why = str(exc)
+    except ValueError as exc:
+        if "parity threshold" in str(exc):
+            raise
+        why = str(exc)
+    logger.info("fitting a render encoder for %s (render %d -> encode %d): %s", model_key, render_size, encode_size, why)
+    encoder, report = fit_render_encoder(vae, scaling_factor, render_size, encode_size, options=options, device=device,
+                                         progress=progress)  # fmt: skip
+    save_render_encoder(encoder, report, engines_dir, model_key)
+    return load_render_encoder(engines_dir, model_key, render_size, encode_size, threshold=threshold, device=device)
