@@ -13,7 +13,14 @@ import sys
 import typing
 from pathlib import Path
 
-from .config import BackendName, RunConfig, add_config_arguments, from_dict, load_yaml, overrides_from_args
+from .config import (
+    BackendName,
+    RunConfig,
+    add_config_arguments,
+    from_dict,
+    load_yaml,
+    overrides_from_args,
+)
 
 log = logging.getLogger("dreamfusion_trt")
 
@@ -92,6 +99,17 @@ def builtin_scorer(cfg: RunConfig):
     return write_score
 
 
+def _plain(value: object) -> object:
+    """Paths as plain strings, inside lists and dicts too (for log lines people read)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .train.generate import generate
@@ -102,10 +120,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         base = load_checkpoint(out).config
         if args.prompt is not None and args.prompt != base.prompt.text:
             raise ValueError(f"--resume: '{out}' was trained on {base.prompt.text!r}, not {args.prompt!r}")
+    if args.prompt is not None and not args.prompt.strip() and not args.resume:
+        example = "a red cube" if (args.model or RunConfig().model.model) == "builtin" else "a DSLR photo of a hamburger"
+        raise ValueError(f"prompt is empty: give a text prompt, e.g. dreamfusion-trt generate \"{example}\"")
     cfg = build_config(args, base)
     outputs = generate(cfg, resume=args.resume, progress=not args.quiet, scorer=builtin_scorer(cfg))
     for name, value in dataclasses.asdict(outputs).items():
-        log.info("%s: %s", name, value)
+        log.info("%s: %s", name, _plain(value))
     print(outputs.out_dir)
     return 0
 
@@ -150,18 +171,23 @@ def _parse_light(text: str | None) -> tuple[float, float, float] | None:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from .atomic import check_writable_dir
     from .checkpoint import resolve_checkpoint_path
     from .export.artifacts import write_grids, write_turntables
 
     light = _parse_light(args.light)
+    for flag, value in (("--frames", args.frames), ("--size", args.size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+    out = Path(args.out) if args.out else resolve_checkpoint_path(args.checkpoint).parent
+    check_writable_dir(out)
     ckpt, renderer = _open_scene(args.checkpoint, args.device)
     cfg = ckpt.config
     cfg.output = dataclasses.replace(
         cfg.output,
-        video_frames=args.frames or cfg.output.video_frames,
-        video_size=args.size or cfg.output.video_size,
+        video_frames=args.frames if args.frames is not None else cfg.output.video_frames,
+        video_size=args.size if args.size is not None else cfg.output.video_size,
     )
-    out = Path(args.out) if args.out else resolve_checkpoint_path(args.checkpoint).parent
     write_grids(renderer, cfg, [out / ("relit.png" if light else "validation.png")], light_dir=light)
     if not args.no_video:
         write_turntables(renderer, cfg, [out / "turntable.mp4"])
@@ -170,9 +196,14 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_export_mesh(args: argparse.Namespace) -> int:
+    from .atomic import check_writable_dir
     from .checkpoint import resolve_checkpoint_path
     from .export.artifacts import write_meshes
 
+    if args.resolution is not None and args.resolution < 2:
+        raise ValueError(f"--resolution must be at least 2 cells per axis, got {args.resolution}")
+    out = Path(args.out) if args.out else resolve_checkpoint_path(args.checkpoint).parent
+    check_writable_dir(out)
     ckpt, renderer = _open_scene(args.checkpoint, args.device)
     cfg = ckpt.config
     formats = tuple(f.strip() for f in args.formats.split(",")) if args.formats else cfg.output.mesh_formats
@@ -187,7 +218,6 @@ def cmd_export_mesh(args: argparse.Namespace) -> int:
     for fmt in cfg.output.mesh_formats:
         if fmt not in ("glb", "obj", "ply"):
             raise ValueError(f"--formats: {fmt!r} is not one of glb, obj, ply")
-    out = Path(args.out) if args.out else resolve_checkpoint_path(args.checkpoint).parent
     for p in write_meshes(renderer, cfg, [out], stem="mesh")[0]:
         print(p)
     return 0

@@ -238,3 +238,26 @@ def test_resume_past_the_last_iteration_is_refused(tmp_path, tiny_sd_paths, caps
     assert _generate(tmp_path, tiny_sd_paths, out, "--iters", "2") == 0
     assert cli.main(["generate", "--resume", "--out", str(out), "--iters", "1", "--device", "cpu", "--quiet"]) == 2
     assert "at step 2, past --iters 1" in _error(capsys)
+
+
+def test_a_second_run_on_a_held_folder_refuses_and_names_the_owner(tmp_path, tiny_sd_paths, capsys):
+    from dreamfusion_trt.lock import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out, what="generate"):  # as another live `generate` holds it
+        assert _generate(tmp_path, tiny_sd_paths, out, "--iters", "2") == 2
+        line = _error(capsys)
+        assert f"pid {os.getpid()}" in line, line
+        assert not (out / "checkpoint.safetensors").exists()
+    assert _generate(tmp_path, tiny_sd_paths, out, "--iters", "2") == 0  # free again: the run goes ahead
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed_on_start(tmp_path, tiny_sd_paths):
+    out = tmp_path / "run"
+    assert _generate(tmp_path, tiny_sd_paths, out, "--iters", "2", "--train.ckpt_every", "1") == 0
+    leftovers = [out / ".checkpoint.999999-Xy12ab34.tmp.safetensors", out / ".tmpab12cd"]
+    for p in leftovers:
+        p.write_bytes(b"")
+        os.utime(p, (0, 0))  # old: its writer is long gone
+    assert cli.main(["generate", "--resume", "--out", str(out), "--iters", "3", "--quiet", "--device", "cpu"]) == 0
+    assert not any(p.exists() for p in leftovers)

@@ -27,14 +27,17 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from ..atomic import clean_stale_temporaries
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..config import RunConfig
 from ..export.artifacts import Scorer, write_outputs
+from ..lock import RunLock
 from ..scene import resolve_device, scene_from_checkpoint
+from .distributed import EXIT_REQUEUE
 from .frozen import Frozen, load_frozen, make_predictor, new_trainer
 from .jobs import Job, JobSource, LocalJobs
 from .monitor import MetricsLog
@@ -51,12 +54,16 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Interrupted(Exception):
-    """Training stopped by a signal after every job in flight was checkpointed."""
+    """Training stopped by a signal or a stop request after every job in flight was checkpointed.
+    `exit_code`: 143 (128 + SIGTERM, the shell's convention) for SIGTERM; `EXIT_REQUEUE` (75) for
+    SIGUSR1, which Slurm sends before the time limit: the job is to be requeued and continue."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int | None, exit_code: int | None = None) -> None:
         self.signum = signum
-        self.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 138 for SIGUSR1
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        if exit_code is None:
+            exit_code = EXIT_REQUEUE if signum == signal.SIGUSR1 else 128 + int(signum or 0)
+        self.exit_code = exit_code
+        super().__init__(f"stopped by {signal.Signals(signum).name}" if signum else f"stopped by a stop request (exit {exit_code})")
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -81,11 +88,13 @@ def setup_torch(cfg: RunConfig) -> torch.device:
 
 class Driver:
     def __init__(self, cfg: RunConfig, jobs: Sequence[Job], *, concurrency: int | None, progress: bool, scorer: Scorer | None,
-                 source: JobSource | None = None, retries: int = RETRIES, desc: str | None = None) -> None:  # fmt: skip
+                 source: JobSource | None = None, retries: int = RETRIES, desc: str | None = None,
+                 should_stop: Callable[[], int | None] | None = None) -> None:  # fmt: skip
         """`cfg` holds what every job shares; `jobs` are all the jobs this process may train
         (their prompts are embedded up front); `source` hands them out and hears what became of
         them (default: `jobs` in order, no manifest); `concurrency` is K (None: from GPU memory,
-        or 2 on a CPU)."""
+        or 2 on a CPU); `should_stop` returns an exit code when something other than a signal
+        asks the loop to stop (a shared queue's stop-request file), checked between steps."""
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
         self.cfg = cfg
@@ -104,6 +113,7 @@ class Driver:
         self.bar: Any = None
         self.tick = 0
         self._stop: int | None = None  # a stop signal that arrived
+        self.should_stop = should_stop
 
     def _record(self, job: Job, **fields: Any) -> None:
         self.source.record(job, **fields)
@@ -151,8 +161,8 @@ class Driver:
             return
         previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
 
-        def stop(signum: int, frame: Any) -> None:
-            self._stop = signum
+        def stop(signum: int, frame: Any) -> None:  # a SIGTERM after SIGUSR1 keeps the requeue code
+            self._stop = signal.SIGUSR1 if self._stop == signal.SIGUSR1 else signum
 
         for s in STOP_SIGNALS:
             signal.signal(s, stop)
@@ -162,11 +172,22 @@ class Driver:
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    @property
+    def stopping(self) -> bool:
+        """A stop signal arrived or `should_stop` asks for a stop (for a source that blocks while idle)."""
+        return self._stop is not None or (self.should_stop is not None and self.should_stop() is not None)
+
+    def _check_stop(self) -> None:
+        if self._stop is not None:
+            raise Interrupted(self._stop)
+        code = self.should_stop() if self.should_stop is not None else None
+        if code is not None:
+            raise Interrupted(None, code)
+
     def _loop(self) -> None:
         source = self.source
         while True:
-            if self._stop is not None:
-                raise Interrupted(self._stop)
+            self._check_stop()
             trainer = self.trainer
             for k in range(trainer.num_slots):
                 while trainer.slots[k] is None and (job := source.take()) is not None:
@@ -175,6 +196,7 @@ class Driver:
             if not busy:
                 job = source.wait()
                 if job is None:
+                    self._check_stop()  # a source stops waiting when asked to stop
                     return
                 self._start_job(trainer, 0, job)
                 continue
@@ -303,6 +325,10 @@ class Driver:
 
     def _start_job(self, trainer: Trainer, k: int, job: Job, reseed: int | None = None) -> None:
         try:
+            if job.lock is None:  # one process per run folder; a dead owner's lock is taken over
+                job.folder.mkdir(parents=True, exist_ok=True)
+                job.lock = RunLock(job.folder, what=self.desc or "generate").acquire()
+                clean_stale_temporaries(job.folder)
             ckpt = load_checkpoint(job.folder, map_location=self.device) if (job.folder / CHECKPOINT_NAME).is_file() else None
             if ckpt is not None and ckpt.config.prompt.text != job.cfg.prompt.text:
                 raise ValueError(f"'{job.folder}' holds a run of {ckpt.config.prompt.text!r}, not {job.cfg.prompt.text!r}")
@@ -359,7 +385,13 @@ class Driver:
                     job.cfg.prompt.text, reason, slot.step - lost)  # fmt: skip
         self._start_job(trainer, k, job, reseed=job.cfg.train.seed + job.attempts * _RESEED)
 
+    def _unlock(self, job: Job) -> None:
+        if job.lock is not None:
+            job.lock.release()
+            job.lock = None
+
     def _fail(self, job: Job, reason: str) -> None:
+        self._unlock(job)
         log.error("prompt %r failed: %s", job.cfg.prompt.text, reason)
         job.error = reason
         wall = time.perf_counter() - job.started if job.started else 0.0
@@ -399,6 +431,7 @@ class Driver:
                     self._fail(job, f"outputs could not be written ({exc}) and the checkpoint did not reload: {load_exc}")
                     return
         job.outputs = outputs
+        self._unlock(job)
         def rel(p: Path | None) -> str | None:  # relative to the batch folder
             return None if p is None else str(Path(p).relative_to(job.folder.parent))
 
@@ -427,5 +460,6 @@ class Driver:
                 self._record(job, status="pending", step=checkpoint_step(job.folder))
                 if job.metrics is not None:
                     job.metrics.close()
+                self._unlock(job)
         why = f"stopped by {signal.Signals(self._stop).name}" if self._stop is not None else "interrupted"
         log.warning("%s; %d checkpoint(s) written; the same command with --resume (generate) or again (batch) continues", why, saved)

@@ -34,6 +34,7 @@ class Job:
     started: float = 0.0
     outputs: RunOutputs | None = None  # once done
     error: str | None = None  # once failed
+    lock: Any = None  # the `lock.RunLock` on its folder while this process trains it
 
 
 class JobSource(Protocol):
