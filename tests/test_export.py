@@ -18,6 +18,7 @@ from dreamfusion_trt.export.mesh import (
     load_mesh_world,
     mesh_file_frame,
     sample_density_grid,
+    sample_density_near_surface,
     save_mesh,
     save_meshes,
 )
@@ -144,6 +145,42 @@ def test_chunk_size_does_not_change_the_mesh():
     # vectorised reduction; grid values sit well away from the threshold, so faces are identical.
     np.testing.assert_allclose(small.vertices, big.vertices, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(small.faces, big.faces)
+
+
+@pytest.mark.parametrize(
+    "density, resolution",
+    [
+        (sphere_density(), 64),
+        (box_density((0.31, -0.22, 0.13), (0.2, 0.1, 0.15)), 61),  # 61: the last coarse cell is short
+        (sphere_density(center=(0.8, 0.0, 0.0)), 64),  # capped on the box face
+    ],
+)
+def test_coarse_to_fine_sampling_gives_the_same_mesh_with_fewer_queries(density, resolution):
+    counted = []
+
+    def counting(x):
+        counted.append(len(x))
+        return density(x)
+
+    kwargs = dict(bound=1.0, resolution=resolution, threshold=0.0)
+    full = extract_mesh(density, red_blue, **kwargs)
+    fast = extract_mesh(counting, red_blue, coarse_stride=4, **kwargs)
+    np.testing.assert_array_equal(fast.faces, full.faces)
+    np.testing.assert_array_equal(fast.vertices, full.vertices)  # the same values where it matters
+    np.testing.assert_array_equal(fast.visual.vertex_colors, full.visual.vertex_colors)
+    assert sum(counted) < 0.4 * resolution**3  # density queries (colours go to red_blue directly)
+
+
+def test_coarse_to_fine_grid_is_exact_near_the_surface():
+    fn = sphere_density()
+    full = sample_density_grid(fn, 1.0, 33)
+    fast = sample_density_near_surface(fn, 1.0, 33, threshold=0.0, stride=4)
+    assert ((fast > 0) == (full > 0)).all()  # the same side everywhere
+    near = np.abs(full) < 20 * 0.15  # within 0.15 of the radius
+    np.testing.assert_array_equal(fast[near], full[near])
+    np.testing.assert_array_equal(sample_density_near_surface(fn, 1.0, 9, 0.0, stride=1), sample_density_grid(fn, 1.0, 9))
+    with pytest.raises(ValueError, match="stride"):
+        sample_density_near_surface(fn, 1.0, 9, 0.0, stride=0)
 
 
 def test_density_sampling_logs_progress(monkeypatch, caplog):

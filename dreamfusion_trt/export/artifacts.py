@@ -159,8 +159,12 @@ def write_grids(renderer: Renderer, cfg: RunConfig, paths: list[Path], light_dir
         log.info("image grid: %s", path)
 
 
-def write_meshes(renderer: Renderer, cfg: RunConfig, out_dirs: list[Path], stem: str = "mesh") -> list[list[Path]]:
-    """Marching cubes on each prompt's density, vertex colours from its albedo, world units."""
+def write_meshes(
+    renderer: Renderer, cfg: RunConfig, out_dirs: list[Path], stem: str = "mesh", coarse_stride: int = 1
+) -> list[list[Path]]:
+    """Marching cubes on each prompt's density, vertex colours from its albedo, world units
+    (files in glTF's frame, see `mesh.save_mesh`). `coarse_stride` > 1 queries the density
+    exactly only near the surface (`mesh.sample_density_near_surface`)."""
     field = renderer.field
     written = []
     for i, out_dir in enumerate(out_dirs):
@@ -176,6 +180,7 @@ def write_meshes(renderer: Renderer, cfg: RunConfig, out_dirs: list[Path], stem:
         mesh = extract_mesh(
             density_fn, color_fn, bound=cfg.field.bound, resolution=cfg.output.mesh_resolution,
             threshold=cfg.output.mesh_threshold, device=device, fill_cavities=cfg.output.mesh_fill_cavities,
+            coarse_stride=coarse_stride,
         )  # fmt: skip
         written.append(save_meshes(mesh, out_dir, stem, cfg.output.mesh_formats))
         log.info("mesh: %d vertices, %d faces -> %s", len(mesh.vertices), len(mesh.faces), ", ".join(map(str, written[-1])))
