@@ -93,7 +93,8 @@ def _nerfacc():
 
 
 class Renderer(nn.Module):
-    """Holds the field, the background and (for nerfacc) the occupancy grids: one state_dict.
+    """Holds the field, the background and one occupancy grid per prompt (marched by nerfacc,
+    carried along by the torch sampler): one state_dict, the same with or without nerfacc.
 
     ``render(rays_o [K, R, 3], rays_d [K, R, 3], light_dir [K, 3], ...) -> RenderOutput``.
     """
