@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import sys
 import typing
 from pathlib import Path
 
-from .config import (
-    BackendName,
-    RunConfig,
-    add_config_arguments,
-    from_dict,
-    load_yaml,
-    overrides_from_args,
-)
+from .config import CPU_PRESET, BackendName, RunConfig, add_config_arguments, from_dict, load_yaml, overrides_from_args
 
 log = logging.getLogger("dreamfusion_trt")
 
@@ -59,12 +53,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
     """defaults (or a checkpoint's config) < the built-in prior's preset when it is the model <
     --config YAML < --section.field < shortcut flags."""
+    from .scene import resolve_device
+
     cfg = _layer_flags(args, base if base is not None else RunConfig())
     if cfg.model.model != "builtin":
+        if base is None and args.command in ("generate", "batch") and resolve_device(cfg.train.device).type == "cpu":
+            # A full-size field on a CPU runs for days: the CPU sizes apply, under the user's own choices.
+            cfg = _layer_flags(args, from_dict(CPU_PRESET, RunConfig()))
+            log.info("running on the CPU: a smaller field, renders and schedule apply (%s); any --section.field "
+                     "flag overrides them", ", ".join(f"{s}.{k}={v}" for s, d in CPU_PRESET.items() for k, v in d.items()))  # fmt: skip
         return cfg
     from .prior.preset import preset_config, use_weights
     from .prior.scenes import resolve_caption
-    from .scene import resolve_device
 
     preset = preset_config(base, on_cpu=resolve_device(cfg.train.device).type == "cpu")
     cfg = _layer_flags(args, preset)
@@ -132,14 +132,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    """Exit code 0, 1 when a prompt failed; a stop (SIGTERM 143, SIGUSR1 or a stop request to
+    requeue 75) raises `Interrupted`, which `main` turns into its exit code."""
     from .train.batch import load_batch_config, run_batch
+    from .train.queue import parse_shard
 
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    if not args.lease_s > 0:
+        raise ValueError(f"--lease-s must be a positive number of seconds, got {args.lease_s}")
     out = Path(args.out).expanduser() if args.out else Path("runs") / Path(args.prompts).stem
     base = load_batch_config(out)  # a re-run continues with the settings the batch started with
     cfg = build_config(args, base)
     cfg.output = dataclasses.replace(cfg.output, out=str(out))
     result = run_batch(cfg, args.prompts, concurrency=args.concurrency, progress=not args.quiet, retry_failed=args.retry_failed,
-                       scorer=builtin_scorer(cfg))
+                       scorer=builtin_scorer(cfg), shard=shard, lease_s=args.lease_s)  # fmt: skip
     log.info("%d done, %d failed, %d finished earlier, %d line(s) skipped; manifest: %s",
              len(result.done), len(result.failed), len(result.skipped), len(result.problems), out / "manifest.jsonl")  # fmt: skip
     print(result.out_dir)
@@ -253,6 +259,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def _quiet_libraries() -> None:
+    """--quiet: no loading bars or notices from the model libraries either."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "diffusers"):
+        try:
+            lib_logging = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        lib_logging.set_verbosity_error()
+        lib_logging.disable_progress_bar()
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamfusion-trt", description=__doc__, formatter_class=_formatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -264,11 +284,16 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_options(g)
     g.set_defaults(func=cmd_generate)
 
-    bt = sub.add_parser("batch", help="train many prompts, K at a time on one GPU, each into its own folder",
+    bt = sub.add_parser("batch", help="train many prompts, K at a time per GPU (torchrun: one process per GPU), each into its own folder",
                         formatter_class=_formatter)  # fmt: skip
     bt.add_argument("prompts", help="prompts file: one prompt per line (.txt) or JSON lines with prompt, seed, negative, iters (.jsonl)")
     bt.add_argument("--concurrency", type=int, help="prompts trained at once (default: from GPU memory; 2 on a CPU)")
     bt.add_argument("--retry-failed", action="store_true", help="run prompts that failed in an earlier run again")
+    bt.add_argument("--shard", metavar="i/N", help="train only shard i of N (every N-th prompt from the i-th; Slurm job "
+                    "arrays), sharing the output folder's queue with the other shards")  # fmt: skip
+    bt.add_argument("--lease-s", type=float, default=300.0, metavar="SECONDS",
+                    help="under torchrun or --shard: a prompt whose process stopped renewing its claim for this long is "
+                    "taken over by another from its checkpoint (default: 300)")  # fmt: skip
     _add_run_options(bt)
     bt.set_defaults(func=cmd_batch)
 
@@ -324,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if quiet:
+        _quiet_libraries()
     try:
         return args.func(args)
     except KeyboardInterrupt:

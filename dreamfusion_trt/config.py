@@ -175,6 +175,18 @@ class RunConfig:
     output: OutputConfig = _field(default_factory=OutputConfig)
 
 
+# What a run on a CPU uses unless the user says otherwise: the built-in prior's CPU sizes. The
+# full-size field and renders take about 30 s an iteration on two cores (days for a default run).
+CPU_PRESET: dict[str, dict[str, Any]] = {
+    "field": {"num_levels": 8, "log2_hashmap_size": 16, "max_resolution": 256, "hidden_dim": 32, "num_layers": 2,
+              "normals": "autograd"},
+    "render": {"num_samples": 32, "albedo_iters": 200},
+    "camera": {"render_size": 32},
+    "train": {"iters": 400, "encode_size": 64},
+    "output": {"mesh_resolution": 64, "video_size": 64, "video_frames": 24},
+}  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # dict / YAML round trip
 

@@ -19,6 +19,7 @@ checkpoint are ValueErrors naming the id or file. ``HF_HUB_OFFLINE`` is honoured
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import re
@@ -214,11 +215,13 @@ def _load_components(src: str, where: Path | str, *, revision, dtype, offline) -
     from transformers import CLIPTextModel, CLIPTokenizer
 
     common = {"revision": revision, "local_files_only": offline}
+    # Without accelerate, diffusers warns once per model that it falls back to this; say it once.
+    lean = {} if importlib.util.find_spec("accelerate") is not None else {"low_cpu_mem_usage": False}
     loaders = {
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **common),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **common),
-        "unet": lambda: UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **common),
-        "vae": lambda: AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **common),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype, **common, **lean),
+        "vae": lambda: AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **common, **lean),
         "scheduler": lambda: DDPMScheduler.from_pretrained(src, subfolder="scheduler", **common),
     }
     parts = {}

@@ -67,3 +67,22 @@ def test_help_lists_every_option_with_default():
         for key in values:
             assert f"--{section}.{key}" in text
     assert "(default: 100.0)" in text  # guidance scale
+
+
+def test_a_custom_model_on_a_cpu_gets_the_cpu_sizes_under_the_users_flags(tmp_path, caplog):
+    """A full-size field on a CPU would run for days: the CPU preset applies to any model, says so,
+    and every flag the user gives still wins. A resumed run keeps the settings it started with."""
+    import logging
+
+    from dreamfusion_trt import cli
+    from dreamfusion_trt.config import CPU_PRESET
+
+    args = cli.make_parser().parse_args(["generate", "a hamburger", "--model", str(tmp_path / "sd"), "--device", "cpu",
+                                         "--camera.render_size", "48"])  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="dreamfusion_trt"):
+        cfg = cli.build_config(args)
+    assert "running on the CPU" in caplog.text
+    assert cfg.train.iters == CPU_PRESET["train"]["iters"] and cfg.field.num_levels == CPU_PRESET["field"]["num_levels"]
+    assert cfg.camera.render_size == 48  # the user's flag
+    resumed = cli.build_config(args, base=RunConfig())
+    assert resumed.train.iters == RunConfig().train.iters and resumed.camera.render_size == 48

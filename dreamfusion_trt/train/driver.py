@@ -211,6 +211,7 @@ class Driver:
                 continue
             self.tick += 1
             self.bar.update(len(busy))
+            self._estimate(trainer)
             for job in source.heartbeat([trainer.slots[k].tag for k in busy]):
                 k = next(k for k in busy if trainer.slots[k].tag is job)
                 log.warning("prompt %r: another process took it over; dropped here", job.cfg.prompt.text)
@@ -229,6 +230,20 @@ class Driver:
                     if trainer.slots[k] is slots[k]:
                         self._finish(trainer, k)
             self.bar.set_postfix(done=len(self.done), failed=len(self.failed), active=len(trainer.active_slots), refresh=False)
+
+    def _estimate(self, trainer: Trainer) -> None:
+        """Log, once, how long the whole run will take, from the second and third steps (the
+        first compiles and warms up): a CPU run of a full-size field should say so up front."""
+        self._steps_here = getattr(self, "_steps_here", 0) + 1
+        if self._steps_here == 1:
+            self._eta_from = time.perf_counter()
+        elif self._steps_here == 3:
+            per_step = (time.perf_counter() - self._eta_from) / 2
+            left = sum(j.cfg.train.iters for j in self.jobs) - self.bar.n
+            seconds = per_step * left / max(1, trainer.num_slots)
+            log.info("%.2f s per step of %d prompt(s): about %s for the %d iterations left", per_step,
+                     trainer.num_slots, time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400
+                     else f"{seconds / 86400:.1f} days", left)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
     # trainers
