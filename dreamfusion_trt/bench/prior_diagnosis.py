@@ -1,0 +1,276 @@
+"""Why do red objects come out worse than blue ones? Measures each stage of the known-answer path
+on the red and the blue version of one shape, and writes JSON.
+
+    python -m dreamfusion_trt.bench.prior_diagnosis --shape torus --out diagnosis.json
+    python -m dreamfusion_trt.bench.prior_diagnosis --runs 'runs/bench/*/*' --out diagnosis.json
+
+Per colour (true renders from the prior's own training distribution, 64x64, white background):
+
+- ``vae``: the prior VAE's reconstruction error (mean absolute, on the object's pixels and on the
+  background) and the mean colour of the object's pixels before and after.
+- ``unet``: at several timesteps, the noise-prediction error (MSE) of the prior's UNet on noised
+  latents of the true renders, with the object's caption and with the empty prompt.
+- ``sds_at_truth``: the SDS gradient in latent space at the true render (CFG as the preset, weight
+  1 - alpha_bar): the norm of its mean over noise draws against the mean of its norms (0 when the
+  true object is a fixed point of SDS, 1 when every draw pushes the same way).
+- ``sds_towards_truth``: at a faint render (the true render half blended with the white
+  background, like a translucent shell) and at a bleached one (object colour halfway to grey),
+  the pixel gradient of latent SDS (through the VAE encoder, the preset's RGB phase) and of
+  image-space SDS (``sds.rgb_mode=image``: D(z0^) - x); the mean cosine, per draw, between minus
+  that gradient and the step that would restore the true render. Positive: SDS pulls the faint
+  object towards the truth; near 0: the push is mostly in other directions.
+- ``linear_map``: the fitted RGB -> latent map's relative residual against the encoder on the
+  object's latent pixels; and the latent distance of a flat object colour from flat white
+  (encoder and map), i.e. how visible the colour is against the background in latent space.
+- ``albedo``: the logits the albedo head's sigmoid needs for the true colour.
+
+``--runs`` adds per run folder the IoU at the mesh's threshold against the best over thresholds
+(score.json) and the trained albedo at the true surface (from the checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..atomic import atomic_write_text
+from ..prior import WEIGHTS_DIR
+from ..prior.dataset import DatasetConfig, render_dataset
+from ..prior.scenes import PALETTE, resolve_caption
+
+log = logging.getLogger(__name__)
+
+TIMESTEPS = (50, 200, 400, 600, 800, 950)
+TOWARDS_TIMESTEPS = (100, 400, 700)  # the pixel-gradient numbers need a backward pass through the encoder
+
+
+class _Prior:
+    """The prior's frozen networks and its text embeddings, fp32 on the CPU or a GPU."""
+
+    def __init__(self, folder: str | Path, device: torch.device) -> None:
+        from ..sdmodel import load_diffusion
+
+        self.m = load_diffusion(str(folder), device=device, dtype=torch.float32)
+        self.device = device
+        self.alphas = self.m.alphas_cumprod.to(device)
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:  # [T, 77, D]
+        ids = self.m.tokenizer(list(texts), padding="max_length", max_length=self.m.max_length, truncation=True,
+                               return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+        return self.m.text_encoder(ids)[0]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, 3, H, W] in [0, 1] -> scaled latent means [N, C, h, w] (differentiable)."""
+        return self.m.vae.encode(images * 2.0 - 1.0).latent_dist.mean * self.m.vae_scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((self.m.vae.decode(latents / self.m.vae_scaling_factor).sample + 1.0) / 2.0).clamp(0, 1)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.m.unet(x, t, encoder_hidden_states=emb).sample
+
+    def sds_grad(self, z: torch.Tensor, t: int, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+                 scale: float) -> torch.Tensor:  # fmt: skip
+        """(1 - alpha_bar_t) (eps_cfg - noise) for latents z [N, C, h, w]; no graph."""
+        a = self.alphas[t]
+        with torch.no_grad():
+            x = a.sqrt() * z + (1 - a).sqrt() * noise
+            tt = torch.full((len(z),), t, device=z.device, dtype=torch.long)
+            e_u, e_c = self.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond.expand_as(cond), cond])).chunk(2)
+            return (1 - a) * (e_u + scale * (e_c - e_u) - noise)
+
+
+def object_mask(images: torch.Tensor, level: float = 0.05) -> torch.Tensor:
+    """[N, 1, H, W] bool: pixels that differ from the white background by more than `level`."""
+    return (1.0 - images).amax(dim=1, keepdim=True) > level
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.expand_as(x).float()
+    return float((x * m).sum() / m.sum().clamp_min(1))
+
+
+def measure_color(prior: _Prior, caption: str, n: int, draws: int, scale: float, seed: int) -> dict[str, Any]:
+    ds = render_dataset(DatasetConfig(images_per_object=n, image_size=64, captions=(caption,), seed=seed), prior.device)
+    img = ds.float_images()  # [n, 3, 64, 64]
+    mask = object_mask(img)
+    emb = prior.embed([*ds.texts, ""])
+    cond, uncond = emb[ds.text_index], emb[-1:]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out: dict[str, Any] = {"caption": caption, "renders": n, "object_pixel_share": float(mask.float().mean())}
+
+    with torch.no_grad():
+        z = prior.encode(img)
+        rec = prior.decode(z)
+    out["vae"] = {
+        "mae_object": _masked_mean((rec - img).abs(), mask),
+        "mae_background": _masked_mean((rec - img).abs(), ~mask),
+        "mean_rgb_object_true": [_masked_mean(img[:, c : c + 1], mask) for c in range(3)],
+        "mean_rgb_object_reconstructed": [_masked_mean(rec[:, c : c + 1], mask) for c in range(3)],
+    }
+    lmask = F.adaptive_max_pool2d(mask.float(), z.shape[-1]) > 0  # latent pixels that see the object
+    unet, at_truth = {}, {}
+    for t in TIMESTEPS:
+        a = prior.alphas[t]
+        mse_c, mse_u, grads = [], [], []
+        for _ in range(draws):
+            noise = torch.randn(z.shape, generator=gen).to(z)
+            x = a.sqrt() * z + (1 - a).sqrt() * noise
+            tt = torch.full((n,), t, device=z.device, dtype=torch.long)
+            with torch.no_grad():
+                e_c, e_u = prior.eps(x, tt, cond), prior.eps(x, tt, uncond.expand_as(cond))
+            mse_c.append(float((e_c - noise).square().mean()))
+            mse_u.append(float((e_u - noise).square().mean()))
+            grads.append((1 - a) * (e_u + scale * (e_c - e_u) - noise))
+        g = torch.stack(grads)  # [draws, n, C, h, w]
+        mean_norm = g.mean(0).flatten(1).norm(dim=1)  # per render
+        norm_mean = g.flatten(2).norm(dim=2).mean(0)
+        unet[str(t)] = {"mse_cond": sum(mse_c) / draws, "mse_uncond": sum(mse_u) / draws}
+        at_truth[str(t)] = {"mean_grad_norm": float(mean_norm.mean()), "grad_norm": float(norm_mean.mean()),
+                            "coherence": float((mean_norm / norm_mean.clamp_min(1e-12)).mean())}  # fmt: skip
+    out["unet"] = unet
+    out["sds_at_truth"] = at_truth
+    out["latent_object_share"] = float(lmask.float().mean())
+
+    # Does SDS pull a faint (translucent) or a bleached render back towards the true one?
+    grey = torch.full_like(img, 0.5)
+    variants = {"faint": 0.5 * img + 0.5, "bleached": torch.where(mask, 0.5 * img + 0.5 * grey, img)}
+    towards: dict[str, Any] = {}
+    for name, start in variants.items():
+        step = (img - start).repeat(draws, 1, 1, 1).flatten(1)  # [draws * n, 3HW]
+        latent_cos, image_cos = {}, {}
+        for t in TOWARDS_TIMESTEPS:
+            x = start.repeat(draws, 1, 1, 1).requires_grad_(True)  # [draws * n, 3, H, W]
+            zz = prior.encode(x)
+            noise = torch.randn(zz.shape, generator=gen).to(zz)
+            c = cond.repeat(draws, 1, 1)
+            g = prior.sds_grad(zz.detach(), t, noise, c, uncond, scale)
+            (gi,) = torch.autograd.grad((zz * g).sum(), x)  # latent SDS, through the encoder
+            latent_cos[str(t)] = float(F.cosine_similarity(-gi.flatten(1), step, dim=1).mean())
+            # image-space SDS (sds.rgb_mode=image): minus its gradient is D(z0^) - x
+            a = prior.alphas[t]
+            eps_hat = g / (1 - a) + noise
+            z0 = ((a.sqrt() * zz.detach() + (1 - a).sqrt() * noise) - (1 - a).sqrt() * eps_hat) / a.sqrt()
+            target = prior.decode(z0)
+            image_cos[str(t)] = float(F.cosine_similarity((target - x.detach()).flatten(1), step, dim=1).mean())
+        towards[name] = {"latent_sds": latent_cos, "image_sds": image_cos}
+    out["sds_towards_truth"] = towards
+    return out
+
+
+def measure_linear_map(prior: _Prior, captions: Sequence[str], n: int, seed: int) -> dict[str, Any]:
+    from ..guidance.latents import fit_rgb_to_latent
+
+    encoder = lambda x: prior.m.vae.encode(x).latent_dist.mean * prior.m.vae_scaling_factor  # noqa: E731
+    lmap = fit_rgb_to_latent(encoder, prior.device, torch.float32, size=64, seed=seed)
+    out: dict[str, Any] = {"r2": float(lmap.r2)}
+    white = torch.ones(1, 3, 64, 64, device=prior.device)
+    with torch.no_grad():
+        z_white = prior.encode(white)[..., 4:-4, 4:-4].mean((-1, -2))
+        for caption in captions:
+            ds = render_dataset(DatasetConfig(images_per_object=n, image_size=64, captions=(caption,), seed=seed + 1), prior.device)
+            img = ds.float_images()
+            z = prior.encode(img)
+            factor = img.shape[-1] // z.shape[-1]
+            approx = lmap(F.avg_pool2d(img, factor))
+            lmask = (F.adaptive_max_pool2d(object_mask(img).float(), z.shape[-1]) > 0).expand_as(z)
+            res = ((approx - z)[lmask]).square().sum() / (z[lmask] - z[lmask].mean()).square().sum()
+            color = torch.tensor(PALETTE[resolve_caption(caption).colors[0]], device=prior.device)
+            flat = color[None, :, None, None].expand(1, 3, 64, 64)
+            z_flat = prior.encode(flat)[..., 4:-4, 4:-4].mean((-1, -2))
+            m_flat = lmap(color[None, :, None, None]).flatten(1)
+            m_white = lmap(torch.ones(1, 3, 1, 1, device=prior.device)).flatten(1)
+            out[caption] = {
+                "relative_residual_object": float(res),
+                "latent_distance_from_white_encoder": float((z_flat - z_white).norm()),
+                "latent_distance_from_white_map": float((m_flat - m_white).norm()),
+                "rgb_distance_from_white": float((color - 1).norm()),
+            }
+    return out
+
+
+def albedo_logits(caption: str) -> dict[str, Any]:
+    rgb = PALETTE[resolve_caption(caption).colors[0]]
+    logits = [math.log(c / (1 - c)) for c in rgb]
+    # d sigmoid / d logit at the target: how much a logit step moves the colour there
+    slopes = [c * (1 - c) for c in rgb]
+    return {"rgb": list(rgb), "logits": logits, "sigmoid_slope": slopes, "reachable": all(abs(v) < 10 for v in logits)}
+
+
+@torch.no_grad()
+def measure_run(folder: Path) -> dict[str, Any] | None:
+    """A finished run's threshold numbers (score.json) and its albedo at the true surface."""
+    from ..checkpoint import load_checkpoint
+    from ..scene import scene_from_checkpoint
+
+    score_path = folder / "score.json"
+    if not score_path.is_file() or not (folder / "checkpoint.json").is_file():
+        return None
+    score = json.loads(score_path.read_text())
+    row = {k: score.get(k) for k in ("object", "iou", "best_iou", "best_threshold", "field_iou", "opacity_on_object",
+                                     "opacity_off_object", "color_error", "iou_by_threshold")}  # fmt: skip
+    ckpt = load_checkpoint(folder)
+    renderer = scene_from_checkpoint(ckpt, "cpu")
+    obj = resolve_caption(score["object"]).build(bound=ckpt.config.field.bound)
+    pts = obj.sample_surface(4000, torch.Generator().manual_seed(0))
+    normals = obj.normals(pts[None])[0]
+    inner = pts - 0.02 * normals  # just inside the true surface, where the albedo is seen
+    _, albedo = renderer.field(inner[None])
+    albedo = albedo[0]
+    truth = obj.surface_color(pts)
+    row["albedo_mean_inside_surface"] = albedo.mean(0).tolist()
+    row["albedo_error_inside_surface"] = float((albedo - truth).norm(dim=-1).mean())
+    row["albedo_logit_mean"] = torch.logit(albedo.clamp(1e-6, 1 - 1e-6)).mean(0).tolist()
+    row["density_median_inside_surface"] = float(renderer.field.density(inner[None])[0].median())
+    row["mesh_threshold"] = ckpt.config.output.mesh_threshold
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dreamfusion_trt.bench.prior_diagnosis", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--shape", default="torus", help="a known shape with red and blue versions (default: %(default)s)")
+    p.add_argument("--colors", default="red,blue")
+    p.add_argument("--model", default=str(WEIGHTS_DIR), help="prior folder (default: the built-in one)")
+    p.add_argument("--renders", type=int, default=16, help="true renders per colour (default: %(default)s)")
+    p.add_argument("--draws", type=int, default=4, help="noise draws per timestep (default: %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=50.0, help="CFG of the SDS numbers (the preset's: %(default)s)")
+    p.add_argument("--runs", nargs="*", default=[], help="finished run folders (globs) to read thresholds and albedo from")
+    p.add_argument("--skip-model", action="store_true", help="only the albedo and --runs numbers (no prior loaded)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="prior_diagnosis.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.manual_seed(args.seed)
+    captions = [f"a {c} {args.shape}" for c in args.colors.split(",")]
+    for c in captions:
+        resolve_caption(c)
+    result: dict[str, Any] = {"shape": args.shape, "model": args.model, "guidance_scale": args.guidance_scale,
+                              "timesteps": list(TIMESTEPS), "towards_timesteps": list(TOWARDS_TIMESTEPS), "albedo": {c: albedo_logits(c) for c in captions}}  # fmt: skip
+    if not args.skip_model:
+        prior = _Prior(args.model, torch.device(args.device))
+        result["colors"] = {}
+        for c in captions:
+            result["colors"][c] = measure_color(prior, c, args.renders, args.draws, args.guidance_scale, args.seed)
+            log.info("%s: %s", c, json.dumps(result["colors"][c])[:600])
+        result["linear_map"] = measure_linear_map(prior, captions, args.renders, args.seed)
+    folders = sorted({Path(f) for pattern in args.runs for f in glob.glob(pattern)})
+    result["runs"] = [r for r in (measure_run(f) for f in folders if f.is_dir()) if r is not None]
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
