@@ -7,9 +7,10 @@ from tiny_sd import make_tiny_sd_folder
 
 from dreamfusion_trt.engines.build import build_engines
 from dreamfusion_trt.engines.eager import EagerNoisePredictor
-from dreamfusion_trt.engines.inductor import InductorNoisePredictor, aoti_compile, aoti_load, compile_network
+from dreamfusion_trt.engines.backends import load_network
+from dreamfusion_trt.engines.inductor import aoti_compile, aoti_load, compile_network
 from dreamfusion_trt.engines.registry import make_latent_decoder, make_noise_predictor
-from dreamfusion_trt.engines.spec import make_spec
+from dreamfusion_trt.engines.spec import AxisRange, NetworkSpec, TensorSpec, make_spec
 from dreamfusion_trt.engines.wrappers import wrap_network
 from dreamfusion_trt.sdmodel import load_diffusion
 
@@ -43,16 +44,52 @@ def test_compile_mode_is_checked(folder):
 
 
 @pytest.mark.slow
-def test_inductor_matches_eager_on_cpu(folder):
+def test_inductor_matches_eager_on_cpu_at_smaller_batches_too(folder):
+    """Warmed up for 2 prompts (UNet batch 4), as a run of K = 2 slots builds it; when only one
+    slot is busy it is called at batch 2, which compiles on first use instead of being refused
+    ("batch size 2 is outside the engine's range [4, 4]")."""
     model = load_diffusion(str(folder), device="cpu", dtype="float32")
     eager = EagerNoisePredictor(model.unet)
-    spec = make_spec(model, "unet", [2])
-    compiled = InductorNoisePredictor(model.unet, spec, mode="default", batch_sizes=(2,))
-    x, t, e = _unet_inputs(model, 2)
-    ref = eager(x, t, e)
-    got = compiled(x, t, e)  # long timesteps are converted to the spec's fp32
-    assert compiled.name == "inductor" and got.dtype == ref.dtype
-    assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
+    compiled = load_network("unet", model, "inductor", batch_sizes=(4,), compile_mode="default")
+    assert compiled.name == "inductor" and compiled.spec.batch == AxisRange(2, 4, 4)
+    for batch in (4, 2):
+        x, t, e = _unet_inputs(model, batch, seed=batch)
+        ref = eager(x, t, e)
+        got = compiled(x, t, e)  # long timesteps are converted to the spec's fp32
+        assert got.dtype == ref.dtype
+        # fp32 on both sides; only the order of the compiled reductions differs
+        assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
+    with pytest.raises(ValueError, match=r"batch size 6 is outside the engine's range \[2, 4\]"):
+        compiled(*_unet_inputs(model, 6))
+
+
+class _Double(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((3,), 2.0))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_compiled_runner_compiles_every_batch_of_its_range_past_the_recompile_limit(monkeypatch):
+    """dynamo stops recompiling a function after `recompile_limit` (8) shapes and runs it
+    eagerly from then on, without an error; the runner lifts the limit while a new batch
+    compiles, so all 10 batches of [1, 10] get their own graph. (dynamo's "eager" backend
+    stands in for Inductor: the limit is dynamo's, and it keeps the test fast.)"""
+    from torch._dynamo.utils import counters
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, mode, dynamic: real(m, backend="eager", dynamic=dynamic))
+    spec = NetworkSpec("double", (TensorSpec("x", torch.float32, ("B", 3)),), (TensorSpec("y", torch.float32, ("B", 3)),),
+                       (("B", AxisRange(1, 10, 10)),), torch.float32)  # fmt: skip
+    torch._dynamo.reset()
+    counters.clear()
+    run = compile_network(_Double(), spec, mode="default", batch_sizes=(10,))
+    for b in range(1, 11):
+        x = torch.arange(3 * b, dtype=torch.float32).view(b, 3)
+        torch.testing.assert_close(run(x), 2 * x)
+    assert counters["stats"]["unique_graphs"] == 10
 
 
 @pytest.mark.slow
@@ -75,7 +112,7 @@ def test_aotinductor_package_round_trip_on_cpu(folder, tmp_path, caplog):
         predictor(*_unet_inputs(model, 6))
 
     # auto picks the package when there is one; a second build does nothing
-    caplog.set_level("INFO", logger="dreamfusion_trt.engines.registry")
+    caplog.set_level("INFO", logger="dreamfusion_trt.engines.backends")
     assert make_noise_predictor(model, "auto", tmp_path, batch_sizes=(2,)).name == "aotinductor"
     assert "backend auto -> aotinductor" in caplog.text
     again = build_engines(model, tmp_path, batch_sizes=[2, 4], networks=["unet"], backends=["aotinductor"])

@@ -1,6 +1,7 @@
-"""Network specs, the engine manifest, backend selection, engine-only image SDS and the
-benchmark's CPU smoke run, on the tiny SD model."""
+"""Network specs, the engine manifest, backend selection and the benchmark's CPU smoke run, on
+the tiny SD model."""
 
+import importlib.util
 import json
 import logging
 from dataclasses import replace
@@ -10,16 +11,11 @@ import torch
 from tiny_sd import make_tiny_sd_folder
 
 from dreamfusion_trt.engines.eager import EagerImageEncoder, EagerLatentDecoder, EagerNoisePredictor
-from dreamfusion_trt.engines.registry import (
-    Manifest,
-    RuntimeEnv,
-    engine_filename,
-    find_artifact,
-    make_image_encoder,
-    make_latent_decoder,
-    make_noise_predictor,
-    model_folder,
-)
+from dreamfusion_trt.config import BackendName
+from dreamfusion_trt.engines.artifacts import Manifest, RuntimeEnv, engine_filename, find_artifact, model_folder
+from dreamfusion_trt.engines.backends import BACKENDS, LOADERS, EngineAdapter, load_network
+from dreamfusion_trt.engines.base import ImageEncoder, LatentDecoder, NoisePredictor
+from dreamfusion_trt.engines.registry import make_image_encoder, make_latent_decoder, make_noise_predictor
 from dreamfusion_trt.engines.spec import AxisRange, batch_range, make_spec, network_batch_sizes
 from dreamfusion_trt.engines.tensorrt import TENSORRT_INSTALL
 from dreamfusion_trt.engines.wrappers import wrap_network
@@ -121,6 +117,21 @@ def test_export_shapes_and_fingerprint(model):
     assert spec.io_fingerprint() == make_spec(model, "unet", [1, 64]).io_fingerprint()
     assert spec.io_fingerprint() != make_spec(model, "unet", [2, 8], dtype=torch.float16).io_fingerprint()
     assert spec.profile_tag() == "b2-8-8"
+    assert spec.sizes_tag() == "p2-8"
+
+
+def test_one_tensorrt_profile_per_batch_size_in_use(model):
+    spec = make_spec(model, "unet", [8, 2, 32])
+    assert spec.batch_sizes == (2, 8, 32)
+    batches = [{n: (lo[0], opt[0], hi[0]) for n, (lo, opt, hi) in p.items()} for p in spec.profiles()]
+    # each size in use is a profile's opt (= max); together they cover [2, 32] once each
+    assert [b["sample"] for b in batches] == [(2, 2, 2), (3, 8, 8), (9, 32, 32)]
+    assert all(len(set(b.values())) == 1 for b in batches)  # every input on the same batch
+    assert spec.profiles()[1]["encoder_hidden_states"] == ((3, 77, 32), (8, 77, 32), (8, 77, 32))
+    # an engine's spec read back from the manifest keeps its sizes; they must lie in its range
+    assert spec.with_batch(AxisRange(2, 8, 8), [2, 8]).sizes_tag() == "p2-8"
+    with pytest.raises(ValueError, match=r"batch sizes \(2, 16\) are not all inside \[2, 8\]"):
+        spec.with_batch(AxisRange(2, 8, 8), [2, 16])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,12 +152,13 @@ def _fake_engine(model, tmp_path, env, batch_sizes=(2, 8)):
 
 def test_manifest_round_trip_and_staleness(model, tmp_path):
     folder, name = _fake_engine(model, tmp_path, H100)
-    assert name == "unet.fp32.b2-8-8.trt10.9.0.nvidia-h100-80gb-hbm3-sm90.plan"
+    assert name == "unet.fp32.p2-8.trt10.9.0.nvidia-h100-80gb-hbm3-sm90.plan"
     loaded = Manifest.load(folder, model.key)
     entry = loaded.files[name]
     assert entry == json.loads((folder / "manifest.json").read_text())["files"][name]
     assert (entry["network"], entry["precision"], entry["backend"]) == ("unet", "fp32", "tensorrt")
     assert entry["profile"]["axes"] == {"B": {"min": 2, "opt": 8, "max": 8}}
+    assert entry["profile"]["batch_sizes"] == [2, 8]
     assert entry["profile"]["inputs"]["sample"] == {"min": [2, 4, 8, 8], "opt": [8, 4, 8, 8], "max": [8, 4, 8, 8]}
     assert (entry["tensorrt_version"], entry["gpu"], entry["compute_capability"]) == ("10.9.0", H100.gpu, "9.0")
     assert entry["torch_version"] == "2.13.0"
@@ -171,7 +183,7 @@ def test_manifest_of_another_model_is_refused(model, tmp_path):
 def test_find_artifact_names_the_field_that_differs(model, tmp_path):
     folder, name = _fake_engine(model, tmp_path, H100)
     path, spec = find_artifact(model, "tensorrt", "unet", tmp_path, [2, 4], H100)
-    assert path == folder / name and spec.batch == AxisRange(2, 8, 8)
+    assert path == folder / name and spec.batch == AxisRange(2, 8, 8) and spec.batch_sizes == (2, 8)
     a100 = replace(H100, gpu="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
     with pytest.raises(ValueError, match=r"gpu differs: built with 'NVIDIA H100 80GB HBM3', running 'NVIDIA A100-SXM4-80GB'"):
         find_artifact(model, "tensorrt", "unet", tmp_path, [2], a100)
@@ -190,11 +202,19 @@ def test_find_artifact_names_the_field_that_differs(model, tmp_path):
 # backend selection
 
 
+def test_backend_table_is_the_config_literal():
+    assert BACKENDS == ("auto", "eager", "inductor", "aotinductor", "tensorrt")
+    assert set(BACKENDS) == set(BackendName.__args__)
+    assert set(LOADERS) == set(BACKENDS) - {"auto"}
+
+
 def test_auto_on_cpu_is_eager(model, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="dreamfusion_trt.engines.registry"):
+    with caplog.at_level(logging.INFO, logger="dreamfusion_trt.engines.backends"):
         predictor = make_noise_predictor(model, "auto", tmp_path, batch_sizes=(2,))
     assert isinstance(predictor, EagerNoisePredictor)
-    assert "backend auto -> eager for unet" in caplog.text and "tensorrt: needs a CUDA GPU" in caplog.text
+    assert "backend auto -> eager for unet" in caplog.text
+    no_trt = TENSORRT_INSTALL if importlib.util.find_spec("tensorrt") is None else "needs the model on a CUDA device"
+    assert f"tensorrt: {no_trt}" in caplog.text and "aotinductor: no aotinductor file for unet" in caplog.text
     assert isinstance(make_image_encoder(model, "auto", tmp_path), EagerImageEncoder)
     assert isinstance(make_latent_decoder(model, "eager", tmp_path), EagerLatentDecoder)
 
@@ -215,12 +235,39 @@ def test_tensorrt_backend_without_tensorrt_says_how_to_install(model, tmp_path):
 def test_unknown_backend_and_bad_batches(model, tmp_path):
     with pytest.raises(ValueError, match="unknown backend 'onnxruntime'"):
         make_noise_predictor(model, "onnxruntime", tmp_path)
+    with pytest.raises(ValueError, match="no backend runs network 'text_encoder'"):
+        load_network("text_encoder", model, "eager", tmp_path)
     with pytest.raises(ValueError, match="batch sizes must be positive"):
         make_noise_predictor(model, "eager", tmp_path, batch_sizes=(0,))
 
 
 # ---------------------------------------------------------------------------------------------
 # engine-only image SDS
+
+
+@pytest.mark.parametrize("network, protocol", [("unet", NoisePredictor), ("vae_encoder", ImageEncoder), ("vae_decoder", LatentDecoder)])
+def test_one_adapter_type_serves_every_protocol(model, network, protocol):
+    spec = make_spec(model, network, network_batch_sizes(network, [2, 4]))
+    calls = []
+
+    def runner(*xs):  # records what reaches the compiled side
+        calls.append([(x.dtype, x.is_contiguous()) for x in xs])
+        return wrap_network(model, network)(*xs)
+
+    adapter = EngineAdapter("stand-in", runner, spec, "cpu")
+    assert isinstance(adapter, protocol)
+    inputs = list(spec.sample_inputs(2, generator=torch.Generator().manual_seed(0)).values())
+    if network == "unet":
+        inputs[1] = inputs[1].long()  # callers pass integer timesteps; the spec says fp32
+    inputs[0] = inputs[0].double().transpose(-1, -2)  # another dtype, not contiguous
+    out = adapter(*inputs)
+    assert calls == [[(t.dtype, True) for t in spec.inputs]]
+    assert out.dtype == torch.float64  # back in the caller's dtype
+    with torch.no_grad():
+        ref = wrap_network(model, network)(*[x.to(t.dtype).contiguous() for x, t in zip(inputs, spec.inputs)])
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"{network}: expected {len(spec.inputs)} inputs"):
+        adapter(*inputs, inputs[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,4 +288,6 @@ def test_engine_bench_tiny_on_cpu(tmp_path):
     assert all(r["median_ms"] > 0 and r["tflops"] > 0 and r["vs_matmul"] > 0 for r in rows)
     assert result["matmul"]["tflops"] > 0
     skipped = {s["backend"]: s["reason"] for s in result["skipped"]}
-    assert "tensorrt" in skipped or any(r["backend"] == "tensorrt" for r in result["results"])
+    # on a CPU the TensorRT row is always skipped, with the reason that applies here
+    no_trt = TENSORRT_INSTALL if importlib.util.find_spec("tensorrt") is None else "TensorRT needs a CUDA GPU"
+    assert skipped == {"tensorrt": no_trt}

@@ -123,12 +123,13 @@ def count_flops(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> int:
 
 
 def _runner(backend: str, arch: str, unet: Any, batch_sizes: list[int], device: torch.device, dtype: torch.dtype,
-            work_dir: Path) -> Callable[..., torch.Tensor]:  # fmt: skip
+            work_dir: Path, shared_memory: Any) -> Callable[..., torch.Tensor]:  # fmt: skip
     """A callable taking (sample, timestep, encoder_hidden_states) for `backend`, or ValueError
-    saying why the backend cannot run here."""
+    saying why the backend cannot run here. `shared_memory` is the run's TensorRT activation
+    block (created once by the caller, which keeps it)."""
+    from ..engines.artifacts import current_env, find_artifact
     from ..engines.build import build_engines
     from ..engines.inductor import aoti_load, compile_network
-    from ..engines.registry import current_env, find_artifact
     from ..engines.spec import make_spec
     from ..engines.wrappers import UNetWrapper
 
@@ -143,7 +144,7 @@ def _runner(backend: str, arch: str, unet: Any, batch_sizes: list[int], device: 
         return compile_network(wrapper, make_spec(model, "unet", batch_sizes), mode=mode, batch_sizes=tuple(batch_sizes))
     artifact = "tensorrt" if backend.startswith("tensorrt") else "aotinductor"
     if artifact == "tensorrt":
-        from ..engines.tensorrt import SharedDeviceMemory, TensorRTEngine, import_tensorrt
+        from ..engines.tensorrt import TensorRTEngine, import_tensorrt
 
         import_tensorrt()
         if device.type != "cuda":
@@ -156,9 +157,10 @@ def _runner(backend: str, arch: str, unet: Any, batch_sizes: list[int], device: 
     path, spec = find_artifact(model, artifact, "unet", work_dir, batch_sizes, env)
     if artifact == "aotinductor":
         return aoti_load(path, device)
-    engine = TensorRTEngine(path, spec, device=device, shared_memory=SharedDeviceMemory(device),
-                            cuda_graph=backend == "tensorrt-cudagraph")  # fmt: skip
-    return lambda *xs: engine(*xs)[0]
+    engine = TensorRTEngine(path, spec, device=device, shared_memory=shared_memory, cuda_graph=backend == "tensorrt-cudagraph")
+    run = lambda *xs: engine(*xs)[0]  # noqa: E731
+    run.close = engine.close  # type: ignore[attr-defined]
+    return run
 
 
 SDPA_CHOICES = ("default", "cudnn", "flash", "efficient")
@@ -221,9 +223,14 @@ def run_engine_bench(args: argparse.Namespace) -> dict[str, Any]:
         from ..engines.wrappers import UNetWrapper
 
         flops = {b: count_flops(UNetWrapper(unet), inputs[b]) for b in batch_sizes}
+        shared_memory = None
+        if device.type == "cuda" and any(b.startswith("tensorrt") for b in backends):
+            from ..engines.tensorrt import SharedDeviceMemory
+
+            shared_memory = SharedDeviceMemory(device)  # one block for the arch's engines, kept until they are closed
         for backend in backends:
             try:
-                run = _runner(backend, arch, unet, batch_sizes, device, dtype, work_dir)
+                run = _runner(backend, arch, unet, batch_sizes, device, dtype, work_dir, shared_memory)
             except (ValueError, FileNotFoundError, RuntimeError) as exc:
                 log.warning("%s %s skipped: %s", arch, backend, exc)
                 result["skipped"].append({"arch": arch, "backend": backend, "reason": str(exc)})
@@ -244,8 +251,10 @@ def run_engine_bench(args: argparse.Namespace) -> dict[str, Any]:
                 log.info("%s %-26s batch %3d: %8.2f ms  %.3g TFLOP/s  (%.0f%% of matmul)",
                          arch, backend, b, median, tflops, 100 * row["vs_matmul"])  # fmt: skip
             atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+            if hasattr(run, "close"):
+                run.close()
             del run
-        del unet
+        del unet, shared_memory
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return result
 

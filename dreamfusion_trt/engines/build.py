@@ -20,24 +20,27 @@ from typing import Any, Literal, Sequence
 import torch
 
 from .onnx_export import DEFAULT_OPSET, export_onnx, onnx_parity
-from .registry import (
+from .artifacts import (
     ARTIFACT_BACKENDS,
     Manifest,
     RuntimeEnv,
-    device_tag,
     aoti_filename,
     current_env,
+    device_tag,
     engine_filename,
     mismatches,
     model_folder,
     onnx_filename,
 )
+from .backends import LOADABLE_NETWORKS
+from .tensorrt import OPTIMIZATION_LEVELS
 from .spec import NETWORKS, NetworkSpec, make_spec, network_batch_sizes, precision_tag
 from .wrappers import module_device, module_dtype, wrap_network
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZES = (2, 8, 32)
+DEFAULT_NETWORKS = LOADABLE_NETWORKS  # what a backend loads; the text encoder only on request
 Status = Literal["built", "up to date", "not built", "failed"]
 
 
@@ -81,12 +84,13 @@ def build_engines(
     out: str | Path = "engines",
     *,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
-    networks: Sequence[str] = NETWORKS,
+    networks: Sequence[str] = DEFAULT_NETWORKS,
     backends: Sequence[str] = ARTIFACT_BACKENDS,
     vae_dtype: torch.dtype | None = None,
     opset: int = DEFAULT_OPSET,
     parity: bool = True,
     workspace_gib: float | None = None,
+    optimization_level: int = 3,
     aoti_configs: dict[str, Any] | None = None,
     env: RuntimeEnv | None = None,
 ) -> BuildReport:
@@ -96,10 +100,13 @@ def build_engines(
     matching prompt counts (`spec.network_batch_sizes`). Engines compute in the model's dtype,
     the VAE in `vae_dtype` if given (float32 for a VAE that overflows in fp16). `parity` compares
     fp32 ONNX files with the eager network through onnxruntime and records the errors.
-    `aoti_configs` are passed to AOTInductor as ``inductor_configs``."""
+    `optimization_level` is TensorRT's builder level (3 its default; 4-5 for final engines,
+    slower to build). `aoti_configs` are passed to AOTInductor as ``inductor_configs``."""
     for n in networks:
         if n not in NETWORKS:
             raise ValueError(f"unknown network {n!r} (expected some of {', '.join(NETWORKS)})")
+    if optimization_level not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"TensorRT builder optimization level must be 0-5, got {optimization_level!r}")
     for b in backends:
         if b not in ARTIFACT_BACKENDS:
             raise ValueError(f"unknown engine backend {b!r} (expected some of {', '.join(ARTIFACT_BACKENDS)})")
@@ -118,7 +125,8 @@ def build_engines(
         log.info("[%d/%d] %s %s (%s, batch %s)", i, len(steps), backend, network, precision_tag(dtype), spec.profile_tag())
         try:
             item = _build_one(backend, model, spec, manifest, env, opset=opset, parity=parity, no_trt=no_trt,
-                              timing_cache=timing_cache, workspace_gib=workspace_gib, aoti_configs=aoti_configs)  # fmt: skip
+                              timing_cache=timing_cache, workspace_gib=workspace_gib,
+                              optimization_level=optimization_level, aoti_configs=aoti_configs)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 -- one failed artifact must not stop the others
             log.exception("%s %s failed", backend, network)
             item = BuildItem(backend, network, "failed", reason=f"{type(exc).__name__}: {exc}")
@@ -144,12 +152,14 @@ def _build_one(
     no_trt: str | None,
     timing_cache: Path,
     workspace_gib: float | None,
+    optimization_level: int,
     aoti_configs: dict[str, Any] | None,
 ) -> BuildItem:
     network = spec.network
     onnx_name = onnx_filename(spec)
     if backend == "onnx":
-        recipe = {"model_key": model.key, "io": spec.io_fingerprint(), "opset": opset, "exporter": "torchscript", "fp32_islands": True}
+        recipe = {"model_key": model.key, "io": spec.io_fingerprint(), "opset": opset, "exporter": "torchscript",
+                  "fp32_islands": "norms", "resize_casts": True}  # fmt: skip
         stale = manifest.stale_reason(onnx_name, recipe)
         if stale is None:
             return BuildItem("onnx", network, "up to date", onnx_name)
@@ -175,15 +185,17 @@ def _build_one(
         if source is None or manifest.verify_file(onnx_name) is not None:
             return BuildItem("tensorrt", network, "not built", reason=f"its ONNX file '{onnx_name}' is missing or changed")
         name = engine_filename(spec, env)
-        recipe = {"model_key": model.key, "io": spec.io_fingerprint(), "profile": spec.profile_tag(), "onnx_sha256": source["sha256"]}
+        recipe = {"model_key": model.key, "io": spec.io_fingerprint(), "profiles": spec.sizes_tag(),
+                  "onnx_sha256": source["sha256"], "optimization_level": optimization_level}  # fmt: skip
         stale = manifest.stale_reason(name, recipe)
         if stale is None:
             return BuildItem("tensorrt", network, "up to date", name)
         for other, e in manifest.entries("tensorrt", network):
-            if e.get("precision") == precision_tag(spec.precision) and e["recipe"].get("profile") == spec.profile_tag() and mismatches(e, env):
+            if e.get("precision") == precision_tag(spec.precision) and e["recipe"].get("profiles") == spec.sizes_tag() and mismatches(e, env):
                 log.info("'%s' does not fit this machine (%s): building '%s'", other, "; ".join(mismatches(e, env)), name)
         log.info("building %s: %s", name, stale)
-        build_engine(manifest.folder / onnx_name, spec, manifest.folder / name, timing_cache=timing_cache, workspace_gib=workspace_gib)
+        build_engine(manifest.folder / onnx_name, spec, manifest.folder / name, timing_cache=timing_cache,
+                     workspace_gib=workspace_gib, optimization_level=optimization_level, device=model.device)  # fmt: skip
         manifest.record(name, backend="tensorrt", spec=spec, env=env, recipe=recipe, source=onnx_name)
         return BuildItem("tensorrt", network, "built", name)
 
@@ -226,13 +238,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="engines", help="engines folder; files go to OUT/<model key>/ (default: %(default)s)")
     p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
                    help="UNet batch sizes in use, CFG doubling included (default: %(default)s)")  # fmt: skip
-    p.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated subset of %(default)s")
+    p.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
+                   help=f"comma-separated subset of {','.join(NETWORKS)} (default: %(default)s)")  # fmt: skip
     p.add_argument("--backends", default=",".join(ARTIFACT_BACKENDS), help="comma-separated subset of %(default)s")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
     p.add_argument("--vae-dtype", help="VAE precision if not --dtype (float32 for a VAE that overflows in fp16)")
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
     p.add_argument("--workspace-gib", type=float, help="TensorRT workspace limit")
+    p.add_argument("--optimization-level", type=int, default=3, choices=range(6),
+                   help="TensorRT builder optimization level; 4-5 search longer for final engines (default: %(default)s)")  # fmt: skip
     p.add_argument("--no-parity", action="store_true", help="skip the onnxruntime parity check of fp32 ONNX files")
     p.add_argument("--local-files-only", action="store_true", help="never touch the network")
     return p
@@ -260,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         opset=args.opset,
         parity=not args.no_parity,
         workspace_gib=args.workspace_gib,
+        optimization_level=args.optimization_level,
     )
     log.info("%s", report.summary())
     reasons: dict[str, list[str]] = {}

@@ -1,7 +1,9 @@
 """Torch-native engines: `torch.compile` (Inductor) in-process, and AOTInductor packages on disk.
 
-`compile_network` compiles a wrapper from `wrappers.py` with static shapes and warms it up for
-every batch size in use, so no step of training pays for a recompile. On CUDA it also switches
+`compile_network` compiles a wrapper from `wrappers.py` with static shapes and warms it up at
+the batch sizes given; any other batch inside the spec's range compiles (and, with CUDA graphs,
+records) on its first call, so a run whose last prompts fill fewer slots keeps working, and the
+batches in use never pay for a recompile after warm-up. On CUDA it also switches
 diffusers attention to the fused SDPA processor (`AttnProcessor2_0`) and the weights to
 channels_last. Modes:
 
@@ -24,33 +26,21 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, get_args
 
 import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from .adapters import NetworkImageEncoder, NetworkLatentDecoder, NetworkNoisePredictor, Runner
 from .spec import NetworkSpec
-from .wrappers import UNetWrapper, VaeDecoderWrapper, VaeEncoderWrapper, module_device
+from .wrappers import module_device, use_fused_attention
 
 log = logging.getLogger(__name__)
 
 CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-COMPILE_MODES: tuple[str, ...] = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def use_fused_attention(module: nn.Module) -> int:
-    """Swap diffusers' classic attention processors for SDPA ones; returns how many changed."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
-
-    changed = 0
-    for m in module.modules():
-        if isinstance(m, Attention) and type(m.processor) is AttnProcessor:
-            m.set_processor(AttnProcessor2_0())
-            changed += 1
-    return changed
+Runner = Callable[..., torch.Tensor]  # the spec's inputs, positionally -> the first output
 
 
 def compile_network(
@@ -62,8 +52,9 @@ def compile_network(
     channels_last: bool | None = None,
 ) -> Runner:
     """`torch.compile` a wrapper (static shapes) and warm it up at `batch_sizes`; returns a
-    runner taking the spec's inputs. `channels_last` defaults to True on CUDA. The wrapped
-    network is changed in place (attention processors, weight memory format)."""
+    runner taking the spec's inputs at any batch of `spec.batch` (sizes not warmed up compile on
+    first use). `channels_last` defaults to True on CUDA. The wrapped network is changed in place
+    (attention processors, weight memory format)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown torch.compile mode {mode!r} (expected one of {', '.join(COMPILE_MODES)})")
     device = module_device(module)
@@ -75,11 +66,23 @@ def compile_network(
         module.to(memory_format=torch.channels_last)
     compiled = torch.compile(module, mode=mode, dynamic=False)
     graphs = mode in _CUDAGRAPH_MODES and device.type == "cuda"
+    seen: set[int] = set()
+    # Static shapes compile once per batch; dynamo stops recompiling a function after
+    # `recompile_limit` (8) shapes and silently runs it eagerly, so lift the limit to the
+    # number of batches the range holds while a new size compiles.
+    limit = max(torch._dynamo.config.recompile_limit, spec.batch.max - spec.batch.min + 1)
 
     def run(*inputs: torch.Tensor) -> torch.Tensor:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        return compiled(*inputs)
+        batch = int(inputs[0].shape[0])
+        if batch in seen:
+            return compiled(*inputs)
+        spec.check_batch(batch)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            out = compiled(*inputs)
+        seen.add(batch)
+        return out
 
     gen = torch.Generator().manual_seed(0)
     for b in batch_sizes:
@@ -173,44 +176,3 @@ def aoti_load(package_path: str | Path, device: torch.device | str) -> Runner:
         return out[0] if isinstance(out, (list, tuple)) else out
 
     return run
-
-
-# ---------------------------------------------------------------------------------------------
-# protocol adapters
-
-
-class InductorNoisePredictor(NetworkNoisePredictor):
-    def __init__(self, unet: nn.Module, spec: NetworkSpec, *, mode: CompileMode = "max-autotune-no-cudagraphs",
-                 batch_sizes: tuple[int, ...] = (), channels_last: bool | None = None) -> None:  # fmt: skip
-        module = UNetWrapper(unet).eval()
-        run = compile_network(module, spec, mode=mode, batch_sizes=batch_sizes, channels_last=channels_last)
-        super().__init__("inductor", run, spec, module_device(module))
-
-
-class InductorImageEncoder(NetworkImageEncoder):
-    def __init__(self, vae: nn.Module, scaling_factor: float, spec: NetworkSpec, *,
-                 mode: CompileMode = "max-autotune-no-cudagraphs", batch_sizes: tuple[int, ...] = ()) -> None:  # fmt: skip
-        module = VaeEncoderWrapper(vae, scaling_factor).eval()
-        super().__init__("inductor", compile_network(module, spec, mode=mode, batch_sizes=batch_sizes), spec, module_device(module))
-
-
-class InductorLatentDecoder(NetworkLatentDecoder):
-    def __init__(self, vae: nn.Module, scaling_factor: float, spec: NetworkSpec, *,
-                 mode: CompileMode = "max-autotune-no-cudagraphs", batch_sizes: tuple[int, ...] = ()) -> None:  # fmt: skip
-        module = VaeDecoderWrapper(vae, scaling_factor).eval()
-        super().__init__("inductor", compile_network(module, spec, mode=mode, batch_sizes=batch_sizes), spec, module_device(module))
-
-
-class AOTINoisePredictor(NetworkNoisePredictor):
-    def __init__(self, package_path: str | Path, spec: NetworkSpec, device: torch.device | str) -> None:
-        super().__init__("aotinductor", aoti_load(package_path, device), spec, device)
-
-
-class AOTIImageEncoder(NetworkImageEncoder):
-    def __init__(self, package_path: str | Path, spec: NetworkSpec, device: torch.device | str) -> None:
-        super().__init__("aotinductor", aoti_load(package_path, device), spec, device)
-
-
-class AOTILatentDecoder(NetworkLatentDecoder):
-    def __init__(self, package_path: str | Path, spec: NetworkSpec, device: torch.device | str) -> None:
-        super().__init__("aotinductor", aoti_load(package_path, device), spec, device)

@@ -7,10 +7,15 @@ tests run batch sizes other than the traced one through onnxruntime) and needs n
 ``onnxscript`` package; `export_onnx(..., dynamo=True)` uses it with `torch.export` dynamic shapes
 from the same spec when it is installed.
 
-After export the graph is loaded with `onnx`, constant-folded by polygraphy when it is
-importable (optional), shape-inferred, saved (with one external-data file ``<name>.onnx.data``
-when the model is over protobuf's 2 GB), checked with the path-based `onnx.checker` and only
-then moved into place, so a failed export never leaves a file a later build would trust.
+After export the graph is loaded with `onnx`; in a bf16 graph every `Resize` gets casts to fp32
+around it (TensorRT has no bf16 Resize); it is shape-inferred, saved (with one external-data file
+``<name>.onnx.data`` when the model is over protobuf's 2 GB), checked with the path-based
+`onnx.checker` (``full_check``, strict shape and type inference, except for bf16 graphs:
+ONNX types Conv for bf16 only from opset 22) and against the spec (`check_graph`:
+input/output element types and dynamic axes, no bf16 Resize), and only then moved into place, so
+a failed export never leaves a file a later build would trust. No separate constant folding:
+the exporter folds (``do_constant_folding``) and TensorRT folds what is left of the shape
+arithmetic when it builds.
 """
 
 from __future__ import annotations
@@ -79,11 +84,16 @@ def export_onnx(
                     opset_version=opset, dynamo=False, dynamic_axes=spec.dynamic_axes(), do_constant_folding=True,
                 )  # fmt: skip
         model = onnx.load(str(raw))  # pulls in any external tensors the exporter wrote beside it
-        model = fold_constants(model)
+        if spec.precision == torch.bfloat16:
+            model, n = cast_bf16_resize(model)
+            log.info("%s: %d bf16 Resize node(s) computed in fp32", spec.network, n)
+        _name_io_dims(model, spec)
         staged = Path(tmp) / path.name
         files = save_onnx(model, staged)
-        check_onnx(staged)
-        _check_io(onnx.load(str(staged), load_external_data=False), spec)
+        # ONNX types Conv for bf16 only from opset 22 on (the TorchScript exporter stops at 20);
+        # TensorRT parses bf16 Conv all the same, so bf16 graphs get the structural check.
+        check_onnx(staged, full_check=spec.precision != torch.bfloat16)
+        check_graph(onnx.load(str(staged), load_external_data=False), spec)
         final = []
         for f in sorted(files, key=lambda f: f.suffix == ".onnx"):  # data first, the .onnx last
             os.replace(f, path.parent / f.name)
@@ -92,19 +102,56 @@ def export_onnx(
     return final
 
 
-def fold_constants(model):
-    """Constant-fold with polygraphy when it is installed (the legacy exporter already folds
-    most constants); returns `model` unchanged otherwise."""
-    try:
-        from polygraphy.backend.onnx import fold_constants as poly_fold
-    except ImportError:
-        log.debug("polygraphy not importable: skipping its constant folding")
-        return model
-    try:
-        return poly_fold(model, allow_onnxruntime_shape_inference=True, error_ok=True)
-    except Exception as exc:  # noqa: BLE001 -- folding is an optimisation; the checked graph stands
-        log.warning("polygraphy constant folding failed (%s); keeping the exported graph", exc)
-        return model
+def cast_bf16_resize(model):
+    """`model` with Cast(fp32) -> Resize -> Cast(bf16) wherever a Resize reads bf16 data, and
+    how many there were. TensorRT implements Resize in fp32/fp16 only; in a strongly typed build
+    the casts say where it runs. Needs type inference, so the model must be under 2 GB (a bf16
+    SD UNet is 1.7 GB)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    types = _elem_types(onnx.shape_inference.infer_shapes(model))
+    nodes, count = [], 0
+    for node in model.graph.node:
+        if node.op_type != "Resize" or types.get(node.input[0]) != TensorProto.BFLOAT16:
+            nodes.append(node)
+            continue
+        count += 1
+        x, y = node.input[0], node.output[0]
+        x32, y32 = f"{x}__fp32_{count}", f"{y}__fp32"
+        nodes.append(helper.make_node("Cast", [x], [x32], to=TensorProto.FLOAT, name=f"{node.name}/cast_in"))
+        node.input[0], node.output[0] = x32, y32
+        nodes.append(node)
+        nodes.append(helper.make_node("Cast", [y32], [y], to=TensorProto.BFLOAT16, name=f"{node.name}/cast_out"))
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        kept = [v for v in model.graph.value_info if v.name not in {n.output[0] for n in nodes if n.op_type == "Resize"}]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+    return model, count
+
+
+def _name_io_dims(model, spec: NetworkSpec) -> None:
+    """Write the spec's fixed sizes over the exporter's generated dimension names on the graph's
+    inputs and outputs (it names some output dims after the op that made them, e.g.
+    'Mullatents_dim_1'); dynamic axes keep the spec's names. `check_graph` verifies the result
+    and the full checker its consistency with the graph."""
+    for v in [*model.graph.input, *model.graph.output]:
+        t = spec.tensors.get(v.name)
+        dims = v.type.tensor_type.shape.dim
+        if t is None or len(dims) != len(t.shape):
+            continue
+        for d, want in zip(dims, t.shape):
+            if isinstance(want, int) and d.dim_param and d.dim_param not in dict(spec.axes):
+                d.dim_value = want  # clears dim_param (a oneof)
+
+
+def _elem_types(model) -> dict[str, int]:
+    g = model.graph
+    return {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]} | {
+        t.name: t.data_type for t in g.initializer
+    }
 
 
 def save_onnx(model, path: Path) -> list[Path]:
@@ -122,24 +169,48 @@ def save_onnx(model, path: Path) -> list[Path]:
     return [path, data]
 
 
-def check_onnx(path: str | Path) -> None:
-    """`onnx.checker` on the file (path-based, so models with external data work)."""
+def check_onnx(path: str | Path, full_check: bool = True) -> None:
+    """`onnx.checker` on the file (path-based, so models with external data work); `full_check`
+    adds strict shape and type inference."""
     import onnx
 
     try:
-        onnx.checker.check_model(str(path), full_check=False)
-    except onnx.checker.ValidationError as exc:
+        onnx.checker.check_model(str(path), full_check=full_check)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ValueError(f"ONNX check failed for '{path}': {str(exc).splitlines()[0]}") from exc
 
 
-def _check_io(model, spec: NetworkSpec) -> None:
+def check_graph(model, spec: NetworkSpec) -> None:
+    """ValueError unless the graph's inputs and outputs are the spec's, in order, with its
+    element types and shapes (dynamic axes named as the spec names them, fixed sizes equal),
+    and no Resize reads bf16 (see `cast_bf16_resize`)."""
+    import onnx
+    from onnx import TensorProto
+
+    elem = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
+            torch.int32: TensorProto.INT32, torch.int64: TensorProto.INT64}  # fmt: skip
+    problems = []
     names_in = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     names_out = [o.name for o in model.graph.output]
     if names_in != spec.input_names or names_out != spec.output_names:
-        raise ValueError(
-            f"{spec.network}: exported graph has inputs {names_in} and outputs {names_out}, "
-            f"the spec says {spec.input_names} and {spec.output_names}"
-        )
+        problems.append(f"inputs {names_in} and outputs {names_out}, the spec says {spec.input_names} and {spec.output_names}")
+    for v in [*model.graph.input, *model.graph.output]:
+        t = spec.tensors.get(v.name)
+        if t is None:
+            continue
+        want_type = elem[t.dtype]
+        if v.type.tensor_type.elem_type != want_type:
+            problems.append(f"{v.name!r} has element type {TensorProto.DataType.Name(v.type.tensor_type.elem_type)}, "
+                            f"the spec {TensorProto.DataType.Name(want_type)}")  # fmt: skip
+        dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        if dims != list(t.shape):
+            problems.append(f"{v.name!r} has shape {dims}, the spec {list(t.shape)}")
+    types = _elem_types(onnx.shape_inference.infer_shapes(model))
+    bad = [n.name for n in model.graph.node if n.op_type == "Resize" and types.get(n.input[0]) == TensorProto.BFLOAT16]
+    if bad:
+        problems.append(f"bf16 Resize nodes (TensorRT has none): {bad}")
+    if problems:
+        raise ValueError(f"{spec.network}: exported graph does not match the spec: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------

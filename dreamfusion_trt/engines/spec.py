@@ -5,7 +5,8 @@ Everything that needs a shape derives it from a `NetworkSpec`: ONNX dynamic axes
 optimization profiles (`profile`), engine output buffers (`allocate_outputs`), sample inputs for
 tracing, warm-up and parity checks (`sample_inputs`), and the manifest's description
 (`describe`). A shape entry is either an int or the name of a dynamic axis; the only dynamic axis
-today is the batch ``"B"``, with its range chosen from the batch sizes in use.
+today is the batch ``"B"``, with its range chosen from the batch sizes in use. TensorRT gets one
+optimization profile per batch size in use (`profiles`), so each size runs kernels timed at it.
 
 Batches are what each network sees: the UNet's batch already contains the classifier-free
 guidance doubling (K prompts -> B = 2K), while the VAE and the text encoder see K images or
@@ -18,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
 
 Network = Literal["unet", "vae_encoder", "vae_decoder", "text_encoder"]
-NETWORKS: tuple[str, ...] = ("unet", "vae_encoder", "vae_decoder", "text_encoder")
+NETWORKS: tuple[str, ...] = typing.get_args(Network)
 BATCH = "B"
 
 _PRECISION_TAGS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -35,6 +37,11 @@ _DTYPE_NAMES = {
     torch.int32: "int32",
     torch.int64: "int64",
 }
+
+
+def precision_of(tag: str) -> torch.dtype | None:
+    """The dtype of a precision tag (fp16, bf16, fp32), None for anything else."""
+    return {v: k for k, v in _PRECISION_TAGS.items()}.get(tag)
 
 
 def precision_tag(dtype: torch.dtype) -> str:
@@ -75,6 +82,7 @@ class NetworkSpec:
     outputs: tuple[TensorSpec, ...]
     axes: tuple[tuple[str, AxisRange], ...]  # dynamic axes by name, e.g. (("B", AxisRange(2, 32, 32)),)
     precision: torch.dtype  # dtype the graph computes in (fp32 islands aside, see wrappers.py)
+    sizes: tuple[int, ...] = ()  # batch sizes in use, ascending, inside the batch range; () = (batch.max,)
 
     # ---- shapes ---------------------------------------------------------------------------
 
@@ -94,9 +102,17 @@ class NetworkSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def with_batch(self, batch: AxisRange) -> "NetworkSpec":
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes in use, ascending: one TensorRT optimization profile each."""
+        return self.sizes or (self.batch.max,)
+
+    def with_batch(self, batch: AxisRange, sizes: Sequence[int] = ()) -> "NetworkSpec":
         """The same spec over another batch range (an engine's, read from the manifest)."""
-        return dataclasses.replace(self, axes=tuple((a, batch if a == BATCH else r) for a, r in self.axes))
+        sizes = tuple(sorted(set(sizes)))
+        if sizes and not all(batch.contains(s) for s in sizes):
+            raise ValueError(f"{self.network}: batch sizes {sizes} are not all inside [{batch.min}, {batch.max}]")
+        return dataclasses.replace(self, axes=tuple((a, batch if a == BATCH else r) for a, r in self.axes), sizes=sizes)
 
     def check_batch(self, batch: int) -> int:
         """`batch` if the spec's batch range holds it, else ValueError naming the range."""
@@ -121,8 +137,10 @@ class NetworkSpec:
         value = {a: sizes.get(a, r.opt) for a, r in axes.items()}
         return tuple(d if isinstance(d, int) else value[d] for d in self.tensors[name].shape)
 
-    def _shape_at(self, name: str, which: str) -> tuple[int, ...]:
+    def _shape_at(self, name: str, which: str, batch: int | None = None) -> tuple[int, ...]:
         value = {a: getattr(r, which) for a, r in self.axes}
+        if batch is not None:
+            value[BATCH] = batch
         return tuple(d if isinstance(d, int) else value[d] for d in self.tensors[name].shape)
 
     # ---- derived views -----------------------------------------------------------------
@@ -145,6 +163,18 @@ class NetworkSpec:
     def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """TensorRT optimization profile: {input: (min shape, opt shape, max shape)}."""
         return {t.name: (self._shape_at(t.name, "min"), self._shape_at(t.name, "opt"), self._shape_at(t.name, "max")) for t in self.inputs}
+
+    def profiles(self) -> list[dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
+        """One TensorRT optimization profile per batch size in use, ascending. Profile i covers
+        the batches above size i-1 up to size i and is tuned (opt = max) at size i, so every size
+        in use runs kernels timed at exactly that size (min = opt = max where sizes are adjacent);
+        together they cover the whole batch range, each batch in exactly one profile."""
+        out, low = [], self.batch.min
+        for size in self.batch_sizes:
+            out.append({t.name: (self._shape_at(t.name, "min", low), self._shape_at(t.name, "opt", size),
+                                 self._shape_at(t.name, "max", size)) for t in self.inputs})  # fmt: skip
+            low = size + 1
+        return out
 
     def allocate_outputs(self, batch: int, device: torch.device | str) -> dict[str, torch.Tensor]:
         """Uninitialised output buffers for `batch`, in the spec's dtypes."""
@@ -188,6 +218,7 @@ class NetworkSpec:
             "inputs": io(self.inputs),
             "outputs": io(self.outputs),
             "axes": {a: {"min": r.min, "opt": r.opt, "max": r.max} for a, r in self.axes},
+            "batch_sizes": list(self.batch_sizes),
         }
 
     def io_fingerprint(self) -> str:
@@ -195,11 +226,17 @@ class NetworkSpec:
         batch serves any range, an engine does not (its name carries `profile_tag`)."""
         d = self.describe()
         d.pop("axes")
+        d.pop("batch_sizes")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def profile_tag(self) -> str:
+        """The batch range in file names, ``b<min>-<opt>-<max>`` (AOTInductor packages)."""
         r = self.batch
         return f"b{r.min}-{r.opt}-{r.max}"
+
+    def sizes_tag(self) -> str:
+        """The optimization profiles in TensorRT plan names: ``p<size>-<size>...``."""
+        return "p" + "-".join(map(str, self.batch_sizes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +298,7 @@ def make_spec(
     dtype = dtype or model.dtype
     precision_tag(dtype)
     axes = ((BATCH, batch_range(batch_sizes)),)
+    sizes = tuple(sorted(set(batch_sizes)))
     h, w = _hw(latent_size if latent_size is not None else model.unet.config.sample_size)
     c = int(model.latent_channels)
     if network == "unet":
@@ -286,4 +324,4 @@ def make_spec(
         vocab = int(model.text_encoder.config.vocab_size)
         inputs = (TensorSpec("input_ids", torch.int64, (BATCH, int(model.max_length)), sample_range=(0, vocab)),)
         outputs = (TensorSpec("last_hidden_state", dtype, (BATCH, int(model.max_length), int(model.text_dim))),)
-    return NetworkSpec(network=network, inputs=inputs, outputs=outputs, axes=axes, precision=dtype)
+    return NetworkSpec(network=network, inputs=inputs, outputs=outputs, axes=axes, precision=dtype, sizes=sizes)

@@ -10,19 +10,20 @@ so tracers never see diffusers' output dataclasses or keyword plumbing:
 
 They compute exactly what the eager backends in `eager.py` compute.
 
-`fp32_islands(module)` is the fp16 export policy. Inside it every GroupNorm and LayerNorm
-normalises in fp32 (their sums of squares overflow fp16); diffusers attention computes its
-softmax in fp32 (the classic `AttnProcessor` with ``upcast_softmax``: Cast -> Softmax -> Cast in
-the graph); CLIP uses an eager attention that casts to fp32 before its softmax (fp16 loses the
-small logits). A TensorRT build is strongly typed, so these casts are what keeps those ops in
-fp32 there. A VAE that overflows even so is exported whole in fp32
-(`build_engines(vae_dtype=torch.float32)`, ``--vae-dtype float32``).
+`fp32_islands(module)` is the fp16/bf16 export policy: inside it every GroupNorm and LayerNorm
+normalises in fp32 (their sums of squares overflow fp16), and nothing else changes. Attention
+keeps the network's own SDPA processors, which the exporter writes as the default SDPA pattern
+(Q and K scaled by sqrt(scale) *before* the first MatMul, then Softmax and the second MatMul,
+all in the network's dtype): the pattern TensorRT's fused attention kernels match, which an
+fp32 softmax island (``MatMul -> Mul -> Cast -> Softmax -> Cast -> MatMul``) would block; the
+fused kernels accumulate the softmax in fp32 themselves. A TensorRT build is strongly typed, so
+the casts around the norms are what keeps them in fp32 there. A VAE that overflows even so is
+exported whole in fp32 (`build_engines(vae_dtype=torch.float32)`, ``--vae-dtype float32``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import types
 from typing import Any, Iterator
 
@@ -98,55 +99,41 @@ def _group_norm_fp32(self: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
-def _eager_attention_fp32_softmax(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """transformers' eager attention (q, k, v [B, heads, L, d] -> [B, L, heads, d]) with the
-    softmax input cast to fp32 before the softmax, so the exported graph computes it in fp32."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-    probs = F.dropout(probs, p=dropout, training=module.training)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
-
-
 def _layer_norm_fp32(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     w = self.weight.float() if self.weight is not None else None
     b = self.bias.float() if self.bias is not None else None
     return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
+def use_fused_attention(module: nn.Module) -> list[tuple[nn.Module, Any]]:
+    """Swap diffusers' classic attention processors for SDPA ones (the same maths); returns
+    (attention module, previous processor) for each one changed."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    changed = []
+    for m in module.modules():
+        if isinstance(m, Attention) and type(m.processor) is AttnProcessor:
+            changed.append((m, m.processor))
+            m.set_processor(AttnProcessor2_0())
+    return changed
+
+
 @contextlib.contextmanager
 def fp32_islands(module: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, `module`'s group/layer norms and attention softmaxes compute in fp32 (see
-    the module docstring). Restores everything on exit; a no-op for an fp32 module."""
-    if module_dtype(module) == torch.float32:
-        yield module
-        return
-    from diffusers.models.attention_processor import Attention, AttnProcessor
-
-    undo: list[Any] = []
+    """Within the block, `module`'s group and layer norms compute in fp32 and its diffusers
+    attention runs as SDPA (see the module docstring). Restores everything on exit; the norms
+    are left alone in an fp32 module."""
+    swapped = use_fused_attention(module)
+    patched = []
     try:
-        for m in module.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-                m.forward = types.MethodType(_group_norm_fp32 if isinstance(m, nn.GroupNorm) else _layer_norm_fp32, m)
-                undo.append(lambda m=m: m.__dict__.pop("forward", None))
-            elif isinstance(m, Attention):
-                processor, upcast = m.processor, m.upcast_softmax
-                m.set_processor(AttnProcessor())
-                m.upcast_softmax = True
-                undo.append(lambda m=m, p=processor, u=upcast: (m.set_processor(p), setattr(m, "upcast_softmax", u)))
-            elif hasattr(m, "set_attn_implementation") and hasattr(m, "config"):  # a transformers model
-                previous = m.config._attn_implementation
-                m.set_attn_implementation("eager")
-                undo.append(lambda m=m, p=previous: m.set_attn_implementation(p))
-                # Its eager attention calls softmax(dtype=float32), which the TorchScript exporter
-                # writes as Softmax-then-Cast (an fp16 softmax); swap in one that casts first.
-                home = sys.modules[type(m).__module__]
-                if hasattr(home, "eager_attention_forward"):
-                    original = home.eager_attention_forward
-                    home.eager_attention_forward = _eager_attention_fp32_softmax
-                    undo.append(lambda h=home, f=original: setattr(h, "eager_attention_forward", f))
+        if module_dtype(module) != torch.float32:
+            for m in module.modules():
+                if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                    m.forward = types.MethodType(_group_norm_fp32 if isinstance(m, nn.GroupNorm) else _layer_norm_fp32, m)
+                    patched.append(m)
         yield module
     finally:
-        for fn in reversed(undo):
-            fn()
+        for m in patched:
+            m.__dict__.pop("forward", None)
+        for m, processor in swapped:
+            m.set_processor(processor)
