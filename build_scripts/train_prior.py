@@ -1,27 +1,84 @@
 #!/usr/bin/env python
 """Train the built-in known-answer prior and write it as a diffusers Stable Diffusion folder.
 
-A thin entry point over `dreamfusion_trt.prior.model`; see ``--help``. The full run (default
-settings, one GPU) renders the dataset on the GPU, trains VAE then UNet + text encoder, and
-writes dreamfusion_trt/prior/weights/ with prompts.json, dreamfusion_preset.yaml, prior_train.json
-and prior_eval.json:
+The command line over `dreamfusion_trt.prior.model.train_prior`; see ``--help``. The full run
+(default settings, one GPU) renders the dataset on the GPU, trains VAE then UNet + text encoder,
+and writes dreamfusion_trt/prior/weights/ with prompts.json, dreamfusion_preset.yaml,
+prior_train.json and prior_eval.json:
 
     python build_scripts/train_prior.py --device cuda
+
+A prior whose VAE keeps flat colours' RGB distances in latent space, into another folder:
+
+    python build_scripts/train_prior.py --device cuda --color-isometry-weight 0.1 --out /tmp/prior_iso
 
 A seconds-long CPU smoke run of the whole pipeline with tiny networks:
 
     python build_scripts/train_prior.py --tiny --out /tmp/tiny_prior
 """
 
+import argparse
+import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 try:
-    from dreamfusion_trt.prior.model import main
+    from dreamfusion_trt.prior.model import PriorTrainConfig, tiny_config, train_prior
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dreamfusion_trt.prior.model import main
+    from dreamfusion_trt.prior.model import PriorTrainConfig, tiny_config, train_prior
+
+log = logging.getLogger("train_prior")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    d = PriorTrainConfig()
+    p = argparse.ArgumentParser(
+        prog="train_prior",
+        description="Train the built-in known-answer prior (a small Stable Diffusion folder) on renders of known objects.",
+    )
+    p.add_argument("--out", default=d.out, help="output diffusers folder (default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="cuda, cuda:N, cpu or auto (default: %(default)s; cpu with --tiny)")
+    p.add_argument("--steps-vae", type=int, help=f"VAE steps (default: {d.steps_vae})")
+    p.add_argument("--steps-unet", type=int, help=f"UNet + text encoder steps (default: {d.steps_unet})")
+    p.add_argument("--batch-size", type=int, help=f"images per step (default: {d.batch_size})")
+    p.add_argument("--images-per-object", type=int, help=f"training renders per object (default: {d.data.images_per_object})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of renders, initialisation and training (default: %(default)s)")
+    p.add_argument("--eval-per-caption", type=int,
+                   help=f"DDIM samples per caption text for prior_eval.json, 0 to skip (default: {d.eval_per_caption})")  # fmt: skip
+    p.add_argument("--log-every", type=int, help=f"steps between progress lines (default: {d.log_every})")
+    p.add_argument("--color-isometry-weight", type=float,
+                   help=f"VAE term keeping flat colours' RGB distances in latent space (default: {d.color_isometry_weight})")  # fmt: skip
+    p.add_argument("--tiny", action="store_true",
+                   help="a seconds-long CPU run with tiny networks and 2 renders per object (tests, smoke checks); "
+                        "the flags above still override its settings")  # fmt: skip
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PriorTrainConfig:
+    """Defaults (or the --tiny settings) overridden by the flags that were given."""
+    cfg = tiny_config(args.out, args.seed) if args.tiny else PriorTrainConfig(out=args.out, seed=args.seed)
+    if not args.tiny or args.device != "auto":
+        cfg = replace(cfg, device=args.device)
+    given = {
+        name: getattr(args, name)
+        for name in ("steps_vae", "steps_unet", "batch_size", "eval_per_caption", "log_every", "color_isometry_weight")
+        if getattr(args, name) is not None
+    }
+    data = replace(cfg.data, seed=args.seed)
+    if args.images_per_object is not None:
+        data = replace(data, images_per_object=args.images_per_object)
+    return replace(cfg, data=data, **given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    out, evaluation = train_prior(config_from_args(args))
+    log.info("evaluation: %s", json.dumps({k: v for k, v in evaluation.items() if k != "per_text"}))
+    return 0
+
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -30,5 +87,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
-        logging.getLogger("train_prior").error("%s", exc)
+        log.error("%s", exc)
         sys.exit(2)

@@ -24,7 +24,6 @@ GPU, kernels with atomic adds make runs agree only closely.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -696,54 +695,3 @@ def train_prior(cfg: PriorTrainConfig) -> tuple[Path, dict]:
     logger.info("prior written to %s (%.1f MiB of weights) in %.0f s; object accuracy of its samples %s",
                 out, size / 2**20, time.perf_counter() - started, evaluation.get("object_accuracy", "not checked"))  # fmt: skip
     return out, evaluation
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-
-
-def make_parser() -> argparse.ArgumentParser:
-    d = PriorTrainConfig()
-    p = argparse.ArgumentParser(
-        prog="train_prior",
-        description="Train the built-in known-answer prior (a small Stable Diffusion folder) on renders of known objects.",
-    )
-    p.add_argument("--out", default=d.out, help="output diffusers folder (default: %(default)s)")
-    p.add_argument("--device", default=d.device, help="cuda, cuda:N, cpu or auto (default: %(default)s; cpu with --tiny)")
-    p.add_argument("--steps-vae", type=int, help=f"VAE steps (default: {d.steps_vae})")
-    p.add_argument("--steps-unet", type=int, help=f"UNet + text encoder steps (default: {d.steps_unet})")
-    p.add_argument("--batch-size", type=int, help=f"images per step (default: {d.batch_size})")
-    p.add_argument("--images-per-object", type=int, help=f"training renders per object (default: {d.data.images_per_object})")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of renders, initialisation and training (default: %(default)s)")
-    p.add_argument("--eval-per-caption", type=int,
-                   help=f"DDIM samples per caption text for prior_eval.json, 0 to skip (default: {d.eval_per_caption})")  # fmt: skip
-    p.add_argument("--log-every", type=int, help=f"steps between progress lines (default: {d.log_every})")
-    p.add_argument("--color-isometry-weight", type=float,
-                   help=f"VAE term keeping flat colours' RGB distances in latent space (default: {d.color_isometry_weight})")  # fmt: skip
-    p.add_argument("--tiny", action="store_true",
-                   help="a seconds-long CPU run with tiny networks and 2 renders per object (tests, smoke checks); "
-                        "the flags above still override its settings")  # fmt: skip
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> PriorTrainConfig:
-    """Defaults (or the --tiny settings) overridden by the flags that were given."""
-    cfg = tiny_config(args.out, args.seed) if args.tiny else PriorTrainConfig(out=args.out, seed=args.seed)
-    if not args.tiny or args.device != "auto":
-        cfg = replace(cfg, device=args.device)
-    given = {
-        name: getattr(args, name)
-        for name in ("steps_vae", "steps_unet", "batch_size", "eval_per_caption", "log_every", "color_isometry_weight")
-        if getattr(args, name) is not None
-    }
-    data = replace(cfg.data, seed=args.seed)
-    if args.images_per_object is not None:
-        data = replace(data, images_per_object=args.images_per_object)
-    return replace(cfg, data=data, **given)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    out, evaluation = train_prior(config_from_args(args))
-    logger.info("evaluation: %s", json.dumps({k: v for k, v in evaluation.items() if k != "per_text"}))
-    return 0
