@@ -285,16 +285,19 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def table(paths: Sequence[str]) -> str:
-    """Markdown: one row per object, per (file, view-dependent setting) IoU / Chamfer / colour
-    error / wall time columns, then the medians."""
+    """Markdown: one row per object (and seed, when several), per (file, view-dependent setting)
+    IoU / best IoU over thresholds / opacity on the object / Chamfer / colour error / wall time,
+    then the medians."""
     runs = []
     for p in paths:
         data = json.loads(Path(p).read_text())
         where = data["machine"].get("gpu") or f"CPU ({data['machine'].get('cpu_threads')} threads)"
         for setting, block in data["settings"].items():
-            runs.append((f"{where}, view-dep. {setting}", {r["object"]: r for r in block["rows"]}, block["summary"]))
+            seeded = len(data.get("seeds") or []) > 1
+            rows = {(f"{r['object']}, seed {r['seed']}" if seeded else r["object"]): r for r in block["rows"]}
+            runs.append((f"{where}, view-dep. {setting}", rows, block["summary"]))
     objects = list(dict.fromkeys(o for _, rows, _ in runs for o in rows))
-    head = "| object | " + " | ".join(f"{name}: IoU / Chamfer / colour err. / s" for name, _, _ in runs) + " |"
+    head = "| object | " + " | ".join(f"{name}: IoU / best IoU / opacity / Chamfer / colour err. / s" for name, _, _ in runs) + " |"
     lines = [head, "| --- |" + " --- |" * len(runs)]
     for obj in objects:
         cells = []
@@ -303,18 +306,23 @@ def table(paths: Sequence[str]) -> str:
             if r is None:
                 cells.append("not run")
                 continue
-            cell = f"{_fmt(r['iou'])} / {_fmt(r['chamfer'], 4)} / {_fmt(r['color_error'], 2)} / {_fmt(r['wall_s'], 0)}"
+            cell = f"{_fmt(r['iou'])} / {_fmt(r.get('best_iou'))} / {_fmt(r.get('opacity_on_object'), 2)} / {_fmt(r['chamfer'], 4)} / {_fmt(r['color_error'], 2)} / {_fmt(r['wall_s'], 0)}"
             if r.get("face_color_share") is not None:
                 cell += f" (faces right {r['face_color_share']:.2f})"
             if r["status"] != "done":
                 cell = f"{r['status']}: {r.get('error') or ''}"
             cells.append(cell)
         lines.append(f"| {obj} | " + " | ".join(cells) + " |")
-    meds = [f"**{_fmt(s['median_iou'])} / {_fmt(s['median_chamfer'], 4)} / {_fmt(s['median_color_error'], 2)} / "
-            f"{_fmt(s['median_wall_s'], 0)}**" for _, _, s in runs]  # fmt: skip
+    meds = [f"**{_fmt(s['median_iou'])} / {_fmt(s.get('median_best_iou'))} / {_fmt(s.get('median_opacity_on_object'), 2)} / "
+            f"{_fmt(s['median_chamfer'], 4)} / {_fmt(s['median_color_error'], 2)} / {_fmt(s['median_wall_s'], 0)}**"
+            for _, _, s in runs]  # fmt: skip
     lines.append("| median | " + " | ".join(meds) + " |")
     hits = [f"{s['objects_iou_at_least_0_8']} of {s['objects_analytic']} (min {_fmt(s['min_iou_analytic'])})" for _, _, s in runs]
     lines.append("| analytic objects with IoU ≥ 0.8 | " + " | ".join(hits) + " |")
+    if any(s.get("six_colored_face_shares") for _, _, s in runs):
+        janus = [f"{_fmt(s.get('six_colored_face_share_mean'), 2)} ± {_fmt(s.get('six_colored_face_share_stdev'), 2)} "
+                 f"(n = {len(s.get('six_colored_face_shares') or [])})" for _, _, s in runs]  # fmt: skip
+        lines.append("| six-colored cube: faces right, mean ± sd | " + " | ".join(janus) + " |")
     return "\n".join(lines)
 
 
