@@ -339,7 +339,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show the batch's progress bar")
     p.add_argument("--quick", action="store_true", help="the quick gate: fixed subset, one batch, a one-line verdict")
     p.add_argument("--write-reference", action="store_true",
-                   help=f"with --quick: store this run as the reference of its device kind in {QUICK_REFERENCE.name}")
+                   help="with --quick: store this run as the reference of its device kind in --reference")
+    p.add_argument("--reference", default=str(QUICK_REFERENCE),
+                   help="the quick references' JSON, one entry per device kind (default: the package's %(default)s)")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print the Markdown table of these result files and exit")
     return p
 
@@ -369,11 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = str(resolve_device(args.device))
     quick, flags = quick_args(args, extra, device)
     result = run(quick, flags)
-    references = load_references()
+    reference_path = Path(args.reference)
+    references = load_references(reference_path)
     if args.write_reference:
         references[device_kind(device)] = reference_entry(result)
-        atomic_write_text(QUICK_REFERENCE, json.dumps(references, indent=2) + "\n")
-        log.info("stored the %s quick reference in %s", device_kind(device), QUICK_REFERENCE)
+        atomic_write_text(reference_path, json.dumps(references, indent=2) + "\n")
+        log.info("stored the %s quick reference in %s", device_kind(device), reference_path)
     passed, line = verdict(result, references)
     print(line)
     return 1 if passed is False else 0
