@@ -4,6 +4,8 @@
 Same as ``dreamfusion-trt build-engines``; see ``--help`` and engines/README.md. Example:
 
     python build_scripts/build_engines.py --model stabilityai/stable-diffusion-2-1-base --batch-sizes 2,8,32
+    # final engines: longer TensorRT builds, faster kernels
+    python build_scripts/build_engines.py --model stabilityai/stable-diffusion-2-1-base --optimization-level 5
 """
 
 import logging

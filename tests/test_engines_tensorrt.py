@@ -23,10 +23,14 @@ pytestmark = [
     pytest.mark.skipif(_TRT_ERROR is not None, reason=f"tensorrt not importable: {_TRT_ERROR}"),
 ]
 
-from dreamfusion_trt.engines.build import build_engines  # noqa: E402
-from dreamfusion_trt.engines.eager import EagerImageEncoder, EagerLatentDecoder, EagerNoisePredictor  # noqa: E402
 from dreamfusion_trt.engines.artifacts import current_env, find_artifact  # noqa: E402
-from dreamfusion_trt.engines.registry import make_image_encoder, make_latent_decoder, make_noise_predictor  # noqa: E402
+from dreamfusion_trt.engines.backends import load_network  # noqa: E402
+from dreamfusion_trt.engines.build import build_engines  # noqa: E402
+from dreamfusion_trt.engines.eager import (  # noqa: E402
+    EagerImageEncoder,
+    EagerLatentDecoder,
+    EagerNoisePredictor,
+)
 from dreamfusion_trt.engines.tensorrt import SharedDeviceMemory, TensorRTEngine  # noqa: E402
 from dreamfusion_trt.sdmodel import load_diffusion  # noqa: E402
 
@@ -57,7 +61,7 @@ def _unet_inputs(batch, seed=0):
 
 def test_unet_engine_matches_eager(built):
     model, engines = built
-    predictor = make_noise_predictor(model, "tensorrt", engines, batch_sizes=(2, 8))
+    predictor = load_network("unet", model, "tensorrt", engines, batch_sizes=(2, 8))
     eager = EagerNoisePredictor(model.unet)
     for batch in (2, 6, 8):
         x, t, e = _unet_inputs(batch, seed=batch)
@@ -68,7 +72,7 @@ def test_unet_engine_matches_eager(built):
 
 def test_outputs_are_engine_owned_and_inputs_zero_copy(built):
     model, engines = built
-    predictor = make_noise_predictor(model, "tensorrt", engines, batch_sizes=(2, 8))
+    predictor = load_network("unet", model, "tensorrt", engines, batch_sizes=(2, 8))
     x, t, e = _unet_inputs(4)
     first = predictor(x, t, e)
     first_copy = first.clone()
@@ -105,9 +109,9 @@ def test_cuda_graph_and_shared_memory(built):
 def test_vae_engines_match_eager(built):
     model, engines = built
     images = torch.rand(3, 3, 64, 64, device="cuda", dtype=torch.float16) * 2 - 1
-    enc = make_image_encoder(model, "tensorrt", engines, batch_sizes=(1, 3))
+    enc = load_network("vae_encoder", model, "tensorrt", engines, batch_sizes=(1, 3))
     assert _cosine(enc(images), EagerImageEncoder(model.vae, model.vae_scaling_factor)(images).detach()) >= 0.999
-    dec = make_latent_decoder(model, "tensorrt", engines, batch_sizes=(1, 3))
+    dec = load_network("vae_decoder", model, "tensorrt", engines, batch_sizes=(1, 3))
     z = torch.randn(3, 4, 8, 8, device="cuda", dtype=torch.float16)
     assert _cosine(dec(z), EagerLatentDecoder(model.vae, model.vae_scaling_factor)(z)) >= 0.999
 
@@ -118,5 +122,5 @@ def test_rebuild_is_a_no_op_and_other_gpus_are_refused(built):
     assert [(i.backend, i.status) for i in again.items] == [("onnx", "up to date"), ("tensorrt", "up to date")]
     other = replace(current_env("cuda"), gpu="Some Other GPU")
     with pytest.raises(ValueError, match="gpu differs"):
-        make_noise_predictor(model, "tensorrt", engines, batch_sizes=(2,), env=other)
-    assert make_noise_predictor(model, "auto", engines, batch_sizes=(2,)).name == "tensorrt"
+        load_network("unet", model, "tensorrt", engines, batch_sizes=(2,), env=other)
+    assert load_network("unet", model, "auto", engines, batch_sizes=(2,)).name == "tensorrt"

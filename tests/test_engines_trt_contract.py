@@ -304,7 +304,8 @@ def test_a_block_that_grows_after_first_use_is_rebound_everywhere(trt, plan, tmp
     block = SharedDeviceMemory("cpu")
     first = TensorRTEngine(path, spec, device="cpu", shared_memory=block, cuda_graph=True)
     first(*_inputs(8))
-    old = block.buffer.data_ptr()
+    kept = block.buffer  # held here so the new block cannot land at the same address
+    old = kept.data_ptr()
     monkeypatch.setattr(trt, "DEVICE_MEMORY", 10 * trt.DEVICE_MEMORY)
     TensorRTEngine(build_engine(_write_onnx(spec, tmp_path / "b.onnx"), spec, tmp_path / "b.plan", device="cpu"), spec,
                    device="cpu", shared_memory=block)  # fmt: skip
