@@ -1,9 +1,16 @@
-"""`batch`: many prompts on one GPU, K at a time, each written exactly as `generate` writes it.
+"""`batch`: many prompts, K at a time per GPU, each written exactly as `generate` writes it.
 
 The prompts file becomes one `Job` per prompt (``<out>/<slug>-<hash>/``, the layout `generate`
 leaves, so `render` and `export-mesh` open it) and the one training loop (`driver.py`) runs
 them. ``<out>/manifest.jsonl`` records every prompt's status and ``<out>/batch_config.json`` the
 settings the batch started with: a re-run skips finished prompts and resumes the others.
+
+One process without ``--shard`` keeps its jobs to itself (`jobs.LocalJobs`). Several torchrun
+ranks, or Slurm array tasks with ``--shard i/N``, share them through the queue in
+``<out>/queue/`` (`shared_jobs.SharedJobs`): every process plans the same jobs, claims them one
+at a time, and a prompt whose process died is taken over from its checkpoint once its lease
+runs out. A shard is every N-th prompt of the de-duplicated file from the i-th, whatever is
+finished already, so the N tasks cover the file exactly once.
 """
 
 from __future__ import annotations
@@ -18,11 +25,14 @@ from ..atomic import atomic_write_text
 from ..checkpoint import CHECKPOINT_NAME
 from ..config import RunConfig, from_dict, to_dict
 from ..export.artifacts import Scorer
+from .distributed import DistEnv, ProgressReporter, StopFlag, device_for, dist_env
 from .driver import Driver, checkpoint_step
 from .jobs import Job, LocalJobs
 from .generate import check_writable_dir, validate_training
 from .manifest import Manifest, PromptRecord
 from .prompts import PromptSpec, prompt_folder, prompt_id, read_prompts
+from .queue import DEFAULT_LEASE_S, PromptQueue, shard_ids
+from .shared_jobs import SharedJobs
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +78,61 @@ def run_batch(
     progress: bool = True,
     retry_failed: bool = False,
     scorer: Scorer | None = None,
+    shard: tuple[int, int] | None = None,
+    lease_s: float = DEFAULT_LEASE_S,
+    env: DistEnv | None = None,
 ) -> BatchResult:
     """Train every prompt of `prompts_path` into ``cfg.output.out`` (see the module docstring).
     `concurrency` is K (default: from GPU memory, or 2 on a CPU). `scorer` scores each finished
-    prompt's folder (the built-in prior's `prior.score.write_score`); None writes no score."""
+    prompt's folder (the built-in prior's `prior.score.write_score`); None writes no score.
+    `shard` = (i, N) trains shard i of N only; with several ranks (`env`, default from the
+    launcher's environment) or a shard the jobs go through the shared queue, whose leases last
+    `lease_s` seconds without renewal. Raises `driver.Interrupted` (exit code 75 to requeue,
+    143 after SIGTERM) once every job in flight is checkpointed when asked to stop."""
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
     validate_training(cfg)
+    env = dist_env() if env is None else env
+    shared = env.is_distributed or shard is not None
     out_dir = Path(cfg.output.out).expanduser()
     prompts_path = Path(prompts_path)
-    todo, skipped, problems, manifest = _plan_jobs(cfg, prompts_path, out_dir, retry_failed)
+    todo, skipped, problems, manifest = _plan_jobs(cfg, prompts_path, out_dir, retry_failed, shard)
     if skipped:
         log.info("%d prompt(s) already finished (or failed) in '%s' are skipped", len(skipped), out_dir)
     if not todo:
         return BatchResult(out_dir, [], [], skipped, problems, 0)
-    driver = Driver(cfg, todo, concurrency=concurrency, progress=progress, scorer=scorer, source=LocalJobs(todo, manifest), desc="batch")
+    if not shared:
+        driver = Driver(cfg, todo, concurrency=concurrency, progress=progress, scorer=scorer, source=LocalJobs(todo, manifest),
+                        desc="batch")  # fmt: skip
+        k = driver.run()
+        return BatchResult(out_dir, [j.id for j in driver.done], [j.id for j in driver.failed], skipped, problems, k)
+
+    if env.is_distributed and cfg.train.device == "auto":  # one GPU per rank (batch_config.json keeps "auto")
+        device = str(device_for(env))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+        for job in todo:
+            job.cfg = dataclasses.replace(job.cfg, train=dataclasses.replace(job.cfg.train, device=device))
+    queue = PromptQueue(out_dir, [j.id for j in todo], lease_s=lease_s, rank=env.rank, host=env.host, job=env.job,
+                        restart=env.restart, retry_failed=retry_failed)  # fmt: skip
+    reporter = ProgressReporter(out_dir, queue.ids, env, lease_s=lease_s) if env.is_main else None
+    flag = StopFlag(out_dir, env.job, env.restart)  # the stop-request file; the driver handles the signals
+    where = f"rank {env.rank}/{env.world_size} on {env.host}" + (f", shard {shard[0]}/{shard[1]}" if shard else "")
+    log.info("%s: %d prompt(s) to share through '%s'", where, len(todo), queue.dir)
+    driver: Driver | None = None
+    source = SharedJobs(todo, queue, manifest, reporter=reporter, should_stop=lambda: driver is not None and driver.stopping)
+    driver = Driver(cfg, todo, concurrency=concurrency, progress=progress and env.is_main, scorer=scorer, source=source,
+                    desc=f"rank {env.rank}" if env.is_distributed else "batch",
+                    should_stop=lambda: flag.exit_code if flag.requested else None)  # fmt: skip
     k = driver.run()
     return BatchResult(out_dir, [j.id for j in driver.done], [j.id for j in driver.failed], skipped, problems, k)
 
 
-def _plan_jobs(cfg: RunConfig, prompts_path: Path, out_dir: Path, retry_failed: bool) -> tuple[list[Job], list[str], list[str], Manifest]:
+def _plan_jobs(cfg: RunConfig, prompts_path: Path, out_dir: Path, retry_failed: bool,
+               shard: tuple[int, int] | None = None) -> tuple[list[Job], list[str], list[str], Manifest]:  # fmt: skip
+    """(jobs to train, ids skipped as finished, problems of the file, the manifest). Every
+    prompt of the file gets a manifest record; with `shard` = (i, N) only shard i's jobs are
+    trained, split from the whole de-duplicated file (finished or not) so that every task
+    computes the same split."""
     specs, problems = read_prompts(prompts_path)
     check_writable_dir(out_dir)
     seen: dict[str, int] = {}
@@ -109,11 +154,14 @@ def _plan_jobs(cfg: RunConfig, prompts_path: Path, out_dir: Path, retry_failed: 
         raise ValueError(f"no usable prompts in '{prompts_path}'{detail}")
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.load(out_dir)
+    mine = set(shard_ids([j.id for j in jobs], *shard)) if shard is not None else None
     todo, skipped = [], []
     for job in jobs:
         c = job.cfg
         record = manifest.add(PromptRecord(job.id, c.prompt.text, c.prompt.negative, c.train.seed, c.train.iters))
         record.line, record.iters = job.line, c.train.iters
+        if mine is not None and job.id not in mine:
+            continue  # another shard's
         finished = record.status == "done" and record.step >= c.train.iters and (job.folder / CHECKPOINT_NAME).is_file()
         if finished or (record.status == "failed" and not retry_failed):
             skipped.append(job.id)

@@ -3,7 +3,9 @@
 Each record says where a prompt stands (pending, running, done, failed), with its seed,
 iterations, steps done, attempts, wall time, output paths (relative to the batch folder) and
 the error that failed it. A re-run reads it to skip finished prompts; a record left "running"
-by a killed process counts as unfinished.
+by a killed process counts as unfinished. Runs over a shared queue (several ranks or array
+tasks) do not update it record by record: they rebuild it from the queue (`shared_jobs.py`),
+adding the rank and host that trained each prompt.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class PromptRecord:
     outputs: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     updated: str = ""
+    rank: int | None = None  # the rank that trained it last (runs over a shared queue)
+    host: str = ""  # and its machine
 
 
 class Manifest:

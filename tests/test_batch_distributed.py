@@ -1,0 +1,268 @@
+"""`batch` over the shared queue: torchrun ranks and `--shard i/N` tasks train every prompt once,
+into the same folders and manifest as one process, with the same parameters; a SIGKILLed
+worker's prompts are taken over from its checkpoints after its lease; a stopped run releases
+its prompts (exit 75 to requeue, 143 after SIGTERM) and a re-run finishes them."""
+
+import csv
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from test_batch import FAST, _assert_same_checkpoint
+from tiny_sd import tiny_sd_paths  # noqa: F401  (session fixture)
+
+from dreamfusion_trt import cli
+from dreamfusion_trt.checkpoint import load_checkpoint
+from dreamfusion_trt.train import batch as batch_mod
+from dreamfusion_trt.train import distributed as dist_mod
+from dreamfusion_trt.train import queue as queue_mod
+from dreamfusion_trt.train import trainer as trainer_mod
+from dreamfusion_trt.train.distributed import EXIT_REQUEUE, EXIT_TERMINATED, request_stop
+from dreamfusion_trt.train.manifest import Manifest, PromptRecord
+from dreamfusion_trt.train.queue import queue_dir, read_states, shard_ids
+from dreamfusion_trt.train.shared_jobs import merge_states
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red chair", "a blue dog", "a cat", "a photo of a hamburger"]
+SAME = ("id", "prompt", "negative", "seed", "iters", "line", "status", "step", "outputs", "error")  # what a worker must not change
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread here and in every worker (OMP_NUM_THREADS=1): the same reduction
+    order in every process, so a prompt trained anywhere gives the same numbers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def _args(tiny, tmp_path, prompts, out, *extra, quiet=True):
+    fast = FAST if quiet else [a for a in FAST if a != "--quiet"]  # INFO logs: what was done, by whom
+    return ["batch", str(prompts), "--out", str(out), "--model", str(tiny.folder), "--model.cache_dir", str(tmp_path / "cache"),
+            *fast, *extra]  # fmt: skip
+
+
+def _environ():
+    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+
+
+def _records(out):
+    return {r["id"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+
+
+def _chain(out, pid):
+    qdir = queue_dir(out)
+    gens = sorted(int(p.name.rsplit(".", 1)[1]) for p in qdir.glob(f"{pid}.*"))
+    return [json.loads((qdir / f"{pid}.{g}").read_text()) for g in gens]
+
+
+def _wait_for(predicate, timeout_s, proc=None, what=""):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the worker exited ({proc.returncode}) before {what}: {proc.stdout.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_train_every_prompt_once_like_one_process(tmp_path, tiny_sd_paths):
+    """Two CPU ranks under torchrun share four prompts (one slot each): every prompt is done
+    exactly once, by rank 0 or 1 on this host; the folders, manifest and checkpoints (weights,
+    Adam state and random generators, bit for bit: batches of one on one thread) equal a
+    single-process batch's."""
+    prompts = _write(tmp_path / "prompts.txt", PROMPTS)
+    out, alone = tmp_path / "ranks", tmp_path / "alone"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "0",
+           "-m", "dreamfusion_trt.cli", *_args(tiny_sd_paths, tmp_path, prompts, out, "--concurrency", "1", "--iters", "3",
+                                                "--lease-s", "8", quiet=False)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, env=_environ(), capture_output=True, text=True, timeout=300, check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    for text in PROMPTS:  # trained to the end and written once, by one rank
+        assert len(re.findall(rf"done: {re.escape(repr(text))} ->", log)) == 1, (text, log[-4000:])
+    assert "dropped here" not in log and "took over" not in log
+    assert "batch summary:" in log and "4/4 prompts done" in log  # rank 0's summary of the whole job
+
+    assert cli.main(_args(tiny_sd_paths, tmp_path, prompts, alone, "--concurrency", "1", "--iters", "3")) == 0
+    ranks, single = _records(out), _records(alone)
+    assert list(ranks) == list(single) and len(ranks) == 4  # same prompts, same folders, file order
+    for pid, record in ranks.items():
+        assert {k: record[k] for k in SAME} == {k: single[pid][k] for k in SAME}
+        assert record["status"] == "done" and record["rank"] in (0, 1) and record["host"] == socket.gethostname()
+        assert single[pid]["rank"] is None  # one process keeps today's manifest
+        chain = _chain(out, pid)
+        assert [c["kind"] for c in chain].count("done") == 1 and chain[-1]["kind"] == "done"
+        assert {p.name for p in (out / pid).iterdir()} == {p.name for p in (alone / pid).iterdir()}
+        _assert_same_checkpoint(load_checkpoint(alone / pid), load_checkpoint(out / pid))
+
+
+@pytest.mark.slow
+def test_shards_cover_the_file_exactly_once(tmp_path, tiny_sd_paths, caplog):
+    """`--shard 0/2` then `--shard 1/2` (as two array tasks): each trains every other prompt of
+    the file, the second finds the first's finished and trains only its own, and together they
+    leave every prompt done once with its rank and host in one manifest."""
+    prompts = _write(tmp_path / "prompts.txt", PROMPTS + ["a red chair"])  # a duplicate line counts once
+    out = tmp_path / "shards"
+    assert cli.main(_args(tiny_sd_paths, tmp_path, prompts, out, "--shard", "0/2", "--iters", "2")) == 0
+    ids = list(_records(out))
+    assert len(ids) == 4  # every prompt of the file has a record, whichever shard trains it
+    first = set(shard_ids(ids, 0, 2))
+    assert first == {ids[0], ids[2]}
+    records = _records(out)
+    for pid in ids:
+        assert records[pid]["status"] == ("done" if pid in first else "pending"), pid
+        assert (out / pid / "mesh.glb").is_file() == (pid in first)
+    with caplog.at_level(logging.INFO, logger="dreamfusion_trt"):
+        assert cli.main(_args(tiny_sd_paths, tmp_path, prompts, out, "--shard", "1/2", "--iters", "2")) == 0
+    assert "training 2 prompt(s)" in caplog.text
+    records = _records(out)
+    for pid in ids:
+        assert records[pid]["status"] == "done" and records[pid]["step"] == 2
+        assert records[pid]["rank"] == 0 and records[pid]["host"] == socket.gethostname()
+        chain = _chain(out, pid)
+        assert [c["kind"] for c in chain].count("done") == 1 and chain[-1]["kind"] == "done"
+        assert (out / pid / "mesh.glb").is_file()
+    mtimes = {pid: (out / pid / "checkpoint.safetensors").stat().st_mtime_ns for pid in ids}
+    assert cli.main(_args(tiny_sd_paths, tmp_path, prompts, out, "--shard", "0/2", "--iters", "2")) == 0  # nothing left
+    assert mtimes == {pid: (out / pid / "checkpoint.safetensors").stat().st_mtime_ns for pid in ids}
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_taken_over_from_its_checkpoints_after_its_lease(tmp_path, tiny_sd_paths, monkeypatch, caplog):
+    """A worker is SIGKILLed while it trains two prompts (2 s leases, a checkpoint every 2
+    steps). Another, which cannot tell that pid is gone (another machine as far as the queue
+    knows), waits for the leases to run out, then resumes both from the dead worker's
+    checkpoints: each ends done once, with one metrics history."""
+    iters = 14
+    prompts = _write(tmp_path / "prompts.txt", PROMPTS[:2])
+    out = tmp_path / "batch"
+    args = _args(tiny_sd_paths, tmp_path, prompts, out, "--shard", "0/1", "--lease-s", "2", "--concurrency", "2",
+                 "--iters", str(iters), "--train.ckpt_every", "2")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "dreamfusion_trt.cli", *args], cwd=REPO, env=_environ(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        def both_checkpointed():
+            steps = [batch_mod.checkpoint_step(p) for p in out.glob("a-*") if p.is_dir()]
+            return len(steps) == 2 and min(steps) >= 4
+
+        _wait_for(both_checkpointed, 240, proc, "both prompts had a checkpoint")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    states = read_states(out, lease_s=2)
+    assert {s.state for s in states.values()} <= {"held", "expired"} and len(states) == 2  # left behind: leases
+    dead = {pid: batch_mod.checkpoint_step(out / pid) for pid in states}
+    assert all(4 <= step < iters for step in dead.values()), dead
+
+    monkeypatch.setattr(queue_mod, "machine_id", lambda: "another-machine")  # no dead-pid shortcut: the lease must run out
+    start = time.time()
+    with caplog.at_level(logging.INFO, logger="dreamfusion_trt"):
+        assert cli.main(args) == 0
+    for pid, step in dead.items():
+        text = _records(out)[pid]["prompt"]
+        assert f"took over prompt {text!r} from rank 0" in caplog.text
+        assert f"{text!r} resumes from its checkpoint at step {step}" in caplog.text
+        chain = _chain(out, pid)
+        taken = next(c for c in chain if c["pid"] == os.getpid())
+        assert taken["time"] > max(c["expires"] for c in chain if c["pid"] == proc.pid) + queue_mod.DEFAULT_SKEW_S
+        assert [c["kind"] for c in chain].count("done") == 1 and chain[-1]["kind"] == "done"
+        rows = list(csv.DictReader((out / pid / "metrics.csv").open()))
+        assert [int(r["step"]) for r in rows] == list(range(1, iters + 1))
+        assert load_checkpoint(out / pid).step == iters
+    assert time.time() - start > 2  # it did wait
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, code", [("SIGTERM", EXIT_TERMINATED), ("SIGUSR1", EXIT_REQUEUE), ("request", EXIT_REQUEUE)])
+def test_a_stopped_worker_releases_its_prompts_and_a_rerun_finishes_them(tmp_path, tiny_sd_paths, monkeypatch, capsys, how, code):
+    """SIGTERM (143), SIGUSR1 (75: requeue) or the stop-request file (75) after step 3: every
+    prompt in flight is checkpointed and released as resumable, and the same command finishes
+    the batch from those checkpoints."""
+    prompts = _write(tmp_path / "prompts.txt", PROMPTS[:3])
+    out = tmp_path / "batch"
+    args = _args(tiny_sd_paths, tmp_path, prompts, out, "--shard", "0/1", "--concurrency", "2", "--iters", "6")
+    monkeypatch.setattr(batch_mod, "StopFlag", partial(dist_mod.StopFlag, check_every_s=0.0))
+    real_step = trainer_mod.Trainer.train_step
+
+    def stop_at_3(self, *a, **kw):
+        real_step(self, *a, **kw)
+        if self.slots[0] is not None and self.slots[0].step == 3:
+            if how == "request":
+                request_stop(out, "requeue")
+            else:
+                os.kill(os.getpid(), getattr(signal, how))
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", stop_at_3)
+    assert cli.main(args) == code
+    assert "checkpoints written" in capsys.readouterr().err
+    states = read_states(out)  # the prompts the queue has records of: the third never started
+    assert sorted(s.state for s in states.values()) == ["released", "released"]
+    for pid, s in states.items():
+        if s.state == "released":
+            assert s.record.info["step"] == 3 == load_checkpoint(out / pid).step
+    records = _records(out)
+    assert sorted(r["status"] for r in records.values()) == ["pending"] * 3
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real_step)
+    if how == "request":
+        dist_mod.stop_file(out).unlink()  # a stop request stands until it is removed
+    assert cli.main(args) == 0
+    records = _records(out)
+    assert all(r["status"] == "done" and r["step"] == 6 for r in records.values())
+    for pid in records:
+        rows = list(csv.DictReader((out / pid / "metrics.csv").open()))
+        assert [int(r["step"]) for r in rows] == list(range(1, 7))
+
+
+def test_the_manifest_is_rebuilt_from_the_queue(tmp_path):
+    """Queue records decide a prompt's status, rank and host; a prompt the queue never saw, or
+    one finished since by a single-process run while the queue still holds an old lease, keeps
+    its manifest record."""
+    base = Manifest(tmp_path)
+    for pid in ("p-a", "p-b", "p-c", "p-d"):
+        base.add(PromptRecord(pid, pid, "", 0, 10))
+    base.records["p-d"].status = "done"
+    q = queue_mod.PromptQueue(tmp_path, ["p-a", "p-b", "p-c", "p-d"], lease_s=60, rank=3, host="n7")
+    assert [q.claim_next() for _ in range(4)] == ["p-a", "p-b", "p-c", "p-d"]
+    q.renew(info={"p-b": {"step": 4}}, force=True)
+    assert q.finish("p-a", "done", {"outputs": {"checkpoint": "p-a/checkpoint.safetensors"}, "wall_s": 1.5, "step": 10})
+    assert q.finish("p-c", "failed", {"error": "non-finite loss", "attempts": 1})
+    merged = merge_states(base, read_states(tmp_path, list(base.records)))
+    a, b, c, d = (merged.records[p] for p in ("p-a", "p-b", "p-c", "p-d"))
+    assert (a.status, a.step, a.outputs, a.wall_s, a.rank, a.host) == ("done", 10, {"checkpoint": "p-a/checkpoint.safetensors"}, 1.5, 3, "n7")
+    assert (b.status, b.step, b.rank) == ("running", 4, 3)
+    assert (c.status, c.error, c.attempts) == ("failed", "non-finite loss", 1)
+    assert (d.status, d.rank) == ("done", None)  # the old lease does not undo a later finish
+    assert base.records["p-a"].status == "pending"  # the base is not changed
+    q.release_all()
+    assert merge_states(base, read_states(tmp_path, list(base.records))).records["p-b"].status == "pending"
+
+
+def test_shard_and_lease_flags_are_checked(tmp_path, capsys):
+    prompts = _write(tmp_path / "prompts.txt", PROMPTS[:1])
+    assert cli.main(["batch", str(prompts), "--out", str(tmp_path / "b"), "--shard", "2/2"]) == 2
+    assert "--shard '2/2': the shard index i must be below N" in capsys.readouterr().err
+    assert cli.main(["batch", str(prompts), "--out", str(tmp_path / "b"), "--lease-s", "0"]) == 2
+    assert "--lease-s must be a positive number of seconds, got 0.0" in capsys.readouterr().err
