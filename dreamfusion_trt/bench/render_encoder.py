@@ -3,15 +3,17 @@ cost of the three ways from a render to latents.
 
 1. A full-size SD 2.1-base VAE (its diffusers config, random weights: nothing is downloaded)
    in the training dtype. The distilled encoder is fitted to it at render 64 / encode 512
-   (`fit_render_encoder`, times per stage) and its parity on held-out renders reported.
-2. The built-in prior's *trained* VAE (shipped with the package) at its CPU preset's render 32 /
-   encode 64, fitted the same way: parity against random weights says little (a random VAE's
-   group norms blow sub-pixel differences up to O(1) features), against trained ones it is the
-   number that matters. Skipped with ``--no-prior``.
-3. Forward + backward at K = 1 and 16 for the eager VAE (`EagerImageEncoder` through
+   (`fit_render_encoder`, times per stage) and its parity on held-out renders reported. With
+   random weights this measures the fit's time and the encoders' cost; its parity is not the
+   number to judge (see 3).
+2. Forward + backward at K = 1 and 16 for the eager VAE (`EagerImageEncoder` through
    `encode_rgb`, the reference), the compiled VAE (`CompiledImageEncoder`) and the distilled
    encoder (under fp16 autocast on CUDA, as the RGB phase runs): warm-up calls, then CUDA events
    around the forward and the backward of each call; medians and `max_memory_allocated`.
+3. The built-in prior's *trained* VAE (shipped with the package) at its CPU preset's render 32 /
+   encode 64, fitted the same way: parity against random weights says little (a random VAE's
+   group norms blow sub-pixel differences up to O(1) features), against trained ones it is the
+   number that matters. Skipped with ``--no-prior``.
 
     python -m dreamfusion_trt.bench.render_encoder --out bench_render_encoder.json            # H200
     python -m dreamfusion_trt.bench.render_encoder --tiny --device cpu --compile-backend aot_eager --out t.json
@@ -138,7 +140,8 @@ def fit_and_report(vae: Any, scaling: float, render: int, encode: int, options: 
     return encoder, out
 
 
-def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+def run_bench(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+    """The benchmark's result; `write` is called with the partial result after every stage."""
     device = resolve_device(args.device)
     setup = TINY if args.tiny else FULL
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -155,10 +158,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     vae, scaling = build_vae(setup["arch"], device, dtype)
     render, encode = setup["render"], setup["encode"]
     encoder, result["fit"] = fit_and_report(vae, scaling, render, encode, options, device)
-    if not args.no_prior:
-        pvae, pscale = prior_vae(device)
-        _, result["prior_fit"] = fit_and_report(pvae, pscale, PRIOR["render"], PRIOR["encode"], options, device)
-        del pvae
+    write(result)
 
     eager = EagerImageEncoder(vae, scaling)
     compiled = CompiledImageEncoder(vae, scaling, backend=args.compile_backend,
@@ -174,12 +174,27 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         row = {}
         for name, fn in paths.items():
             start = time.perf_counter()
-            row[name] = time_fwd_bwd(fn, x, args.warmup, args.reps, autocast=name == "distilled")
+            try:
+                row[name] = time_fwd_bwd(fn, x, args.warmup, args.reps, autocast=name == "distilled")
+            except RuntimeError as exc:  # a compiler failure is a result, not the end of the benchmark
+                log.warning("K=%d %s failed: %s", k, name, str(exc).splitlines()[0])
+                row[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+                continue
             row[name]["wall_s_incl_warmup"] = time.perf_counter() - start
             log.info("K=%d %s: %s", k, name, json.dumps(row[name]))
-        row["speedup_distilled_vs_eager"] = row["eager_vae"]["total_ms"] / row["distilled"]["total_ms"]
-        row["speedup_compiled_vs_eager"] = row["eager_vae"]["total_ms"] / row["compiled_vae"]["total_ms"]
+        for name in ("distilled", "compiled_vae"):
+            if "total_ms" in row[name]:
+                row[f"speedup_{name}_vs_eager"] = row["eager_vae"]["total_ms"] / row[name]["total_ms"]
         result["timing"][str(k)] = row
+        write(result)
+    paths.clear()  # drop the VAE, its compiled graphs and their memory before the next stage
+    vae = eager = compiled = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not args.no_prior:  # last: the least essential stage, cut first by a time limit
+        pvae, pscale = prior_vae(device)
+        _, result["prior_fit"] = fit_and_report(pvae, pscale, PRIOR["render"], PRIOR["encode"], options, device)
+        write(result)
     return result
 
 
@@ -202,8 +217,10 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = make_parser().parse_args(argv)
-    result = run_bench(args)
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    def write(result: dict[str, Any]) -> None:  # after every stage, so a run cut short still leaves its numbers
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+
+    write(run_bench(args, write))
     log.info("wrote %s", args.out)
     return 0
 

@@ -250,9 +250,13 @@ class ParityThreshold:
         return out
 
 
-# Default for SD-size VAEs. Provisional: set with room below what the tiny CPU fit reaches
-# (tests/test_render_encoder.py); `bench render_encoder` measures the SD 2.1-base numbers.
-DEFAULT_THRESHOLD = ParityThreshold(max_latent_rel_err_mean=0.10, min_grad_cos_mean=0.90, min_grad_cos_p5=0.80)
+# Measured on the CPU against the built-in prior's trained VAE (render 16 -> encode 64, a short
+# fit of 200 steps on 96 images: tests/test_render_encoder.py): latent rel. error 0.193 (p95
+# 0.286), gradient cosine 0.907 (p5 0.812); the same fit matching latents only reaches cosine
+# 0.841 (p5 0.717) and a gradient norm ratio of 0.76 instead of 0.90, so the VJP term earns its
+# place. The default leaves room below those numbers; the full recipe (FitOptions()) fits 15x
+# longer on 20x more images. `bench.render_encoder` measures SD 2.1-base-size numbers.
+DEFAULT_THRESHOLD = ParityThreshold(max_latent_rel_err_mean=0.25, min_grad_cos_mean=0.85, min_grad_cos_p5=0.70)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +474,7 @@ def load_render_encoder(
         raise ValueError(f"manifest entry of render encoder '{path}' has no usable architecture: {exc}") from exc
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not a dict
     if json.loads(meta.get("arch", "null")) != asdict(arch) or meta.get("model_key") != model_key:
         raise ValueError(f"render encoder '{path}' was written for another model or architecture than its manifest entry says")
     encoder = DistilledRenderEncoder(arch)
