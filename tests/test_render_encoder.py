@@ -33,15 +33,14 @@ from dreamfusion_trt.guidance.render_encoder_data import SHADINGS, make_images
 from dreamfusion_trt.guidance.vae_encode import (
     CompiledImageEncoder,
     TinyVaeImageEncoder,
-    compiled_encode_rgb,
 )
 
 RENDER, ENCODE = 16, 64  # the teacher upsamples 16 -> 64; the prior's VAE makes 16 x 16 latents of that
 KEY = "tiny-render-encoder-test"
-TINY_OPTIONS = FitOptions(steps=200, batch=16, train_images=96, eval_images=32, width=32, blocks=2,
+TINY_OPTIONS = FitOptions(steps=150, batch=12, train_images=64, eval_images=24, width=32, blocks=2,
                           teacher_batch=16, render_samples=24, lr=3e-3, seed=0)  # fmt: skip
-# Measured with TINY_OPTIONS against the prior's VAE: latent rel. error 0.193 (p95 0.286),
-# gradient cosine mean 0.907, 5th percentile 0.812. The bounds leave room below that.
+# Measured with TINY_OPTIONS against the prior's VAE: latent rel. error 0.229 (p95 0.340),
+# gradient cosine mean 0.909, 5th percentile 0.823. The bounds leave room below that.
 TINY_THRESHOLD = ParityThreshold(max_latent_rel_err_mean=0.3, min_grad_cos_mean=0.8, min_grad_cos_p5=0.6)
 
 
@@ -244,10 +243,6 @@ def test_compiled_vae_encoder_matches_the_eager_one_forward_and_backward(vae, ba
     z, v = _fwd_vjp(lambda i: encode_rgb(i, compiled, ENCODE), x, g)
     torch.testing.assert_close(z, ref_z, rtol=0, atol=1e-4 * float(ref_z.abs().max()))
     torch.testing.assert_close(v, ref_v, rtol=0, atol=1e-4 * float(ref_v.abs().max()))
-    whole = compiled_encode_rgb(vae, vae.config.scaling_factor, ENCODE, backend=backend)
-    z2, v2 = _fwd_vjp(whole, x, g)
-    torch.testing.assert_close(z2, ref_z, rtol=0, atol=1e-4 * float(ref_z.abs().max()))
-    torch.testing.assert_close(v2, ref_v, rtol=0, atol=1e-4 * float(ref_v.abs().max()))
     with pytest.raises(ValueError, match=r"images must be \[B, 3, H, W\], got shape \(2, 4, 64, 64\)"):
         compiled(torch.rand(2, 4, 64, 64))
     with pytest.raises(ValueError, match="unknown torch.compile backend 'fast'"):

@@ -7,9 +7,11 @@ the encode function once per input shape and AOT autograd compiles its backward 
 the RGB phase's forward *and* backward through the encoder run as compiled code. The eager
 encoder stays the reference it is tested against, and the fallback.
 
-`compiled_encode_rgb` compiles the whole RGB-phase function instead (bilinear resize to the
-encode size, the [0, 1] -> [-1, 1] map, the encoder), which also fuses the resize and its
-backward into the first convolution's neighbourhood.
+Backends: "inductor" (the fast path), "aot_eager" (traces forward and backward like inductor
+but runs them eagerly: quick to compile, for tests; on the CPU it fails at batch 1 with a
+group-norm contiguity error that inductor does not have), "eager" (dynamo only).
+
+`TinyVaeImageEncoder` puts TAESD (diffusers' `AutoencoderTiny`) behind the same protocol.
 
 On CUDA the VAE's attention is switched to fused SDPA and its weights to channels_last, as
 `engines.inductor.compile_network` does for the UNet.
@@ -21,7 +23,6 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..engines.eager import _check_4d
 
@@ -68,31 +69,6 @@ class CompiledImageEncoder:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         _check_4d("images", images, 3)
         return self._fn(images).to(images.dtype)
-
-
-def compiled_encode_rgb(
-    vae: torch.nn.Module, scaling_factor: float, encode_size: int, backend: str = "inductor", mode: str | None = None
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A compiled twin of ``encode_rgb(images, EagerImageEncoder(vae, s), encode_size)``:
-    images [K, 3, H, W] in [0, 1] -> latents [K, C, E/8, E/8], differentiable."""
-    _prepare(vae)
-    dtype = vae.dtype
-    s = float(scaling_factor)
-
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        x = images
-        if x.shape[-2:] != (encode_size, encode_size):
-            x = F.interpolate(x, size=(encode_size, encode_size), mode="bilinear", align_corners=False)
-        return (vae.encode((x * 2.0 - 1.0).to(dtype)).latent_dist.mean * s).to(images.dtype)
-
-    fn = _compile(encode, backend, mode)
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be [K, 3, H, W], got shape {tuple(images.shape)}")
-        return fn(images)
-
-    return run
 
 
 class TinyVaeImageEncoder:
