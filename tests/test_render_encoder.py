@@ -191,11 +191,11 @@ def test_loader_refuses_parity_below_the_threshold(fitted, tmp_path, monkeypatch
     save_render_encoder(encoder, report, tmp_path, KEY)
     strict = replace(TINY_THRESHOLD, min_grad_cos_p5=0.9999)
     want = rf"below the parity threshold: grad_cos_p5 = {report.parity['grad_cos_p5']!r} is below the threshold 0.9999"
-    with pytest.raises(ValueError, match=want.replace(".", r"\.")):
+    with pytest.raises(re_.BelowThresholdError, match=want.replace(".", r"\.")):
         load_render_encoder(tmp_path, KEY, RENDER, ENCODE, threshold=strict)
     # load_or_fit does not refit an intact encoder of this recipe that fails: same recipe, same fit
     monkeypatch.setattr(re_, "fit_render_encoder", lambda *a, **k: pytest.fail("refitted a failing encoder"))
-    with pytest.raises(ValueError, match="below the parity threshold"):
+    with pytest.raises(re_.BelowThresholdError, match="below the parity threshold"):
         load_or_fit(None, 0.18215, KEY, tmp_path, RENDER, ENCODE, threshold=strict)
 
 

@@ -227,6 +227,10 @@ def measure_parity(student: Teacher, targets: TeacherTargets, batch: int = 32) -
     }
 
 
+class BelowThresholdError(ValueError):
+    """A stored or fitted render encoder whose recorded parity falls short of the threshold."""
+
+
 @dataclass(frozen=True)
 class ParityThreshold:
     """What an encoder must reach on held-out renders to be used instead of the full VAE."""
@@ -445,8 +449,8 @@ def load_render_encoder(
 ) -> tuple[DistilledRenderEncoder, dict[str, Any]]:
     """The stored encoder for (`model_key`, `render_size`, `encode_size`, this recipe) and its
     manifest entry. FileNotFoundError when none is recorded or its file is missing; ValueError
-    when its sha256 differs from the manifest, its entry does not match, or its recorded parity
-    is below `threshold` (each message says which)."""
+    when its sha256 differs from the manifest or its entry does not match; `BelowThresholdError`
+    (a ValueError) when its recorded parity is below `threshold`. Each message says which."""
     from safetensors import safe_open
 
     folder = model_folder(engines_dir, model_key)
@@ -467,7 +471,7 @@ def load_render_encoder(
                          "refusing to load it")  # fmt: skip
     failures = threshold.failures(entry.get("parity", {}))
     if failures:
-        raise ValueError(f"render encoder '{path}' is below the parity threshold: {'; '.join(failures)}")
+        raise BelowThresholdError(f"render encoder '{path}' is below the parity threshold: {'; '.join(failures)}")
     try:
         arch = EncoderArch(**entry["arch"])
     except (KeyError, TypeError) as exc:
@@ -499,17 +503,15 @@ def load_or_fit(
     (progress bar, log line), store it and return it with its manifest entry.
 
     An intact stored encoder of this recipe whose recorded parity fails is not refitted (the
-    same recipe would fit the same encoder): ValueError saying why, so the caller can fall back
-    to the full VAE. A freshly fitted encoder that fails is stored (its parity recorded) and
+    same recipe would fit the same encoder): `BelowThresholdError` saying why, so the caller can
+    fall back to the full VAE. A freshly fitted encoder that fails is stored (its parity recorded) and
     refused the same way.
     """
     try:
         return load_render_encoder(engines_dir, model_key, render_size, encode_size, threshold=threshold, device=device)
-    except FileNotFoundError as exc:
-        why = str(exc)
-    except ValueError as exc:
-        if "parity threshold" in str(exc):
-            raise
+    except BelowThresholdError:
+        raise
+    except (FileNotFoundError, ValueError) as exc:  # missing, changed or mismatched: fit a new one
         why = str(exc)
     logger.info("fitting a render encoder for %s (render %d -> encode %d): %s", model_key, render_size, encode_size, why)
     encoder, report = fit_render_encoder(vae, scaling_factor, render_size, encode_size, options=options, device=device,
