@@ -22,6 +22,7 @@ cost of the three ways from a render to latents.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import statistics
@@ -161,7 +162,8 @@ def run_bench(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] 
     write(result)
 
     eager = EagerImageEncoder(vae, scaling)
-    compiled = CompiledImageEncoder(vae, scaling, backend=args.compile_backend,
+    # A copy: compiling switches its VAE to channels_last, and the eager reference stays as training runs it.
+    compiled = CompiledImageEncoder(copy.deepcopy(vae), scaling, backend=args.compile_backend,
                                     mode=None if args.compile_mode == "default" else args.compile_mode)  # fmt: skip
     paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "eager_vae": lambda x: encode_rgb(x, eager, encode),
