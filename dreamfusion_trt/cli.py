@@ -128,6 +128,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for name, value in dataclasses.asdict(outputs).items():
         log.info("%s: %s", name, _plain(value))
     print(outputs.out_dir)
+    if outputs.failed:  # everything else is on disk
+        print(f"dreamfusion-trt: not written: {'; '.join(f'{k}: {v}' for k, v in outputs.failed.items())}", file=sys.stderr)
+        return 1
     return 0
 
 

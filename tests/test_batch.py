@@ -48,7 +48,7 @@ def per_sample_networks(monkeypatch):
     """UNet and VAE encoder evaluated one sample at a time, so a prompt's numbers do not depend
     on how many others share the call (batched convolutions round differently per batch size);
     what is left to compare is the trainer's own bookkeeping, which must match exactly."""
-    real_make = frozen_mod.make_noise_predictor
+    real_make = frozen_mod.make_predictor
 
     class PerSamplePredictor:
         def __init__(self, inner):
@@ -61,7 +61,7 @@ def per_sample_networks(monkeypatch):
         def __call__(self, images):
             return torch.cat([super(PerSampleEncoder, self).__call__(images[i : i + 1]) for i in range(len(images))])
 
-    monkeypatch.setattr(frozen_mod, "make_noise_predictor", lambda *a, **kw: PerSamplePredictor(real_make(*a, **kw)))
+    monkeypatch.setattr(frozen_mod, "make_predictor", lambda *a, **kw: PerSamplePredictor(real_make(*a, **kw)))
     monkeypatch.setattr(frozen_mod, "EagerImageEncoder", PerSampleEncoder)
 
 

@@ -261,3 +261,22 @@ def test_stale_temporaries_of_a_killed_write_are_removed_on_start(tmp_path, tiny
         os.utime(p, (0, 0))  # old: its writer is long gone
     assert cli.main(["generate", "--resume", "--out", str(out), "--iters", "3", "--quiet", "--device", "cpu"]) == 0
     assert not any(p.exists() for p in leftovers)
+
+
+def test_a_missing_video_writer_loses_nothing_else(tmp_path, tiny_sd_paths, monkeypatch, capsys):
+    """No MP4 writer (the H200 image has no ffmpeg): the checkpoint, mesh, grid and metrics are
+    written, the run says what was not and exits non-zero only after that."""
+    from dreamfusion_trt.export import media
+
+    def no_writer(*args, **kwargs):
+        raise media.NoVideoWriter("no MP4 writer is installed: pip install imageio-ffmpeg (simulated)")
+
+    monkeypatch.setattr(media, "write_video", no_writer)
+    monkeypatch.setattr("dreamfusion_trt.export.artifacts.write_video", no_writer, raising=False)
+    out = tmp_path / "run"
+    assert _generate(tmp_path, tiny_sd_paths, out, "--iters", "2") == 1
+    assert "not written: turntable" in capsys.readouterr().err
+    for name in ("checkpoint.safetensors", "mesh.glb", "validation.png", "metrics.csv"):
+        assert (out / name).is_file(), name
+    assert not (out / "turntable.mp4").exists()
+    assert cli.main(["render", str(out), "--no-video", "--device", "cpu"]) == 0  # the grid can be redone later

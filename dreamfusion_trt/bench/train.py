@@ -121,7 +121,8 @@ def time_text_encoder(model: DiffusionModel, prompts: int, reps: int) -> dict[st
 def make_predictor(model: DiffusionModel, backend: str, max_k: int, engines_dir: Path, build: bool) -> Any:
     """The noise predictor of `backend` for up to `max_k` prompts (UNet batch 2 * max_k);
     ValueError/FileNotFoundError when it cannot run here."""
-    from ..engines.registry import current_env, make_noise_predictor
+    from ..engines.artifacts import current_env
+    from ..engines.backends import load_network
     from ..train.frozen import predictor_batch_sizes
 
     sizes = predictor_batch_sizes(backend, max_k)
@@ -133,7 +134,7 @@ def make_predictor(model: DiffusionModel, backend: str, max_k: int, engines_dir:
         failed = report.of("failed") + report.of("not built")
         if failed:
             raise ValueError(f"{backend} build failed: {failed[0].reason}")
-    return make_noise_predictor(model, backend, engines_dir, batch_sizes=sizes)
+    return load_network("unet", model, backend, engines_dir, batch_sizes=sizes)
 
 
 def bench_config(args: argparse.Namespace, device: torch.device) -> RunConfig:

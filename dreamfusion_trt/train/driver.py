@@ -455,6 +455,8 @@ class Driver:
                  "meshes": [rel(m) for m in outputs.meshes], "metrics": rel(outputs.metrics)}  # fmt: skip
         if outputs.score is not None:
             paths["score"] = rel(outputs.score)
+        if outputs.failed:  # the others are on disk; `render` / `export-mesh` can write these later
+            paths["not_written"] = dict(outputs.failed)
         wall = train_s + time.perf_counter() - start
         self._record(job, status="done", step=job.cfg.train.iters, outputs=paths, error=None, wall_s=round(wall, 2))
         self.done.append(job)

@@ -18,7 +18,7 @@ import torch
 from ..config import PromptConfig, RunConfig
 from ..engines.base import ImageEncoder, LatentDecoder, NoisePredictor
 from ..engines.eager import EagerImageEncoder, EagerNoisePredictor
-from ..engines.registry import make_image_encoder, make_latent_decoder, make_noise_predictor
+from ..engines.backends import load_network
 from ..guidance.inputs import ColourMap, ImageSpace, RenderInput, VAEEncoding
 from ..guidance.latents import LinearLatentMap, fit_rgb_to_latent
 from ..guidance.sds import SDSGuidance
@@ -52,7 +52,7 @@ def make_predictor(model: DiffusionModel, cfg: RunConfig, max_prompts: int) -> N
     """The ``model.backend`` noise predictor for up to `max_prompts` prompts per step.
     ValueError/FileNotFoundError when no built engine covers that batch."""
     sizes = predictor_batch_sizes(cfg.model.backend, max_prompts)
-    return make_noise_predictor(model, cfg.model.backend, Path(cfg.model.engines_dir), batch_sizes=sizes)
+    return load_network("unet", model, cfg.model.backend, Path(cfg.model.engines_dir), batch_sizes=sizes)
 
 
 def load_frozen(
@@ -91,8 +91,8 @@ def frozen_from_model(model: DiffusionModel, cfg: RunConfig, predictor: NoisePre
         # Image-space SDS needs no gradient through the VAE: both halves may run as engines.
         n = max(1, max_prompts)
         engines = Path(cfg.model.engines_dir)
-        decoder: LatentDecoder = make_latent_decoder(model, cfg.model.backend, engines, batch_sizes=(n,))
-        encoder = make_image_encoder(model, cfg.model.backend, engines, batch_sizes=(n,))
+        decoder: LatentDecoder = load_network("vae_decoder", model, cfg.model.backend, engines, batch_sizes=(n,))
+        encoder = load_network("vae_encoder", model, cfg.model.backend, engines, batch_sizes=(n,))
         rgb = ImageSpace(encoder, decoder, encode_size, cfg.camera.render_size, rgb_latents)
     else:
         rgb = VAEEncoding(encoder, encode_size, cfg.camera.render_size, rgb_latents)

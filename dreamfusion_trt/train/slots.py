@@ -27,6 +27,7 @@ import torch
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..config import RunConfig
 from ..guidance.text import NO_VIEW, VIEWS, PromptEmbeddings
+from ..render.occupancy import upgrade_scene_state
 from ..render.renderer import Renderer
 from ..scene import build_scene
 from .optim import SlotAdam, SlotGradScaler
@@ -191,7 +192,7 @@ class SlotTable:
             self.renderer.update_occupancy([0 if i == k else None for i in range(self.num_slots)])
         else:
             try:
-                insert_slot(target, k, checkpoint.model)
+                insert_slot(target, k, upgrade_scene_state(checkpoint.model, 1, cfg.render.grid_resolution))
                 if checkpoint.optimizer is not None:
                     self.optimizer.load_slot_state_dict(k, checkpoint.optimizer)
                 else:
