@@ -326,8 +326,9 @@ def fit_render_encoder(
     _sync(device)
     seconds["teacher"] = time.perf_counter() - start
 
-    torch.manual_seed(options.seed)
-    student = DistilledRenderEncoder(arch).to(device)
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's generator alone
+        torch.manual_seed(options.seed)
+        student = DistilledRenderEncoder(arch).to(device)
     _init_colour_path(student, train)
     opt = torch.optim.Adam(student.parameters(), lr=options.lr)
     warmup = max(1, options.steps // 20)

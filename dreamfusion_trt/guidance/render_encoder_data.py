@@ -159,14 +159,15 @@ def nerf_renders(
         field = replace(base.field, backend="torch", num_levels=4, log2_hashmap_size=12, max_resolution=64, normals="analytic",
                         hidden_dim=32, background="mlp", blob_density=float(_uniform(gen, 1, lo=5, hi=20)))  # fmt: skip
         cfg = replace(base, field=field, render=replace(base.render, backend="torch", num_samples=num_samples))
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # the modules' own init
-        renderer = build_scene(cfg, num_prompts=k, device=device).eval()
-        for name, p in renderer.named_parameters():
-            if "encoding" in name:  # the hash table: texture at every level
-                scale = 0.1 * float(_uniform(gen, 1, lo=0.5, hi=4.0))
-                p.uniform_(-scale, scale)
-            else:  # MLPs: sharper colours and a livelier background
-                p.mul_(float(_uniform(gen, 1, lo=1.0, hi=2.5)))
+        with torch.random.fork_rng(devices=[]):  # the modules' own init, seeded, the caller's generator untouched
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            renderer = build_scene(cfg, num_prompts=k, device=device).eval()
+            for name, p in renderer.named_parameters():
+                if "encoding" in name:  # the hash table: texture at every level
+                    scale = 0.1 * float(_uniform(gen, 1, lo=0.5, hi=4.0))
+                    p.copy_((torch.rand(p.shape, generator=gen) * 2.0 - 1.0) * scale)  # drawn on the CPU: any device, same scene
+                else:  # MLPs: sharper colours and a livelier background
+                    p.mul_(float(_uniform(gen, 1, lo=1.0, hi=2.5)))
         cams = sample_random_cameras(k, cfg.camera, gen).to(device)
         rays_o, rays_d = get_rays(cams, size, size)
         result = renderer.render(rays_o, rays_d, cams.light_dir, shading=_shadings(k, s),
