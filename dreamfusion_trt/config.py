@@ -78,7 +78,7 @@ class FieldConfig:
     density_activation: Literal["exp", "softplus"] = "exp"
     blob_density: float = 10.0  # density added at the centre at init (DreamFusion's blob)
     blob_radius: float = 0.5
-    normals: NormalsMode = "finite_difference"
+    normals: NormalsMode = "analytic"  # density normals: analytic = the hash grid's own Jacobian in the same query (one grid pass per sample; finite differences take seven)
     fd_eps: float = 1e-2  # finite-difference step, in world units
     background: Literal["mlp", "solid", "random"] = "mlp"
     background_color: tuple[float, float, float] = (1.0, 1.0, 1.0)  # for background=solid
@@ -131,6 +131,7 @@ class TrainConfig:
     iters: int = 10000
     latent_fraction: float = 0.3  # first fraction of iterations in latent space, then RGB through the VAE
     encode_size: int = 0  # RGB phase: renders are resized to this before the VAE encoder; 0 = the model's native size (512 for SD)
+    rgb_encoder: Literal["auto", "vae", "distilled"] = "auto"  # RGB phase render -> latents: the full VAE encoder, or a small encoder distilled from it (fitted once per model and size, refused below its parity threshold); auto = distilled on CUDA when its parity passes, else the VAE
     lr: float = 1e-3  # MLP learning rate; the hash grid uses grid_lr_scale times this
     grid_lr_scale: float = 10.0
     betas: tuple[float, float] = (0.9, 0.99)

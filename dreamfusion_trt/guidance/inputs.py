@@ -4,8 +4,10 @@ Each strategy turns renders ``[n, 3, R, R]`` in [0, 1] (R = its `render_size`) i
 input SDS works on, differentiably, and says which space that input lives in:
 
 - ``latent``: the input *is* a latent ``[n, C, h, w]``; SDS pushes w(t)(eps_hat - eps) into it.
-  `ColourMap` (the latent phase: a per-pixel linear colour -> latent map fitted to the VAE) and
-  `VAEEncoding` (the RGB phase: resize to the VAE's input size and encode with autograd).
+  `ColourMap` (the latent phase: a per-pixel linear colour -> latent map fitted to the VAE),
+  `VAEEncoding` (the RGB phase: resize to the VAE's input size and encode with autograd) and
+  `DistilledEncoding` (the RGB phase through a small network fitted to that same function and
+  its vector-Jacobian products, `render_encoder.py`; the full VAE is its tested twin).
 - ``image``: the input is the image the VAE encoder sees, ``[n, 3, E, E]`` in [-1, 1];
   `ImageSpace` encodes and decodes it inference-only (so both VAE halves may be engines) and
   SDS compares the image with the decoded denoised latent (`image_sds.py`).
@@ -64,6 +66,20 @@ class VAEEncoding:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return encode_rgb(images, self.encoder, self.encode_size)  # [n, C, h, w]
+
+
+class DistilledEncoding:
+    """The RGB phase through a distilled render encoder: render -> latents in one small network."""
+
+    space: Space = "latent"
+
+    def __init__(self, encoder: torch.nn.Module, render_size: int, latent_shape: tuple[int, int, int]) -> None:
+        self.encoder = encoder
+        self.render_size = render_size
+        self.latent_shape = latent_shape
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)  # [n, C, h, w]
 
 
 class ImageSpace:

@@ -19,7 +19,7 @@ from ..config import PromptConfig, RunConfig
 from ..engines.base import ImageEncoder, LatentDecoder, NoisePredictor
 from ..engines.eager import EagerImageEncoder, EagerNoisePredictor
 from ..engines.backends import load_network
-from ..guidance.inputs import ColourMap, ImageSpace, RenderInput, VAEEncoding
+from ..guidance.inputs import ColourMap, DistilledEncoding, ImageSpace, RenderInput, VAEEncoding
 from ..guidance.latents import LinearLatentMap, fit_rgb_to_latent
 from ..guidance.sds import SDSGuidance
 from ..guidance.text import PromptEmbeddings, encode_prompts
@@ -95,9 +95,34 @@ def frozen_from_model(model: DiffusionModel, cfg: RunConfig, predictor: NoisePre
         encoder = load_network("vae_encoder", model, cfg.model.backend, engines, batch_sizes=(n,))
         rgb = ImageSpace(encoder, decoder, encode_size, cfg.camera.render_size, rgb_latents)
     else:
-        rgb = VAEEncoding(encoder, encode_size, cfg.camera.render_size, rgb_latents)
+        rgb = rgb_encoding(model, cfg, encoder, encode_size, rgb_latents)
     inputs = {"latent": ColourMap(latent_map, latent_size), "rgb": rgb}
     return Frozen(model, predictor, latent_map, inputs)
+
+
+def rgb_encoding(model: DiffusionModel, cfg: RunConfig, encoder: ImageEncoder, encode_size: int,
+                 latent_shape: tuple[int, int, int]) -> RenderInput:  # fmt: skip
+    """The RGB phase's render -> latents (``train.rgb_encoder``): the distilled render encoder
+    when asked for or, with auto, on CUDA when its recorded parity passes; else the VAE."""
+    choice, render_size = cfg.train.rgb_encoder, cfg.camera.render_size
+    if choice == "distilled" or (choice == "auto" and model.device.type == "cuda"):
+        from ..guidance.render_encoder import BelowThresholdError, load_or_fit
+
+        try:
+            distilled, entry = load_or_fit(model.vae, model.vae_scaling_factor, model.key, cfg.model.engines_dir, render_size,
+                                           encode_size, device=model.device)  # fmt: skip
+        except BelowThresholdError as exc:
+            if choice == "distilled":
+                raise
+            log.info("RGB phase: the full VAE encoder (the distilled one is refused: %s)", exc)
+        else:
+            parity = entry.get("parity", {})
+            log.info("RGB phase: distilled render encoder %d -> %d (gradient cosine %.3f against the VAE; "
+                     "--train.rgb_encoder vae for the full VAE)", render_size, encode_size, parity.get("grad_cos_mean", float("nan")))  # fmt: skip
+            return DistilledEncoding(distilled, render_size, latent_shape)
+    elif choice == "auto":
+        log.info("RGB phase: the full VAE encoder (auto on the CPU; --train.rgb_encoder distilled fits a small one)")
+    return VAEEncoding(encoder, encode_size, render_size, latent_shape)
 
 
 def new_trainer(frozen: Frozen, cfg: RunConfig, num_slots: int, device: torch.device) -> Trainer:
