@@ -18,13 +18,23 @@ from dreamfusion_trt.prior.model import (
     caption_words,
     folder_weight_bytes,
     learn_merges,
-    main,
     tiny_config,
     train_prior,
     weight_bytes,
 )
 from dreamfusion_trt.prior.scenes import KNOWN_CAPTIONS, SIX_COLORED_CAPTION
 from dreamfusion_trt.sdmodel import load_diffusion
+
+
+def _train_prior_script():
+    """build_scripts/train_prior.py as a module: the prior's command line lives there."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "build_scripts" / "train_prior.py"
+    spec = importlib.util.spec_from_file_location("train_prior_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -129,7 +139,7 @@ def test_tiny_run_writes_a_stable_diffusion_folder_that_load_diffusion_reads(tmp
 def test_same_seed_gives_the_same_weights_and_a_rerun_replaces_the_folder(tmp_path):
     """The command line's --tiny run, then the same settings through train_prior into the same folder."""
     out = tmp_path / "a"
-    assert main(["--tiny", "--out", str(out), "--eval-per-caption", "0"]) == 0
+    assert _train_prior_script().main(["--tiny", "--out", str(out), "--eval-per-caption", "0"]) == 0
     assert (out / "model_index.json").is_file() and not (out / "prior_eval.json").exists()
     parts = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
              "text_encoder/model.safetensors")  # fmt: skip
