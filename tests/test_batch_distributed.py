@@ -266,3 +266,45 @@ def test_shard_and_lease_flags_are_checked(tmp_path, capsys):
     assert "--shard '2/2': the shard index i must be below N" in capsys.readouterr().err
     assert cli.main(["batch", str(prompts), "--out", str(tmp_path / "b"), "--lease-s", "0"]) == 2
     assert "--lease-s must be a positive number of seconds, got 0.0" in capsys.readouterr().err
+
+
+def test_shared_jobs_lock_folders_and_hand_back_what_they_cannot_train(tmp_path):
+    """A claimed prompt whose folder a live process here still locks goes back to the queue
+    (not failed) and is skipped for a while; a lost lease takes the folder lock with it; the
+    end releases what is left and rebuilds the manifest from the queue."""
+    from dreamfusion_trt.config import RunConfig
+    from dreamfusion_trt.lock import LOCK_NAME, RunLock
+    from dreamfusion_trt.train.jobs import Job
+    from dreamfusion_trt.train.shared_jobs import SharedJobs
+
+    ids = ["p-a", "p-b", "p-c"]
+    jobs = [Job(pid, RunConfig(), tmp_path / pid, line=i + 1) for i, pid in enumerate(ids)]
+    base = Manifest(tmp_path)
+    for pid in ids:
+        base.add(PromptRecord(pid, pid, "", 0, 10))
+    q = queue_mod.PromptQueue(tmp_path, ids, lease_s=60, rank=1, host="n1")
+    source = SharedJobs(jobs, q, base)
+    other = RunLock(tmp_path / "p-a", what="batch").acquire()  # as a process whose lease ran out under it
+    b = source.take()
+    assert b.id == "p-b" and b.lock is not None and (tmp_path / "p-b" / LOCK_NAME).is_file()
+    assert read_states(tmp_path, ids)["p-a"].state == "released"
+    c = source.take()
+    assert c.id == "p-c" and source.take() is None and source.exhausted()  # p-a is skipped for now
+    thief = queue_mod.PromptQueue(tmp_path, ids, lease_s=60, rank=2, host="n2", clock=lambda: time.time() + 120)
+    assert thief.claim("p-b")  # b's lease looks expired to it
+    q.renew_every_s = 0  # renew at this heartbeat
+    assert source.heartbeat([b, c]) == [b]
+    assert b.lock is None and c.lock is not None
+    source.record(c, status="done", step=10, outputs={"checkpoint": "p-c/checkpoint.safetensors"}, wall_s=2.0)
+    other.release()
+    source._locked_out.clear()  # as after renew_every_s
+    source._none_until = float("-inf")
+    a = source.take()
+    assert a.id == "p-a" and a.lock is not None
+    source.close()
+    assert a.lock is None and q.held == []
+    states = read_states(tmp_path, ids)
+    assert (states["p-a"].state, states["p-b"].state, states["p-c"].state) == ("released", "held", "done")
+    records = Manifest.load(tmp_path).records
+    assert [records[p].status for p in ids] == ["pending", "running", "done"]
+    assert (records["p-b"].rank, records["p-b"].host, records["p-c"].rank) == (2, "n2", 1)

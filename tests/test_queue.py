@@ -400,7 +400,8 @@ def test_torchrun_ranks_share_the_queue_and_recover_from_a_sigkill(tmp_path):
     assert report["all_done_once"] and report["world_size"] == 3 and report["launcher"] == "torchrun"
     assert report["resumed"], log[-3000:]  # something was interrupted and picked up from its step
     for pid, start in report["resumed"].items():
-        assert 0 < start < 30 and _chain(tmp_path / "smoke", pid)[-1] == "done"
+        # 30: stopped (torchrun's SIGTERM) after its last step, before its done record; resumed at its end
+        assert 0 < start <= 30 and _chain(tmp_path / "smoke", pid)[-1] == "done"
     qdir = queue_dir(out)
     taken = []  # (gen, rank) of leases that ended without a record by their holder: the SIGKILL
     for pid in report["resumed"]:

@@ -60,7 +60,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -415,13 +415,13 @@ class PromptQueue:
         for every rank when this is empty."""
         return [pid for pid, s in self.states().items() if s.state not in ("done", "failed")]
 
-    def next_expiry(self) -> float | None:
+    def next_expiry(self, skip: Collection[str] = ()) -> float | None:
         """Seconds until the earliest lease held by someone else can be taken over (0 when one
-        can now, None when no other lease is pending)."""
+        can now, None when no other lease is pending); prompts in `skip` do not count."""
         now = self.clock()
         waits = []
         for pid, s in self.states().items():
-            if pid in self._held or s.state in ("done", "failed"):
+            if pid in self._held or pid in skip or s.state in ("done", "failed"):
                 continue
             if s.state in ("free", "expired", "released"):
                 return 0.0
@@ -431,13 +431,13 @@ class PromptQueue:
 
     # ---- claiming
 
-    def claim_next(self) -> str | None:
-        """Claim the first prompt (in the ids' order) that is free, released or whose lease
-        expired; None when there is none right now (others may still hold some: see
-        `pending` and `wait_claim`)."""
+    def claim_next(self, skip: Collection[str] = ()) -> str | None:
+        """Claim the first prompt (in the ids' order, none of `skip`) that is free, released or
+        whose lease expired; None when there is none right now (others may still hold some:
+        see `pending` and `wait_claim`)."""
         gens = _scan(self.dir)
         for pid in self.ids:
-            if pid in self._held or pid in self._terminal:
+            if pid in self._held or pid in self._terminal or pid in skip:
                 continue
             if self._try_claim(pid, gens.get(pid, -1)):
                 return pid
@@ -452,15 +452,15 @@ class PromptQueue:
         return self._try_claim(prompt_id, _scan(self.dir).get(prompt_id, -1))
 
     def wait_claim(self, poll_s: float = 10.0, should_stop: Callable[[], bool] = lambda: False,
-                   sleep: Callable[[float], None] = time.sleep) -> str | None:  # fmt: skip
-        """For an idle rank: claim the next prompt, waiting while others hold the rest (one of
-        them may die and its lease expire). None when no prompt is left to anyone but this rank
-        or `should_stop()` says so."""
+                   sleep: Callable[[float], None] = time.sleep, skip: Collection[str] = ()) -> str | None:  # fmt: skip
+        """For an idle rank: claim the next prompt (none of `skip`), waiting while others hold
+        the rest (one of them may die and its lease expire). None when no prompt is left to
+        anyone but this rank (`skip` aside) or `should_stop()` says so."""
         while not should_stop():
-            pid = self.claim_next()
+            pid = self.claim_next(skip)
             if pid is not None:
                 return pid
-            wait = self.next_expiry()
+            wait = self.next_expiry(skip)
             if wait is None:
                 return None
             sleep(min(poll_s, max(wait, 0.05)))

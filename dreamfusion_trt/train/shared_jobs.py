@@ -16,6 +16,12 @@ outputs, so fast and slow ranks stay busy to the end and nothing but the filesys
 - `record` turns a job's end into the queue's record (``done`` and ``failed`` are created in the
   same atomic step that ends the lease); `close` releases what is not finished as resumable.
 
+A claimed prompt's folder lock (`lock.RunLock`) is taken here, before the driver sees the job:
+the lease already says who may train it, so a lock left by a process on another machine is
+taken over (that process's lease ran out), and a lock that a live process on this machine still
+holds (its lease ran out under it: it drops the prompt at its next renewal) sends the prompt
+back to the queue instead of failing it.
+
 The manifest is not rewritten from each process's partial view: `rebuild_manifest` derives
 ``manifest.jsonl`` from the queue's records plus the prompt list, with the rank and host that
 trained each prompt, atomically; rank 0 does it on its progress tick, and every process at its
@@ -33,6 +39,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ..atomic import clean_stale_temporaries
+from ..lock import RunLock
 from .distributed import ProgressReporter, format_summary
 from .driver import checkpoint_step
 from .jobs import Job
@@ -106,6 +114,7 @@ class SharedJobs:
         self._returned: collections.deque[Job] = collections.deque()  # given back: held, restarted first
         self._none_until = float("-inf")  # monotonic: nothing was claimable, do not look before this
         self._steps: dict[str, int] = {}  # checkpointed step of each held job
+        self._locked_out: dict[str, float] = {}  # id -> monotonic time before which it is not claimed again
 
     # ---- handing out
 
@@ -114,27 +123,51 @@ class SharedJobs:
             return self._returned.popleft()
         if time.monotonic() < self._none_until:
             return None
-        pid = self.queue.claim_next()
-        if pid is None:
-            self._none_until = time.monotonic() + self.queue.renew_every_s
-            return None
-        return self._claimed(pid)
+        tried: set[str] = set()
+        while (pid := self.queue.claim_next(self._skip() | tried)) is not None:
+            job = self._claimed(pid)
+            if job is not None:
+                return job
+            tried.add(pid)
+        self._none_until = time.monotonic() + self.queue.renew_every_s
+        return None
 
     def wait(self) -> Job | None:
         if self._returned:
             return self._returned.popleft()
-        pid = self.queue.wait_claim(poll_s=self.poll_s, should_stop=self._idle)
-        if pid is None:
-            return None
-        self._none_until = float("-inf")
-        return self._claimed(pid)
+        while True:
+            pid = self.queue.wait_claim(poll_s=self.poll_s, should_stop=self._idle, skip=self._skip())
+            if pid is None:
+                if not self._skip() or self.should_stop():
+                    return None
+                time.sleep(self.poll_s)  # only prompts whose folders are locked here are left: look again
+                continue
+            job = self._claimed(pid)
+            if job is not None:
+                self._none_until = float("-inf")
+                return job
+
+    def _skip(self) -> set[str]:
+        """Prompts sent back recently because their folder was locked here."""
+        now = time.monotonic()
+        self._locked_out = {pid: until for pid, until in self._locked_out.items() if until > now}
+        return set(self._locked_out)
 
     def _idle(self) -> bool:
         self._tick()
         return self.should_stop()
 
-    def _claimed(self, pid: str) -> Job:
+    def _claimed(self, pid: str) -> Job | None:
         job = self.jobs[pid]
+        if job.lock is None:
+            try:
+                job.lock = RunLock(job.folder, what="batch", take_foreign=True).acquire()
+            except ValueError as exc:
+                log.warning("prompt %r goes back to the queue: %s", job.cfg.prompt.text, exc)
+                self.queue.finish(pid, "pending", {"step": checkpoint_step(job.folder)})
+                self._locked_out[pid] = time.monotonic() + self.poll_s
+                return None
+            clean_stale_temporaries(job.folder)
         job.start_step = checkpoint_step(job.folder)  # another rank may have advanced it
         self._steps[pid] = job.start_step
         previous = self.queue.previous_holder(pid)
@@ -162,6 +195,7 @@ class SharedJobs:
             self._returned = collections.deque(j for j in self._returned if j.id not in lost)
             for pid in lost:
                 self._steps.pop(pid, None)
+                self._unlock(self.jobs[pid])
         self._tick()
         return [job for job in training if job.id in lost]
 
@@ -180,6 +214,12 @@ class SharedJobs:
             (self.done if status == "done" else self.failed).append(job.id)
         self._steps.pop(job.id, None)
 
+    @staticmethod
+    def _unlock(job: Job) -> None:
+        if job.lock is not None:
+            job.lock.release()
+            job.lock = None
+
     def _tick(self) -> None:
         """Rank 0: the progress line every `reporter.every_s`, and the manifest with it."""
         if self.reporter is not None and self.reporter.maybe_report() is not None:
@@ -190,6 +230,8 @@ class SharedJobs:
     def close(self) -> None:
         held = self.queue.held
         released = self.queue.release_all({pid: {"step": checkpoint_step(self.jobs[pid].folder)} for pid in held})
+        for pid in held:  # the driver unlocked the jobs it trained; not the ones given back to it
+            self._unlock(self.jobs[pid])
         if released:
             log.info("rank %d released %d prompt(s) as resumable from their checkpoints", self.queue.holder.rank, len(released))
         self._returned.clear()
