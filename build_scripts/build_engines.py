@@ -8,20 +8,14 @@ Same as ``dreamfusion-trt build-engines``; see ``--help`` and engines/README.md.
     python build_scripts/build_engines.py --model stabilityai/stable-diffusion-2-1-base --optimization-level 5
 """
 
-import logging
 import sys
 from pathlib import Path
 
 try:
-    from dreamfusion_trt.engines.build import main
+    from dreamfusion_trt.cli import main
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dreamfusion_trt.engines.build import main
+    from dreamfusion_trt.cli import main
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except (ValueError, FileNotFoundError) as exc:
-        logging.getLogger("build_engines").error("%s", exc)
-        sys.exit(2)
+    sys.exit(main(["build-engines", *sys.argv[1:]]))

@@ -242,10 +242,82 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_build_engines(args: argparse.Namespace) -> int:
-    from .engines.build import main as build_main
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
-    return build_main(args.rest)
+
+def build_engines_parser() -> argparse.ArgumentParser:
+    from .config import DEFAULT_MODEL
+    from .engines import build
+    from .engines.artifacts import ARTIFACT_BACKENDS
+    from .engines.spec import NETWORKS
+
+    p = argparse.ArgumentParser(prog="dreamfusion-trt build-engines", description=build.__doc__, formatter_class=_formatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, diffusers folder or single-file checkpoint (default: %(default)s)")
+    p.add_argument("--revision", help="hub revision")
+    p.add_argument("--out", default="engines", help="engines folder; files go to OUT/<model key>/ (default: %(default)s)")
+    p.add_argument("--batch-sizes", default=",".join(map(str, build.DEFAULT_BATCH_SIZES)),
+                   help="UNet batch sizes in use, CFG doubling included (default: %(default)s)")  # fmt: skip
+    p.add_argument("--networks", default=",".join(build.DEFAULT_NETWORKS),
+                   help=f"comma-separated subset of {','.join(NETWORKS)} (default: %(default)s)")  # fmt: skip
+    p.add_argument("--backends", default=",".join(ARTIFACT_BACKENDS), help="comma-separated subset of %(default)s")
+    p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
+    p.add_argument("--vae-dtype", help="VAE precision if not --dtype (float32 for a VAE that overflows in fp16)")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
+    p.add_argument("--opset", type=int, default=build.DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--workspace-gib", type=float, help="TensorRT workspace limit")
+    p.add_argument("--optimization-level", type=int, default=3, choices=range(6),
+                   help="TensorRT builder optimization level; 4-5 search longer for final engines (default: %(default)s)")  # fmt: skip
+    p.add_argument("--no-parity", action="store_true", help="skip the onnxruntime parity check of fp32 ONNX files")
+    p.add_argument("--render-encoder", metavar="RENDERxENCODE",
+                   help="also fit the distilled RGB-phase render encoder for these sizes, e.g. 64x512 (what train.rgb_encoder "
+                   "auto uses; otherwise it is fitted on first use)")  # fmt: skip
+    p.add_argument("--local-files-only", action="store_true", help="never touch the network")
+    return p
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    """Build what `rest` asks for and log the summary; 0 unless an artifact failed to build."""
+    from .engines.build import build_engines
+    from .scene import resolve_device
+    from .sdmodel import load_diffusion, resolve_dtype
+
+    opts = build_engines_parser().parse_args(args.rest)
+    try:
+        batch_sizes = [int(b) for b in _csv(opts.batch_sizes)]
+    except ValueError as exc:
+        raise ValueError(f"--batch-sizes: expected comma-separated integers, got {opts.batch_sizes!r}") from exc
+    sizes = None
+    if opts.render_encoder:
+        try:
+            sizes = tuple(int(v) for v in opts.render_encoder.lower().split("x"))
+        except ValueError:
+            sizes = ()
+        if len(sizes) != 2 or min(sizes) < 1:
+            raise ValueError(f"--render-encoder takes RENDERxENCODE, e.g. 64x512; got {opts.render_encoder!r}")
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    model = load_diffusion(opts.model, device=device, dtype=dtype, revision=opts.revision, local_files_only=opts.local_files_only)
+    report = build_engines(
+        model, opts.out, batch_sizes=batch_sizes, networks=_csv(opts.networks), backends=_csv(opts.backends),
+        vae_dtype=resolve_dtype(opts.vae_dtype, device) if opts.vae_dtype else None, opset=opts.opset,
+        parity=not opts.no_parity, workspace_gib=opts.workspace_gib, optimization_level=opts.optimization_level,
+    )  # fmt: skip
+    log.info("%s", report.summary())
+    reasons: dict[str, list[str]] = {}
+    for item in report.of("not built") + report.of("failed"):
+        reasons.setdefault(item.reason, []).append(f"{item.backend} {item.network}")
+    for reason, what in reasons.items():
+        log.warning("could not build %s: %s", ", ".join(what), reason)
+    if sizes:
+        from .guidance.render_encoder import BelowThresholdError, load_or_fit
+
+        try:
+            _, entry = load_or_fit(model.vae, model.vae_scaling_factor, model.key, opts.out, sizes[0], sizes[1], device=device)
+            log.info("render encoder %dx%d: ready (gradient cosine %.3f)", *sizes, entry.get("parity", {}).get("grad_cos_mean", float("nan")))
+        except BelowThresholdError as exc:
+            log.warning("render encoder %dx%d is below its parity threshold, runs will use the full VAE: %s", *sizes, exc)
+    return 1 if report.of("failed") else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -13,7 +13,8 @@ import pytest
 from tiny_sd import make_tiny_sd_folder
 
 from dreamfusion_trt.engines import onnx_export
-from dreamfusion_trt.engines.build import build_engines, main
+from dreamfusion_trt import cli
+from dreamfusion_trt.engines.build import build_engines
 from dreamfusion_trt.engines.onnx_export import check_onnx, export_onnx, onnx_parity
 from dreamfusion_trt.engines.artifacts import Manifest, model_folder
 from dreamfusion_trt.engines.spec import make_spec, network_batch_sizes
@@ -194,7 +195,7 @@ def test_build_script_cpu_path_end_to_end(folder, model, tmp_path, caplog):
     argv = ["--model", str(folder), "--out", str(out), "--backends", "onnx,tensorrt", "--batch-sizes", "2,4",
             "--local-files-only"]  # fmt: skip
     with caplog.at_level(logging.INFO):
-        assert main(argv) == 0
+        assert cli.main(["build-engines", *argv]) == 0
     mdir = model_folder(out, model.key)
     manifest = Manifest.load(mdir, model.key)
     onnx_files = sorted(n for n, e in manifest.files.items() if e["backend"] == "onnx")
@@ -219,3 +220,8 @@ def test_build_script_cpu_path_end_to_end(folder, model, tmp_path, caplog):
     report = build_engines(model, out, batch_sizes=[2, 4], backends=["onnx"])
     assert [(i.network, i.status) for i in report.items] == [("unet", "up to date"), ("vae_encoder", "up to date"), ("vae_decoder", "built")]
     assert Manifest.load(mdir, model.key).verify_file("vae_decoder.fp32.onnx") is None
+
+
+def test_build_engines_rejects_a_malformed_render_encoder_size(capsys):
+    assert cli.main(["build-engines", "--render-encoder", "64by512"]) == 2
+    assert "--render-encoder takes RENDERxENCODE, e.g. 64x512; got '64by512'" in capsys.readouterr().err

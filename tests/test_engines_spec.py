@@ -236,10 +236,6 @@ def test_auto_on_cpu_is_eager(model, tmp_path, caplog):
     assert f"tensorrt: {no_trt}" in caplog.text and "aotinductor: no aotinductor file for unet" in caplog.text
     assert isinstance(load_network("vae_encoder", model, "auto", tmp_path), EagerImageEncoder)
     assert isinstance(load_network("vae_decoder", model, "eager", tmp_path), EagerLatentDecoder)
-    # the temporary shim for callers not yet moved to load_network
-    from dreamfusion_trt.engines import registry
-
-    assert isinstance(registry.make_noise_predictor(model, "eager", tmp_path), EagerNoisePredictor)
 
 
 def test_tensorrt_backend_without_tensorrt_says_how_to_install(model, tmp_path):

@@ -10,7 +10,6 @@ networks through onnxruntime.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -222,65 +221,3 @@ def _build_one(
 
 # ---------------------------------------------------------------------------------------------
 # command line
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def make_parser() -> argparse.ArgumentParser:
-    from ..config import DEFAULT_MODEL
-
-    p = argparse.ArgumentParser(prog="dreamfusion-trt build-engines", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, diffusers folder or single-file checkpoint (default: %(default)s)")
-    p.add_argument("--revision", help="hub revision")
-    p.add_argument("--out", default="engines", help="engines folder; files go to OUT/<model key>/ (default: %(default)s)")
-    p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
-                   help="UNet batch sizes in use, CFG doubling included (default: %(default)s)")  # fmt: skip
-    p.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
-                   help=f"comma-separated subset of {','.join(NETWORKS)} (default: %(default)s)")  # fmt: skip
-    p.add_argument("--backends", default=",".join(ARTIFACT_BACKENDS), help="comma-separated subset of %(default)s")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
-    p.add_argument("--vae-dtype", help="VAE precision if not --dtype (float32 for a VAE that overflows in fp16)")
-    p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
-    p.add_argument("--workspace-gib", type=float, help="TensorRT workspace limit")
-    p.add_argument("--optimization-level", type=int, default=3, choices=range(6),
-                   help="TensorRT builder optimization level; 4-5 search longer for final engines (default: %(default)s)")  # fmt: skip
-    p.add_argument("--no-parity", action="store_true", help="skip the onnxruntime parity check of fp32 ONNX files")
-    p.add_argument("--local-files-only", action="store_true", help="never touch the network")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv`, build, log the summary; 0 unless an artifact failed to build."""
-    from ..sdmodel import load_diffusion, resolve_dtype
-
-    args = make_parser().parse_args(argv)
-    try:
-        batch_sizes = [int(b) for b in _csv(args.batch_sizes)]
-    except ValueError as exc:
-        raise ValueError(f"--batch-sizes: expected comma-separated integers, got {args.batch_sizes!r}") from exc
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = resolve_dtype(args.dtype, device)
-    model = load_diffusion(args.model, device=device, dtype=dtype, revision=args.revision, local_files_only=args.local_files_only)
-    report = build_engines(
-        model,
-        args.out,
-        batch_sizes=batch_sizes,
-        networks=_csv(args.networks),
-        backends=_csv(args.backends),
-        vae_dtype=resolve_dtype(args.vae_dtype, device) if args.vae_dtype else None,
-        opset=args.opset,
-        parity=not args.no_parity,
-        workspace_gib=args.workspace_gib,
-        optimization_level=args.optimization_level,
-    )
-    log.info("%s", report.summary())
-    reasons: dict[str, list[str]] = {}
-    for item in report.of("not built") + report.of("failed"):
-        reasons.setdefault(item.reason, []).append(f"{item.backend} {item.network}")
-    for reason, what in reasons.items():
-        log.warning("could not build %s: %s", ", ".join(what), reason)
-    return 1 if report.of("failed") else 0

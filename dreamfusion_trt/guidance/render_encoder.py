@@ -39,7 +39,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..engines.eager import EagerImageEncoder
-from ..engines.registry import Manifest, model_folder, sha256_file
+from ..engines.artifacts import Manifest, model_folder, sha256_file
 from .latents import encode_rgb
 
 logger = logging.getLogger(__name__)
