@@ -47,7 +47,24 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:N, cpu or auto (default: auto)")
     p.add_argument("--negative", help="negative prompt (default: empty)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-    add_config_arguments(p)
+    add_config_arguments(p, _help_variants())
+
+
+def _help_variants() -> dict[str, dict]:
+    """The settings --help shows beside the plain defaults: the built-in prior's presets (used
+    with no --model, the CPU one on a CPU) and the CPU sizes any other model gets on a CPU."""
+    import yaml
+
+    from .prior import PRESET_CPU_NAME, PRESET_NAME, WEIGHTS_DIR
+
+    variants: dict[str, dict] = {}
+    for label, name in (("built-in prior", PRESET_NAME), ("built-in prior on a CPU", PRESET_CPU_NAME)):
+        try:
+            variants[label] = yaml.safe_load((WEIGHTS_DIR / name).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+    variants["another model on a CPU"] = CPU_PRESET
+    return variants
 
 
 def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:

@@ -311,24 +311,32 @@ def _help_for(cls: type) -> dict[str, str]:
     return helps
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--section.field`` for every config field, default shown, value parsed later."""
+def add_config_arguments(parser: argparse.ArgumentParser, variants: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
+    """Add ``--section.field`` for every config field, default shown, value parsed later.
+    `variants` ({label: nested overrides}) are shown beside the default where they change it,
+    e.g. ``(default: 10000; built-in prior: 2000; on a CPU: 400)``."""
     defaults = RunConfig()
     for section, sec_type in _field_types(RunConfig).items():
         group = parser.add_argument_group(f"{section} options ({sec_type.__doc__.strip().splitlines()[0]})")
         helps = _help_for(sec_type)
         sub = getattr(defaults, section)
         for f in dataclasses.fields(sub):
-            default = getattr(sub, f.name)
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            shown = [_shown(getattr(sub, f.name))]
+            for label, data in (variants or {}).items():
+                if f.name in data.get(section, {}):
+                    shown.append(f"{label}: {_shown(data[section][f.name])}")
             text = helps.get(f.name, "")
             group.add_argument(
                 f"--{section}.{f.name}",
                 dest=f"cfg__{section}__{f.name}",
                 default=None,
                 metavar="VALUE",
-                help=f"{text} (default: {shown})" if text else f"(default: {shown})",
+                help=f"{text} (default: {'; '.join(shown)})" if text else f"(default: {'; '.join(shown)})",
             )
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -86,3 +86,12 @@ def test_a_custom_model_on_a_cpu_gets_the_cpu_sizes_under_the_users_flags(tmp_pa
     assert cfg.camera.render_size == 48  # the user's flag
     resumed = cli.build_config(args, base=RunConfig())
     assert resumed.train.iters == RunConfig().train.iters and resumed.camera.render_size == 48
+
+
+def test_help_shows_the_defaults_the_prior_and_a_cpu_run_will_use(capsys):
+    from dreamfusion_trt import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--train.iters VALUE (default: 10000; built-in prior: 2000; built-in prior on a CPU: 400; another model on a CPU: 400)" in text
