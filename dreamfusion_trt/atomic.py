@@ -185,7 +185,8 @@ def check_writable_dir(path: str | Path) -> None:
         raise ValueError(f"output folder '{path}' is not writable (no write permission on '{probe}')")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid runs on this machine (ours or another user's)."""
     if pid <= 0:
         return False
     try:
@@ -227,7 +228,7 @@ def clean_stale_temporaries(folder: str | Path, min_age_s: float = 10.0, max_age
         if age < min_age_s:
             continue
         pid = m.group("pid") if m is not None else None
-        if pid is not None and _pid_alive(int(pid)) and age < max_age_s:
+        if pid is not None and pid_alive(int(pid)) and age < max_age_s:
             continue
         try:
             entry.unlink()

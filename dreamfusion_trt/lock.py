@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from .atomic import pid_alive
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".dreamfusion-trt.lock"
@@ -32,16 +34,6 @@ def _owner_text(info: dict) -> str:
     since = info.get("since")
     when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else ""
     return f"pid {info.get('pid', '?')} on {info.get('host', '?')}{when}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:
@@ -104,7 +96,7 @@ class RunLock:
             return
         host, pid = info.get("host"), info.get("pid")
         if host == socket.gethostname():
-            state = "is gone" if isinstance(pid, int) and not _pid_alive(pid) else "no longer holds it"
+            state = "is gone" if isinstance(pid, int) and not pid_alive(pid) else "no longer holds it"
             log.info("taking over the lock on '%s' from %s, which %s", self.folder, _owner_text(info), state)
             return
         if not self.take_foreign:

@@ -8,9 +8,9 @@ come from the on-disk cache when they can, and the text encoder is freed before 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
+from ..atomic import check_writable_dir
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..config import RunConfig
 from ..export.artifacts import RunOutputs, Scorer
@@ -18,19 +18,6 @@ from .driver import Driver, checkpoint_step
 from .jobs import Job
 
 log = logging.getLogger(__name__)
-
-
-def check_writable_dir(path: Path) -> None:
-    """Fail early, without creating anything, if `path` cannot become a writable folder."""
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise ValueError(f"output folder '{path}' is not writable: '{probe}' is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"output folder '{path}' is not writable (no write permission on '{probe}')")
 
 
 def validate_training(cfg: RunConfig) -> None:
