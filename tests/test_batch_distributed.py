@@ -236,6 +236,49 @@ def test_a_stopped_worker_releases_its_prompts_and_a_rerun_finishes_them(tmp_pat
         assert [int(r["step"]) for r in rows] == list(range(1, 7))
 
 
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_job_then_a_rerun_finishes_everything(tmp_path, tiny_sd_paths):
+    """SIGTERM to torchrun while both ranks train: torchrun passes it on, each rank checkpoints
+    its prompt, releases it and exits 143; the manifest says where each stands; the same batch
+    again finishes every prompt from those checkpoints, each done once."""
+    iters = 20
+    prompts = _write(tmp_path / "prompts.txt", PROMPTS[:3])
+    out = tmp_path / "batch"
+    args = _args(tiny_sd_paths, tmp_path, prompts, out, "--concurrency", "1", "--iters", str(iters), "--lease-s", "8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "0",
+           "-m", "dreamfusion_trt.cli", *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_environ(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def both_training():
+            rows = [len((p / "metrics.csv").read_text().splitlines()) - 1 for p in out.glob("a-*") if (p / "metrics.csv").is_file()]
+            return len([n for n in rows if n >= 2]) >= 2
+
+        _wait_for(both_training, 240, proc, "both ranks trained two steps")
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert log.count("stopped by SIGTERM; checkpoints written") == 2, log[-4000:]
+    states = read_states(out, lease_s=8)
+    assert sorted(s.state for s in states.values()) == ["released", "released"], log[-4000:]  # no lease left behind
+    records = _records(out)
+    for pid, s in states.items():
+        step = load_checkpoint(out / pid).step
+        assert 2 <= step < iters and s.record.info["step"] == step
+        assert (records[pid]["status"], records[pid]["step"], records[pid]["rank"]) == ("pending", step, s.record.holder.rank)
+    assert {s.record.holder.rank for s in states.values()} == {0, 1}
+
+    assert cli.main(args) == 0  # one process, no queue this time: the rebuilt manifest says what is left
+    records = _records(out)
+    assert all(r["status"] == "done" and r["step"] == iters for r in records.values())
+    for pid in records:
+        rows = list(csv.DictReader((out / pid / "metrics.csv").open()))
+        assert [int(r["step"]) for r in rows] == list(range(1, iters + 1))  # one history: resumed, not restarted
+
+
 def test_the_manifest_is_rebuilt_from_the_queue(tmp_path):
     """Queue records decide a prompt's status, rank and host; a prompt the queue never saw, or
     one finished since by a single-process run while the queue still holds an old lease, keeps
