@@ -210,7 +210,7 @@ def test_image_space_sds_trains_with_inference_only_vae(tmp_path, tiny_sd_paths,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 75)])
 def test_sigterm_and_sigusr1_leave_a_resumable_checkpoint(tmp_path, tiny_sd_paths, monkeypatch, capsys, signum, code):
     """What Slurm, Kubernetes and `timeout` send before they kill: the step in flight finishes,
     the checkpoint is written, the exit code says which signal, and --resume finishes the run."""
@@ -280,3 +280,52 @@ def test_a_missing_video_writer_loses_nothing_else(tmp_path, tiny_sd_paths, monk
         assert (out / name).is_file(), name
     assert not (out / "turntable.mp4").exists()
     assert cli.main(["render", str(out), "--no-video", "--device", "cpu"]) == 0  # the grid can be redone later
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_loses_at_most_one_checkpoint_interval(tmp_path, tiny_sd_paths):
+    """A run killed with SIGKILL (no handler runs) resumes from its last checkpoint and, with
+    train.deterministic, ends at the same parameters as a run that was never interrupted."""
+    args = ["generate", "a red cube", "--model", str(tiny_sd_paths.folder), "--model.cache_dir", str(tmp_path / "cache"),
+            *FAST, "--iters", "40", "--train.ckpt_every", "2", "--train.deterministic", "true"]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the killed run's child uses one thread: the same reductions everywhere
+    try:
+        _kill_9_then_resume(tmp_path, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_9_then_resume(tmp_path, args):
+    import subprocess
+    import sys
+    import time
+
+    straight = tmp_path / "straight"
+    assert cli.main([*args, "--out", str(straight)]) == 0
+    killed = tmp_path / "killed"
+    code = "import sys, torch; torch.set_num_threads(1); from dreamfusion_trt import cli; sys.exit(cli.main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(killed)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads((killed / "checkpoint.json").read_text())["step"] >= 6:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()  # SIGKILL: no checkpoint on the way out
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    at_kill = load_checkpoint(killed).step
+    rows = [int(r["step"]) for r in csv.DictReader((killed / "metrics.csv").open())]
+    assert 6 <= at_kill < 40 and max(rows, default=0) - at_kill < 2 + 1  # lost at most one interval (2 steps)
+    assert cli.main(["generate", "--resume", "--out", str(killed), "--quiet", "--device", "cpu"]) == 0
+    a, b = load_checkpoint(straight), load_checkpoint(killed)
+    assert a.step == b.step == 40
+    for key, value in a.model.items():
+        torch.testing.assert_close(b.model[key], value, rtol=0, atol=0, msg=key)

@@ -215,6 +215,8 @@ class Driver:
             for job in source.heartbeat([trainer.slots[k].tag for k in busy]):
                 k = next(k for k in busy if trainer.slots[k].tag is job)
                 log.warning("prompt %r: another process took it over; dropped here", job.cfg.prompt.text)
+                if job.metrics is not None:
+                    job.metrics.close()
                 self.bar.update(-trainer.slots[k].step)
                 trainer.release(k)
                 busy.remove(k)
@@ -239,7 +241,7 @@ class Driver:
             self._eta_from = time.perf_counter()
         elif self._steps_here == 3:
             per_step = (time.perf_counter() - self._eta_from) / 2
-            left = sum(j.cfg.train.iters for j in self.jobs) - self.bar.n
+            left = max(0, self.bar.total - self.bar.n)  # this process's share (a shared queue: what it has taken so far)
             seconds = per_step * left / max(1, trainer.num_slots)
             log.info("%.2f s per step of %d prompt(s): about %s for the %d iterations left", per_step,
                      trainer.num_slots, time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400
