@@ -127,6 +127,18 @@ def _plain(value: object) -> object:
     return value
 
 
+def prompt_check(cfg: RunConfig):
+    """What every batch line must pass, as `generate` checks its prompt: for the built-in prior,
+    one of its known objects (ValueError listing them); any prompt for another model."""
+    from .prior import is_builtin
+
+    if not is_builtin(cfg.model.model):
+        return None
+    from .prior.scenes import resolve_caption
+
+    return resolve_caption
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .train.generate import generate
@@ -165,7 +177,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     cfg = build_config(args, base)
     cfg.output = dataclasses.replace(cfg.output, out=str(out))
     result = run_batch(cfg, args.prompts, concurrency=args.concurrency, progress=not args.quiet, retry_failed=args.retry_failed,
-                       scorer=builtin_scorer(cfg), shard=shard, lease_s=args.lease_s)  # fmt: skip
+                       scorer=builtin_scorer(cfg), shard=shard, lease_s=args.lease_s, check_prompt=prompt_check(cfg))  # fmt: skip
     log.info("%d done, %d failed, %d finished earlier, %d line(s) skipped; manifest: %s",
              len(result.done), len(result.failed), len(result.skipped), len(result.problems), out / "manifest.jsonl")  # fmt: skip
     print(result.out_dir)

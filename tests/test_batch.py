@@ -472,3 +472,22 @@ def test_batch_on_gpu_with_nerfacc_and_fp16(tmp_path, tiny_sd_paths):
         assert record.status == "done"
         ckpt = load_checkpoint(out / record.id)
         assert ckpt.state["scaler"]["scale"] > 0 and any(k.startswith("estimators.0.") for k in ckpt.model)
+
+
+def test_batch_checks_every_line_as_generate_checks_its_prompt(tmp_path, caplog):
+    """The built-in prior knows its objects only: emoji, Japanese, a zero-width space, a long
+    prompt are skipped with their line numbers (generate rejects them), and a thousand
+    duplicates give a few warnings and one summary line, not a thousand."""
+    from dreamfusion_trt.prior.scenes import resolve_caption
+
+    lines = ["a red cube", "\U0001f354 a hamburger", "赤い立方体", "a red\u200b cube", "a red cube " * 1000] + ["a blue cube"] * 1000
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    base = from_dict({"output": {"out": str(tmp_path / "b")}})
+    with caplog.at_level(logging.WARNING, logger="dreamfusion_trt"):
+        jobs, _, problems, _ = batch_mod._plan_jobs(base, path, tmp_path / "b", False, check_prompt=resolve_caption)
+    assert [j.cfg.prompt.text for j in jobs] == ["a red cube", "a blue cube"]
+    assert [p.split(":")[1] for p in problems[:4]] == ["2", "3", "4", "5"]
+    assert "is not one of the built-in prior's known objects" in problems[0]
+    assert len(problems) == 4 + 999 and caplog.text.count("skipped") <= 5 + 1 + 5 + 1
+    assert "skipped 994 more duplicate line(s)" in caplog.text

@@ -20,6 +20,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..atomic import atomic_write_text
 from ..checkpoint import CHECKPOINT_NAME
@@ -30,7 +31,7 @@ from .driver import Driver, checkpoint_step
 from .jobs import Job, LocalJobs
 from .generate import check_writable_dir, validate_training
 from .manifest import Manifest, PromptRecord
-from .prompts import PromptSpec, prompt_folder, prompt_id, read_prompts
+from .prompts import PromptSpec, prompt_folder, prompt_id, read_prompts, report_skipped
 from .queue import DEFAULT_LEASE_S, PromptQueue, shard_ids
 from .shared_jobs import SharedJobs
 
@@ -81,13 +82,16 @@ def run_batch(
     shard: tuple[int, int] | None = None,
     lease_s: float = DEFAULT_LEASE_S,
     env: DistEnv | None = None,
+    check_prompt: Callable[[str], object] | None = None,
 ) -> BatchResult:
     """Train every prompt of `prompts_path` into ``cfg.output.out`` (see the module docstring).
     `concurrency` is K (default: from GPU memory, or 2 on a CPU). `scorer` scores each finished
     prompt's folder (the built-in prior's `prior.score.write_score`); None writes no score.
     `shard` = (i, N) trains shard i of N only; with several ranks (`env`, default from the
     launcher's environment) or a shard the jobs go through the shared queue, whose leases last
-    `lease_s` seconds without renewal. Raises `driver.Interrupted` (exit code 75 to requeue,
+    `lease_s` seconds without renewal. `check_prompt` validates every line the way `generate`
+    validates its prompt (the built-in prior: a known object); lines it rejects are skipped with
+    their line number. Raises `driver.Interrupted` (exit code 75 to requeue,
     143 after SIGTERM) once every job in flight is checkpointed when asked to stop."""
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
@@ -96,7 +100,7 @@ def run_batch(
     shared = env.is_distributed or shard is not None
     out_dir = Path(cfg.output.out).expanduser()
     prompts_path = Path(prompts_path)
-    todo, skipped, problems, manifest = _plan_jobs(cfg, prompts_path, out_dir, retry_failed, shard)
+    todo, skipped, problems, manifest = _plan_jobs(cfg, prompts_path, out_dir, retry_failed, shard, check_prompt)
     if skipped:
         log.info("%d prompt(s) already finished (or failed) in '%s' are skipped", len(skipped), out_dir)
     if not todo:
@@ -127,14 +131,15 @@ def run_batch(
     return BatchResult(out_dir, [j.id for j in driver.done], [j.id for j in driver.failed], skipped, problems, k)
 
 
-def _plan_jobs(cfg: RunConfig, prompts_path: Path, out_dir: Path, retry_failed: bool,
-               shard: tuple[int, int] | None = None) -> tuple[list[Job], list[str], list[str], Manifest]:  # fmt: skip
+def _plan_jobs(cfg: RunConfig, prompts_path: Path, out_dir: Path, retry_failed: bool, shard: tuple[int, int] | None = None,
+               check_prompt: Callable[[str], object] | None = None) -> tuple[list[Job], list[str], list[str], Manifest]:  # fmt: skip
     """(jobs to train, ids skipped as finished, problems of the file, the manifest). Every
     prompt of the file gets a manifest record; with `shard` = (i, N) only shard i's jobs are
     trained, split from the whole de-duplicated file (finished or not) so that every task
     computes the same split."""
-    specs, problems = read_prompts(prompts_path)
+    specs, problems = read_prompts(prompts_path, check_prompt)
     check_writable_dir(out_dir)
+    duplicates: list[str] = []
     seen: dict[str, int] = {}
     jobs: list[Job] = []
     for spec in specs:
@@ -142,13 +147,13 @@ def _plan_jobs(cfg: RunConfig, prompts_path: Path, out_dir: Path, retry_failed: 
         seed = cfg.train.seed if spec.seed is None else spec.seed
         pid = prompt_id(spec.prompt, negative, seed)
         if pid in seen:
-            message = f"{prompts_path}:{spec.line}: duplicate of line {seen[pid]} (same prompt, negative and seed)"
-            log.warning("skipped %s", message)
-            problems.append(message)
+            duplicates.append(f"{prompts_path}:{spec.line}: duplicate of line {seen[pid]} (same prompt, negative and seed)")
             continue
         seen[pid] = spec.line
         folder = prompt_folder(out_dir, pid)
         jobs.append(Job(pid, job_config(cfg, spec, folder), folder, spec.line, checkpoint_step(folder)))
+    report_skipped(duplicates, "duplicate line(s)")
+    problems += duplicates
     if not jobs:
         detail = f": {len(problems)} malformed line(s), first: {problems[0]}" if problems else ""
         raise ValueError(f"no usable prompts in '{prompts_path}'{detail}")

@@ -22,6 +22,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,20 @@ def _parse_json_line(text: str, number: int) -> PromptSpec:
     return PromptSpec(number, prompt.strip(), None if negative is None else negative.strip(), seed, iters)
 
 
-def read_prompts(path: str | Path) -> tuple[list[PromptSpec], list[str]]:
+def report_skipped(messages: list[str], what: str = "line(s)", shown: int = 5) -> None:
+    """One warning per skipped line for the first `shown`, then one summary line (a file of a
+    thousand duplicates should not print a thousand warnings)."""
+    for message in messages[:shown]:
+        log.warning("skipped %s", message)
+    if len(messages) > shown:
+        log.warning("skipped %d more %s of the same file (all listed in the batch result)", len(messages) - shown, what)
+
+
+def read_prompts(path: str | Path, check: Callable[[str], object] | None = None) -> tuple[list[PromptSpec], list[str]]:
     """Parse a prompts file. Returns the prompts and, for every malformed line, a message
-    ``"<file>:<line>: <reason>"`` (those lines are skipped). FileNotFoundError/ValueError when
-    the file itself cannot be used."""
+    ``"<file>:<line>: <reason>"`` (those lines are skipped). `check` validates each prompt the
+    way `generate` validates its own (the built-in prior: a known object), raising ValueError.
+    FileNotFoundError/ValueError when the file itself cannot be used."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: '{path}'")
@@ -132,8 +143,11 @@ def read_prompts(path: str | Path) -> tuple[list[PromptSpec], list[str]]:
                 if problem:
                     raise ValueError(problem)
                 specs.append(PromptSpec(number, stripped))
+            if check is not None:
+                check(specs[-1].prompt)
         except ValueError as exc:
+            if specs and specs[-1].line == number:
+                specs.pop()
             problems.append(f"{path}:{number}: {exc}")
-    for message in problems:
-        log.warning("skipped %s", message)
+    report_skipped(problems)
     return specs, problems
