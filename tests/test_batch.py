@@ -491,3 +491,50 @@ def test_batch_checks_every_line_as_generate_checks_its_prompt(tmp_path, caplog)
     assert "is not one of the built-in prior's known objects" in problems[0]
     assert len(problems) == 4 + 999 and caplog.text.count("skipped") <= 5 + 1 + 5 + 1
     assert "skipped 994 more duplicate line(s)" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_hundred_prompts_with_injected_faults_lose_only_the_faulty_ones(tmp_path, tiny_sd_paths, monkeypatch):
+    """100 prompts on the CPU with a NaN in one, a checkpoint that cannot be written for another,
+    a malformed line and no MP4 writer at all: every other prompt is done, with its mesh, grid
+    and score-free outputs, and each failure is in the manifest with its reason."""
+    from dreamfusion_trt.export import media
+
+    lines = [f"object number {i}" for i in range(100)]
+    lines[50] = "bad \x07 line"
+    prompts = _write(tmp_path / "prompts.txt", lines)
+    real_sds, real_step, real_save = SDSGuidance.__call__, trainer_mod.Trainer.train_step, trainer_mod.Trainer.save_slot
+    texts = {}
+
+    def remember_slots(self, *args, **kwargs):
+        texts["now"] = [s is not None and s.cfg.prompt.text == "object number 7" for s in self.slots]
+        return real_step(self, *args, **kwargs)
+
+    def nan_for_7(self, *args):
+        loss = real_sds(self, *args)
+        return torch.where(torch.tensor(texts["now"]), torch.full_like(loss, float("nan")), loss)
+
+    def no_disk_for_13(self, k, out_dir=None):
+        if self.slots[k].cfg.prompt.text == "object number 13":
+            raise OSError(28, "No space left on device (simulated)")
+        return real_save(self, k, out_dir)
+
+    def no_writer(*args, **kwargs):
+        raise media.NoVideoWriter("no MP4 writer is installed (simulated)")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", remember_slots)
+    monkeypatch.setattr(SDSGuidance, "__call__", nan_for_7)
+    monkeypatch.setattr(trainer_mod.Trainer, "save_slot", no_disk_for_13)
+    monkeypatch.setattr("dreamfusion_trt.export.artifacts.write_video", no_writer)
+    out = tmp_path / "batch"
+    tiny = ["--iters", "2", "--output.video_frames", "1", "--output.mesh_resolution", "12", "--concurrency", "10"]
+    assert _run(tmp_path, tiny_sd_paths, "batch", str(prompts), "--out", str(out), *tiny) == 1
+    records = {r.prompt: r for r in Manifest.load(out).records.values()}
+    assert len(records) == 99  # the malformed line is not a prompt
+    done = [r for r in records.values() if r.status == "done"]
+    assert len(done) >= 97
+    assert "non-finite loss" in records["object number 7"].error
+    assert "No space left on device" in records["object number 13"].error
+    for record in done:
+        assert set(record.outputs["not_written"]) == {"turntable"} and "no MP4 writer" in record.outputs["not_written"]["turntable"]
+        assert (out / record.id / "mesh.glb").is_file() and (out / record.id / "validation.png").is_file()
