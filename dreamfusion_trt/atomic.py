@@ -186,7 +186,8 @@ def check_writable_dir(path: str | Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """True when a process with this pid runs on this machine (ours or another user's)."""
+    """True when a process with this pid runs on this machine (ours or another user's); a killed
+    child nobody has reaped yet (a zombie) counts as gone."""
     if pid <= 0:
         return False
     try:
@@ -195,7 +196,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # alive, owned by someone else
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def clean_stale_temporaries(folder: str | Path, min_age_s: float = 10.0, max_age_s: float = 3600.0) -> list[Path]:

@@ -19,16 +19,7 @@ from dreamfusion_trt.config import FieldConfig
 from dreamfusion_trt.field import HashGridEncoding, NeRFField
 from dreamfusion_trt.field.mlp import StackedMLP
 
-# 4 levels of 4, 8, 16, 32 cells: two dense in T = 1024 entries, two hashed.
-SMALL = FieldConfig(
-    num_levels=4,
-    level_dim=2,
-    log2_hashmap_size=10,
-    base_resolution=4,
-    max_resolution=32,
-    hidden_dim=16,
-    num_layers=3,
-)
+from test_field import SMALL  # noqa: E402  (4 levels of 4..32 cells: two dense, two hashed)
 # For gradcheck: levels of 2 and 5 cells in T = 32 entries (one dense, one hashed), a 2-layer MLP.
 TINY = FieldConfig(
     num_levels=2, level_dim=2, log2_hashmap_size=5, base_resolution=2, max_resolution=5, hidden_dim=8, num_layers=2

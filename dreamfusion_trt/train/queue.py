@@ -65,6 +65,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..atomic import pid_alive
+
 log = logging.getLogger(__name__)
 
 QUEUE_DIR = "queue"  # inside the batch folder
@@ -175,20 +177,6 @@ def machine_id() -> str:
         return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
     except OSError:
         return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child nobody has reaped yet is a zombie: gone for our purposes
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 _links_work = True  # False after a filesystem refused a hard link
@@ -302,7 +290,7 @@ def _certainly_gone(h: Holder, me: Holder) -> bool:
     """True only when the lease's holder cannot be running any more (see the module docstring)."""
     if h.job and h.job == me.job and h.restart < me.restart:
         return True
-    return bool(h.boot) and h.boot == me.boot and h.host == me.host and h.pid != me.pid and not _pid_alive(h.pid)
+    return bool(h.boot) and h.boot == me.boot and h.host == me.host and h.pid != me.pid and not pid_alive(h.pid)
 
 
 def read_states(out_dir: str | Path, ids: Iterable[str] | None = None, lease_s: float = DEFAULT_LEASE_S,
