@@ -106,10 +106,15 @@ def _error(capsys) -> str:
         (["render", "/nonexistent/run"], "checkpoint not found"),
         (["export-mesh", "/nonexistent/run"], "checkpoint not found"),
         (["render", "RUN", "--light", "0,0,0"], "--light must be a non-zero direction"),
+        (["generate", "a red cube", "--device", "tpu"], "--device 'tpu' is not a device: use auto, cpu, cuda or cuda:N"),
+        (["render", "RUN", "--size", "0"], "--size must be a positive number, got 0"),
+        (["export-mesh", "RUN", "--out", "RUN/blocker/sub"], "is not writable: "),
+        (["render", "RUN", "--out", "RUN/blocker/sub"], "is not writable: "),
     ],
 )
 def test_bad_input_gets_one_error_line_and_writes_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "out"
+    (tmp_path / "blocker").write_text("a file where a folder would go")
     args = [a.replace("RUN", str(tmp_path)) for a in args]
     code = cli.main([*args, "--out", str(out)] if args[0] == "generate" else args)
     assert code == 2
