@@ -395,10 +395,11 @@ def test_build_engines_refuses_a_bad_optimization_level_up_front(tmp_path):
 def test_what_is_built_by_default_is_what_a_backend_loads():
     """A text-encoder engine used to be built by default, and nothing loaded it."""
     from dreamfusion_trt.engines.backends import LOADABLE_NETWORKS
-    from dreamfusion_trt.engines.build import build_engines, make_parser
+    from dreamfusion_trt.cli import build_engines_parser
+    from dreamfusion_trt.engines.build import build_engines
 
     assert inspect.signature(build_engines).parameters["networks"].default == LOADABLE_NETWORKS
-    assert make_parser().parse_args([]).networks == ",".join(LOADABLE_NETWORKS)
+    assert build_engines_parser().parse_args([]).networks == ",".join(LOADABLE_NETWORKS)
 
 
 def test_log_level_debug_lets_tensorrt_verbose_through(trt, caplog):
