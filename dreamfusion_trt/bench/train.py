@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 
 from ..atomic import atomic_write_text
-from ..config import FieldConfig, NormalsMode, RunConfig, from_dict, to_dict
+from ..config import FieldConfig, NormalsMode, RunConfig, TrainConfig, from_dict, to_dict
 from ..guidance.text import NO_VIEW, VIEWS, PromptEmbeddings
 from ..sdmodel import DiffusionModel
 from ..train.monitor import StageTimer
@@ -143,6 +143,7 @@ def bench_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
     if args.render_backend:
         overrides["render"] = {"backend": args.render_backend}
     overrides["sds"] = {"rgb_mode": args.rgb_mode}
+    overrides["train"]["rgb_encoder"] = args.rgb_encoder
     overrides["field"] = {"backend": args.field_backend}
     if args.field_normals:
         overrides["field"]["normals"] = args.field_normals
@@ -278,6 +279,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="hash-grid implementation, as training picks it by default (default: %(default)s)")
     p.add_argument("--field-normals", choices=typing.get_args(NormalsMode), default=None,
                    help="field.normals (default: the config's)")
+    p.add_argument("--rgb-encoder", choices=typing.get_args(typing.get_type_hints(TrainConfig)["rgb_encoder"]), default="vae",
+                   help="train.rgb_encoder; distilled needs an encoder that passes its parity, which random weights never "
+                   "give, and auto fits one on first use (minutes) (default: %(default)s)")  # fmt: skip
     p.add_argument("--rgb-mode", choices=("latent", "image"), default="latent",
                    help="RGB phase: latent SDS through the VAE encoder, or image-space SDS with inference-only VAE (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the renderer / field")
