@@ -334,3 +334,14 @@ def _kill_9_then_resume(tmp_path, args):
     assert a.step == b.step == 40
     for key, value in a.model.items():
         torch.testing.assert_close(b.model[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_start_up_is_logged_per_stage(tmp_path, tiny_sd_paths, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="dreamfusion_trt"):
+        assert _generate(tmp_path, tiny_sd_paths, tmp_path / "run", "--iters", "2") == 0
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("start-up: "))
+    for stage in ("model", "prompts", "noise predictor", "colour map and RGB encoder", "trainer"):
+        assert f"{stage} " in line, line
+    assert line.endswith(" s in all)")

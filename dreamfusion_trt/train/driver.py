@@ -40,7 +40,7 @@ from ..scene import resolve_device, scene_from_checkpoint
 from .distributed import EXIT_REQUEUE
 from .frozen import Frozen, load_frozen, make_predictor, new_trainer
 from .jobs import Job, JobSource, LocalJobs
-from .monitor import MetricsLog
+from .monitor import MetricsLog, StageClock
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -130,12 +130,17 @@ class Driver:
         from_memory = self.concurrency is None and device.type == "cuda"
         k = min(self.concurrency or CPU_CONCURRENCY, len(todo))
         # From memory: probe with the eager UNet, then build the chosen backend for that K.
-        self.frozen, embeddings = load_frozen(cfg, device, [j.cfg.prompt for j in todo], max_prompts=None if from_memory else k)
+        clock = StageClock()
+        self.frozen, embeddings = load_frozen(cfg, device, [j.cfg.prompt for j in todo], max_prompts=None if from_memory else k,
+                                              clock=clock)  # fmt: skip
         for job, emb in zip(todo, embeddings):
             job.embedding = dataclasses.replace(emb, cond=emb.cond.cpu(), uncond=emb.uncond.cpu())
         if from_memory:
             k = self._predictor_for(self._concurrency_from_memory(len(todo)))
+            clock.mark("concurrency from memory, noise predictor")
         trainer, k = self._start(k)
+        clock.mark("probe" if device.type == "cuda" else "trainer")
+        log.info("start-up: %s", clock.summary())
         log.info("training %d prompt(s), %d at a time, on %s", len(todo), k, device)
         from tqdm.auto import tqdm
 

@@ -25,6 +25,7 @@ from ..guidance.sds import SDSGuidance
 from ..guidance.text import PromptEmbeddings, encode_prompts
 from ..scene import build_scene
 from ..sdmodel import DiffusionModel, load_diffusion, resolve_dtype
+from .monitor import StageClock
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -61,20 +62,27 @@ def load_frozen(
     prompts: Sequence[PromptConfig],
     max_prompts: int | None = 1,
     model: DiffusionModel | None = None,
+    clock: StageClock | None = None,
 ) -> tuple[Frozen, list[PromptEmbeddings]]:
     """Load the model (unless given), embed every prompt (disk cache first), free the text
     encoder, and build the noise predictor for up to `max_prompts` prompts per step (None: the
-    eager one for now, to be replaced once the number is known)."""
+    eager one for now, to be replaced once the number is known). `clock` marks each stage."""
+    clock = clock or StageClock()
     if model is None:
         dtype = resolve_dtype(cfg.model.dtype, device)
         model = load_diffusion(
             cfg.model.model, device=device, dtype=dtype, revision=cfg.model.revision,
             local_files_only=cfg.model.local_files_only,
         )  # fmt: skip
+    clock.mark("model")
     embeddings = encode_prompts(model, list(prompts), Path(cfg.model.cache_dir).expanduser()) if prompts else []
     model.free_text_encoder()
+    clock.mark("prompts")
     predictor = make_predictor(model, cfg, max_prompts) if max_prompts else EagerNoisePredictor(model.unet)
-    return frozen_from_model(model, cfg, predictor, max_prompts or 1), embeddings
+    clock.mark("noise predictor")
+    frozen = frozen_from_model(model, cfg, predictor, max_prompts or 1)
+    clock.mark("colour map and RGB encoder")
+    return frozen, embeddings
 
 
 def frozen_from_model(model: DiffusionModel, cfg: RunConfig, predictor: NoisePredictor, max_prompts: int = 1) -> Frozen:

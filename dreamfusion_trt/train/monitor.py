@@ -97,6 +97,25 @@ class StageTimer:
         return out
 
 
+class StageClock:
+    """Wall-clock seconds of named start-up stages (model, prompts, compile, probe, ...), for
+    one log line that says where a run's start-up went."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        """End of `stage` (it began at the previous mark or at construction)."""
+        now = time.perf_counter()
+        self.stages[stage] = self.stages.get(stage, 0.0) + now - self._last
+        self._last = now
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.stages.items())
+        return f"{parts} ({sum(self.stages.values()):.1f} s in all)"
+
+
 class _NoTimer:
     def start(self) -> None:
         pass

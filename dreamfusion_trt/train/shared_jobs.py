@@ -44,7 +44,7 @@ from ..lock import RunLock
 from .distributed import ProgressReporter, format_summary
 from .driver import checkpoint_step
 from .jobs import Job
-from .manifest import Manifest, PromptRecord
+from .manifest import Manifest
 from .queue import PromptQueue, PromptState, read_states
 
 log = logging.getLogger(__name__)
