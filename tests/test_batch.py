@@ -65,6 +65,25 @@ def per_sample_networks(monkeypatch):
     monkeypatch.setattr(frozen_mod, "EagerImageEncoder", PerSampleEncoder)
 
 
+def _poison_loss(monkeypatch, prompt):
+    """From now on the SDS loss of `prompt` is NaN in every step it trains in (the other slots'
+    losses untouched). Returns the real `SDSGuidance.__call__`, to undo it."""
+    real_sds, real_step = SDSGuidance.__call__, trainer_mod.Trainer.train_step
+    poisoned = {}
+
+    def remember_slots(self, *args, **kwargs):
+        poisoned["now"] = [s is not None and s.cfg.prompt.text == prompt for s in self.slots]
+        return real_step(self, *args, **kwargs)
+
+    def nan_for_prompt(self, *args):
+        loss = real_sds(self, *args)
+        return torch.where(torch.tensor(poisoned["now"]), torch.full_like(loss, float("nan")), loss)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", remember_slots)
+    monkeypatch.setattr(SDSGuidance, "__call__", nan_for_prompt)
+    return real_sds
+
+
 def _run(tmp_path, tiny, *args, extra=()):
     return cli.main([*args, "--model", str(tiny.folder), "--model.cache_dir", str(tmp_path / "cache"), *FAST, *extra])
 
@@ -207,18 +226,7 @@ def test_a_failing_prompt_is_isolated_and_the_others_finish(tmp_path, tiny_sd_pa
     its line number; unsafe prompts land in safe folders."""
     prompts = _write(tmp_path / "prompts.txt", ["a red chair", "bad \x07 line", "../../etc/passwd", "# a comment", "CON"])
     out = tmp_path / "batch"
-    real_sds = SDSGuidance.__call__
-    real_step = trainer_mod.Trainer.train_step
-    texts = {}
-
-    def remember_slots(self, *args, **kwargs):
-        texts["now"] = [s is not None and s.cfg.prompt.text == "a red chair" for s in self.slots]
-        return real_step(self, *args, **kwargs)
-
-    def nan_for_the_chair(self, *args):
-        loss = real_sds(self, *args)
-        return torch.where(torch.tensor(texts["now"]), torch.full_like(loss, float("nan")), loss)
-
+    real_sds = _poison_loss(monkeypatch, "a red chair")
     real_write = driver_mod.write_outputs
     writes = {"n": 0}
 
@@ -228,8 +236,6 @@ def test_a_failing_prompt_is_isolated_and_the_others_finish(tmp_path, tiny_sd_pa
             raise OSError("disk full (simulated)")
         return real_write(scene, cfg, folder, scorer)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", remember_slots)
-    monkeypatch.setattr(SDSGuidance, "__call__", nan_for_the_chair)
     monkeypatch.setattr(driver_mod, "write_outputs", flaky_write)
     with caplog.at_level(logging.WARNING, logger="dreamfusion_trt"):
         code = _run(tmp_path, tiny_sd_paths, "batch", str(prompts), "--out", str(out), "--concurrency", "3", "--iters", "3")
@@ -503,16 +509,8 @@ def test_a_hundred_prompts_with_injected_faults_lose_only_the_faulty_ones(tmp_pa
     lines = [f"object number {i}" for i in range(100)]
     lines[50] = "bad \x07 line"
     prompts = _write(tmp_path / "prompts.txt", lines)
-    real_sds, real_step, real_save = SDSGuidance.__call__, trainer_mod.Trainer.train_step, trainer_mod.Trainer.save_slot
-    texts = {}
-
-    def remember_slots(self, *args, **kwargs):
-        texts["now"] = [s is not None and s.cfg.prompt.text == "object number 7" for s in self.slots]
-        return real_step(self, *args, **kwargs)
-
-    def nan_for_7(self, *args):
-        loss = real_sds(self, *args)
-        return torch.where(torch.tensor(texts["now"]), torch.full_like(loss, float("nan")), loss)
+    real_save = trainer_mod.Trainer.save_slot
+    _poison_loss(monkeypatch, "object number 7")
 
     def no_disk_for_13(self, k, out_dir=None):
         if self.slots[k].cfg.prompt.text == "object number 13":
@@ -522,8 +520,6 @@ def test_a_hundred_prompts_with_injected_faults_lose_only_the_faulty_ones(tmp_pa
     def no_writer(*args, **kwargs):
         raise media.NoVideoWriter("no MP4 writer is installed (simulated)")
 
-    monkeypatch.setattr(trainer_mod.Trainer, "train_step", remember_slots)
-    monkeypatch.setattr(SDSGuidance, "__call__", nan_for_7)
     monkeypatch.setattr(trainer_mod.Trainer, "save_slot", no_disk_for_13)
     monkeypatch.setattr("dreamfusion_trt.export.artifacts.write_video", no_writer)
     out = tmp_path / "batch"
