@@ -276,7 +276,7 @@ def _csv(text: str) -> list[str]:
 
 
 def build_engines_parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_MODEL
+    from .config import DEFAULT_MODEL, ModelConfig
     from .engines import build
     from .engines.artifacts import ARTIFACT_BACKENDS
     from .engines.spec import NETWORKS
@@ -289,7 +289,11 @@ def build_engines_parser() -> argparse.ArgumentParser:
                    help="UNet batch sizes in use, CFG doubling included (default: %(default)s)")  # fmt: skip
     p.add_argument("--networks", default=",".join(build.DEFAULT_NETWORKS),
                    help=f"comma-separated subset of {','.join(NETWORKS)} (default: %(default)s)")  # fmt: skip
-    p.add_argument("--backends", default=",".join(ARTIFACT_BACKENDS), help="comma-separated subset of %(default)s")
+    p.add_argument("--backends", default=",".join(ARTIFACT_BACKENDS),
+                   help="comma-separated subset of %(default)s, or inductor: compile the UNet in-process at --batch-sizes "
+                   "so that runs find it in the compile cache (default: %(default)s)")  # fmt: skip
+    p.add_argument("--cache-dir", default=ModelConfig.cache_dir,
+                   help="the runs' model.cache_dir, where torch.compile keeps its cache (default: %(default)s)")  # fmt: skip
     p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
     p.add_argument("--vae-dtype", help="VAE precision if not --dtype (float32 for a VAE that overflows in fp16)")
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
@@ -308,6 +312,7 @@ def build_engines_parser() -> argparse.ArgumentParser:
 def cmd_build_engines(args: argparse.Namespace) -> int:
     """Build what `rest` asks for and log the summary; 0 unless an artifact failed to build."""
     from .engines.build import build_engines
+    from .engines.compile_cache import use_compile_cache
     from .scene import resolve_device
     from .sdmodel import load_diffusion, resolve_dtype
 
@@ -324,11 +329,15 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
             sizes = ()
         if len(sizes) != 2 or min(sizes) < 1:
             raise ValueError(f"--render-encoder takes RENDERxENCODE, e.g. 64x512; got {opts.render_encoder!r}")
+    backends = _csv(opts.backends)
+    warm = "inductor" in backends
+    backends = [b for b in backends if b != "inductor"]
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
+    use_compile_cache(opts.cache_dir, device)  # AOTInductor and the in-process compile both fill it
     model = load_diffusion(opts.model, device=device, dtype=dtype, revision=opts.revision, local_files_only=opts.local_files_only)
     report = build_engines(
-        model, opts.out, batch_sizes=batch_sizes, networks=_csv(opts.networks), backends=_csv(opts.backends),
+        model, opts.out, batch_sizes=batch_sizes, networks=_csv(opts.networks), backends=backends,
         vae_dtype=resolve_dtype(opts.vae_dtype, device) if opts.vae_dtype else None, opset=opts.opset,
         parity=not opts.no_parity, workspace_gib=opts.workspace_gib, optimization_level=opts.optimization_level,
     )  # fmt: skip
@@ -338,6 +347,15 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
         reasons.setdefault(item.reason, []).append(f"{item.backend} {item.network}")
     for reason, what in reasons.items():
         log.warning("could not build %s: %s", ", ".join(what), reason)
+    if warm:
+        import time
+
+        from .engines.backends import load_network
+
+        start = time.perf_counter()
+        load_network("unet", model, "inductor", Path(opts.out), batch_sizes=tuple(sorted(set(batch_sizes))))
+        log.info("inductor unet: compiled for batch %s in %.0f s; runs on this machine find it in the compile cache",
+                 ",".join(map(str, sorted(set(batch_sizes)))), time.perf_counter() - start)  # fmt: skip
     if sizes:
         from .guidance.render_encoder import BelowThresholdError, load_or_fit
 

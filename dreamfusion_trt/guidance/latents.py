@@ -15,6 +15,7 @@ latent head would leave the RGB head untrained until the switch.)
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -87,3 +88,47 @@ def fit_rgb_to_latent(
     r2 = float(1.0 - (y - design @ solution).square().sum() / (y - y.mean(0)).square().sum())
     logger.info("fitted RGB -> latent map to the VAE encoder on %d pixels: R^2 = %.4f", x.shape[0], r2)
     return LinearLatentMap(solution[:3].T, solution[3], r2).to(device)
+
+
+def latent_map_cache_path(cache_dir: str | Path, model_key: str, device: torch.device | str, dtype: torch.dtype,
+                          n_colors: int = 64, size: int = 64, seed: int = 0) -> Path:  # fmt: skip
+    """``<cache_dir>/colour_map/<model key>/<device type>-<dtype>-n{n}-s{size}-seed{seed}.safetensors``:
+    the fit depends on the weights (the key), the fit's settings and the arithmetic it ran in."""
+    tag = f"{torch.device(device).type}-{str(dtype).removeprefix('torch.')}-n{n_colors}-s{size}-seed{seed}"
+    return Path(cache_dir).expanduser() / "colour_map" / model_key / f"{tag}.safetensors"
+
+
+def load_or_fit_rgb_to_latent(
+    encoder: ImageEncoder,
+    model_key: str,
+    cache_dir: str | Path | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    seed: int = 0,
+) -> LinearLatentMap:
+    """`fit_rgb_to_latent`, cached on disk per model (`latent_map_cache_path`); a cache file that
+    does not read back as a [C, 3] map is fitted again and rewritten. `cache_dir` None: no cache."""
+    if cache_dir is None:
+        return fit_rgb_to_latent(encoder, device=device, dtype=dtype, seed=seed)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from ..atomic import atomic_path
+
+    path = latent_map_cache_path(cache_dir, model_key, device, dtype, seed=seed)
+    if path.is_file():
+        try:
+            t = load_file(str(path))
+            latent_map = LinearLatentMap(t["weight"], t["bias"], t["r2"])
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
+            logger.warning("colour -> latent map cache '%s' is unreadable (%s); fitting again", path, exc)
+        else:
+            logger.info("RGB -> latent map from the cache (R^2 = %.4f): %s", float(latent_map.r2), path)
+            return latent_map.to(device)
+    latent_map = fit_rgb_to_latent(encoder, device=device, dtype=dtype, seed=seed)
+    try:
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in latent_map.state_dict().items()}, str(tmp))
+    except OSError as exc:  # a read-only cache must not stop the run
+        logger.warning("could not cache the colour -> latent map in '%s': %s", path, exc)
+    return latent_map

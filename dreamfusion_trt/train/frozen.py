@@ -19,8 +19,9 @@ from ..config import PromptConfig, RunConfig
 from ..engines.base import ImageEncoder, LatentDecoder, NoisePredictor
 from ..engines.eager import EagerImageEncoder, EagerNoisePredictor
 from ..engines.backends import load_network
+from ..engines.compile_cache import use_compile_cache
 from ..guidance.inputs import ColourMap, DistilledEncoding, ImageSpace, RenderInput, VAEEncoding
-from ..guidance.latents import LinearLatentMap, fit_rgb_to_latent
+from ..guidance.latents import LinearLatentMap, load_or_fit_rgb_to_latent
 from ..guidance.sds import SDSGuidance
 from ..guidance.text import PromptEmbeddings, encode_prompts
 from ..scene import build_scene
@@ -68,6 +69,8 @@ def load_frozen(
     encoder, and build the noise predictor for up to `max_prompts` prompts per step (None: the
     eager one for now, to be replaced once the number is known). `clock` marks each stage."""
     clock = clock or StageClock()
+    if device.type == "cuda" or cfg.model.backend in ("inductor", "aotinductor") or cfg.train.compile:
+        use_compile_cache(cfg.model.cache_dir, device)  # before anything compiles
     if model is None:
         dtype = resolve_dtype(cfg.model.dtype, device)
         model = load_diffusion(
@@ -87,9 +90,9 @@ def load_frozen(
 
 def frozen_from_model(model: DiffusionModel, cfg: RunConfig, predictor: NoisePredictor, max_prompts: int = 1) -> Frozen:
     """The frozen side over a loaded model and its noise predictor: the colour -> latent map
-    fitted to the VAE, and the render strategy of each phase (``sds.rgb_mode``)."""
+    fitted to the VAE (cached per model under ``model.cache_dir``), and the render strategy of each phase (``sds.rgb_mode``)."""
     encoder: ImageEncoder = EagerImageEncoder(model.vae, model.vae_scaling_factor)  # the RGB phase backpropagates through it
-    latent_map = fit_rgb_to_latent(encoder, device=model.device, dtype=model.dtype, seed=LATENT_MAP_SEED)
+    latent_map = load_or_fit_rgb_to_latent(encoder, model.key, cfg.model.cache_dir, model.device, model.dtype, seed=LATENT_MAP_SEED)
     latent_size = int(model.unet.config.sample_size)  # 64 for SD
     image_size = latent_size * 2 ** (len(model.vae.config.block_out_channels) - 1)  # 512 for SD
     encode_size = cfg.train.encode_size or image_size
