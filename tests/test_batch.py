@@ -372,18 +372,23 @@ def test_tiny_train_benchmark_writes_every_key(tmp_path):
     from dreamfusion_trt.bench.train import main as bench_main
 
     out = tmp_path / "bench.json"
-    assert bench_main(["--tiny", "--device", "cpu", "--backends", "eager,tensorrt", "--out", str(out)]) == 0
+    assert bench_main(["--tiny", "--device", "cpu", "--backends", "eager,tensorrt", "--rgb-encoder", "vae,untrained",
+                       "--out", str(out)]) == 0  # fmt: skip
     result = json.loads(out.read_text())
     for key in ("device", "torch", "arch", "dtype", "schedule", "config", "text_encoder", "results", "prompts_per_hour", "skipped", "renderer"):
         assert key in result, key
     assert result["arch"] == "tiny" and result["schedule"]["latent_iters"] + result["schedule"]["rgb_iters"] == 10000
-    rows = {(r["K"], r["phase"]): r for r in result["results"]}
-    assert set(rows) == {(1, "latent"), (1, "rgb"), (2, "latent"), (2, "rgb")}
+    rows = {(r["K"], r["phase"], r["rgb_encoder"]): r for r in result["results"]}
+    assert set(rows) == {(k, p, e) for k in (1, 2) for p, e in (("latent", None), ("rgb", "vae"), ("rgb", "untrained"))}
     for row in rows.values():
         assert row["backend"] == "eager" and not row["oom"] and row["it_per_s"] > 0
         assert row["prompt_it_per_s"] == pytest.approx(row["K"] * row["it_per_s"])
         assert set(row["stages_ms"]) == set(STAGES) and all(v >= 0 for v in row["stages_ms"].values())
-    assert [p["K"] for p in result["prompts_per_hour"]] == [1, 2] and all(p["prompts_per_hour"] > 0 for p in result["prompts_per_hour"])
+        assert row["device_busy_ms"] is None  # profiled on CUDA only
+    pph = {(p["K"], p["rgb_encoder"]): p["prompts_per_hour"] for p in result["prompts_per_hour"]}
+    assert set(pph) == {(k, e) for k in (1, 2) for e in ("vae", "untrained")} and all(v > 0 for v in pph.values())
+    with pytest.raises(ValueError, match="unknown --rgb-encoder 'tiny-vae'"):
+        bench_main(["--tiny", "--device", "cpu", "--rgb-encoder", "vae,tiny-vae", "--out", str(out)])
     assert result["skipped"][0]["backend"] == "tensorrt"  # no TensorRT here: skipped with the reason
 
 

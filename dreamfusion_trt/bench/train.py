@@ -9,7 +9,12 @@ runs warm-up steps and then timed steps in the latent phase and in the RGB phase
 slots). Each timed step records CUDA events between its stages (plan: host draws and the upload;
 render; vae_encode: the VAE encoder in the RGB phase, the linear colour map in the latent phase;
 guidance: the UNet with classifier-free guidance; backward; optimizer: Adam and the occupancy
-grids); medians are reported with the wall-clock step rate and `max_memory_allocated`.
+grids); medians are reported with the wall-clock step rate and `max_memory_allocated`, and
+the GPU's busy time per step (kernels and copies under torch.profiler, a few more steps): the
+wall-clock step minus that is what the host (planning, uploads, Python, launches) costs. Each
+``--rgb-encoder`` is timed in the RGB phase of the same trainer (``untrained``: a distilled
+render encoder with random weights, for its speed on random-weight models whose own fit is
+refused).
 Prompts/hour at the default schedule (``train.iters`` with ``train.latent_fraction`` of it in
 the latent phase) is ``K * 3600 / (latent_iters / it_s_latent + rgb_iters / it_s_rgb)``, without
 the time spent writing outputs. Steps start from the initial density blob, so the render cost
@@ -44,6 +49,8 @@ from .engines import build_unet
 log = logging.getLogger(__name__)
 
 STAGES = ("plan", "render", "vae_encode", "guidance", "backward", "optimizer")
+RGB_ENCODERS = (*typing.get_args(typing.get_type_hints(TrainConfig)["rgb_encoder"]), "untrained")
+PROFILED_STEPS = 3  # steps under torch.profiler per row, for the GPU's busy time
 VAE_CONFIGS: dict[str, dict[str, Any]] = {
     "sd21base": dict(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2, norm_num_groups=32,
@@ -143,11 +150,60 @@ def bench_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
     if args.render_backend:
         overrides["render"] = {"backend": args.render_backend}
     overrides["sds"] = {"rgb_mode": args.rgb_mode}
-    overrides["train"]["rgb_encoder"] = args.rgb_encoder
+    overrides["train"]["rgb_encoder"] = "vae"  # each of --rgb-encoder is set up by `rgb_input`
     overrides["field"] = {"backend": args.field_backend}
     if args.field_normals:
         overrides["field"]["normals"] = args.field_normals
     return from_dict(overrides, cfg)
+
+
+def rgb_input(choice: str, model: DiffusionModel, cfg: RunConfig, frozen: Any) -> Any:
+    """The RGB phase's render -> latents strategy for one --rgb-encoder choice."""
+    from ..guidance.inputs import DistilledEncoding
+    from ..guidance.render_encoder import DistilledRenderEncoder, EncoderArch, FitOptions, vae_factor
+    from ..train.frozen import rgb_encoding
+
+    if choice not in RGB_ENCODERS:
+        raise ValueError(f"unknown --rgb-encoder {choice!r} (expected some of {', '.join(RGB_ENCODERS)})")
+    vae_input = frozen.inputs["rgb"]  # frozen_from_model built the VAE strategy (bench_config)
+    if choice == "vae":
+        return vae_input
+    encode_size = cfg.train.encode_size or vae_input.encode_size
+    if choice == "untrained":
+        opts = FitOptions()
+        arch = EncoderArch(cfg.camera.render_size, encode_size, int(model.vae.config.latent_channels), vae_factor(model.vae),
+                           opts.width, opts.blocks)  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            encoder = DistilledRenderEncoder(arch).to(model.device).eval().requires_grad_(False)
+        return DistilledEncoding(encoder, cfg.camera.render_size, vae_input.latent_shape)
+    chosen = from_dict({"train": {"rgb_encoder": choice}}, cfg)
+    return rgb_encoding(model, chosen, vae_input.encoder, encode_size, vae_input.latent_shape)
+
+
+def device_busy_ms(trainer: Any, steps: int) -> float | None:
+    """Median per step of the time the GPU spent in kernels and copies (torch.profiler, merged
+    intervals), over `steps` steps: the step's wall time minus this is what the host costs."""
+    if trainer.device.type != "cuda" or steps < 1:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(trainer.device)
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                trainer.train_step()
+            _sync(trainer.device)
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type.name == "CUDA")
+    except RuntimeError as exc:  # a profiler that cannot start (another one running, CUPTI missing)
+        log.warning("GPU busy time not measured: %s", exc)
+        return None
+    busy, end = 0.0, float("-inf")
+    for lo, hi in spans:  # union of intervals, in microseconds
+        if hi > end:
+            busy += hi - max(lo, end)
+            end = hi
+    return busy / 1e3 / steps
 
 
 def time_phase(trainer: Any, phase: str, warmup: int, steps: int) -> dict[str, Any]:
@@ -166,6 +222,8 @@ def time_phase(trainer: Any, phase: str, warmup: int, steps: int) -> dict[str, A
             trainer.train_step(timer)
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1e3 / steps
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        busy = device_busy_ms(trainer, PROFILED_STEPS)
     finally:
         trainer.phase_override = None
     per_step = [t.durations() for t in timers]
@@ -176,7 +234,9 @@ def time_phase(trainer: Any, phase: str, warmup: int, steps: int) -> dict[str, A
         "it_per_s": 1e3 / wall_ms,  # iterations per second of each prompt
         "prompt_it_per_s": trainer.num_slots * 1e3 / wall_ms,
         "stages_ms": stages,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        # GPU kernel time per step (profiled separately); wall_step_ms - this = host and launch overhead
+        "device_busy_ms": busy,
+        "peak_memory_bytes": peak,
     }
 
 
@@ -193,7 +253,17 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     if not ks or ks[0] < 1:
         raise ValueError(f"--concurrency must list positive numbers of prompts, got {args.concurrency!r}")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    encoders = [e.strip() for e in args.rgb_encoder.split(",") if e.strip()]
+    for e in encoders:
+        if e not in RGB_ENCODERS:
+            raise ValueError(f"unknown --rgb-encoder {e!r} (expected some of {', '.join(RGB_ENCODERS)})")
+    if args.rgb_mode == "image" and encoders != ["vae"]:
+        raise ValueError("--rgb-mode image has no RGB-phase encoder to choose; leave --rgb-encoder at vae")
     cfg = bench_config(args, device)
+    if device.type == "cuda":
+        from ..engines.compile_cache import use_compile_cache
+
+        use_compile_cache(cfg.model.cache_dir, device)
     latent_iters = int(round(cfg.train.latent_fraction * cfg.train.iters))
     out = Path(args.out)
     result: dict[str, Any] = {
@@ -230,6 +300,7 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
             result["skipped"].append({"backend": backend, "reason": str(exc)})
             continue
         frozen = frozen_from_model(model, cfg, predictor, max(ks))
+        rgb_inputs = {e: rgb_input(e, model, cfg, frozen) for e in encoders}
         for k in ks:
             trainer = None
             rows = {}
@@ -238,15 +309,22 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
                 renderer_backend = trainer.renderer.backend_for(device)
                 for slot in range(k):
                     trainer.assign(slot, cfg, embedding, init_state=init_state)
-                for phase in ("latent", "rgb"):
-                    rows[phase] = time_phase(trainer, phase, args.warmup, args.steps)
-                    row = {"backend": backend, "K": k, "phase": phase, "oom": False, **rows[phase]}
+                for phase, encoder in [("latent", None), *(("rgb", e) for e in encoders)]:
+                    if encoder is not None:
+                        trainer.guidance.inputs["rgb"] = rgb_inputs[encoder]
+                    key = phase if encoder is None else f"rgb:{encoder}"
+                    rows[key] = time_phase(trainer, phase, args.warmup, args.steps)
+                    row = {"backend": backend, "K": k, "phase": phase, "rgb_encoder": encoder, "oom": False, **rows[key]}
                     result["results"].append(row)
-                    log.info("%s K=%d %s: %.2f it/s (%.1f prompt-it/s), step %.1f ms, peak %s", backend, k, phase,
-                             row["it_per_s"], row["prompt_it_per_s"], row["step_ms"], row["peak_memory_bytes"])  # fmt: skip
+                    log.info("%s K=%d %s%s: %.2f it/s (%.1f prompt-it/s), step %.1f ms (GPU busy %s ms), peak %s", backend, k,
+                             phase, f" ({encoder})" if encoder else "", row["it_per_s"], row["prompt_it_per_s"], row["step_ms"],
+                             f"{row['device_busy_ms']:.1f}" if row["device_busy_ms"] is not None else "-",
+                             row["peak_memory_bytes"])  # fmt: skip
             except torch.OutOfMemoryError:
                 log.warning("%s K=%d: out of memory; larger K skipped", backend, k)
-                result["results"].append({"backend": backend, "K": k, "phase": "latent" if "latent" not in rows else "rgb", "oom": True})
+                result["results"].append({"backend": backend, "K": k, "phase": "latent" if "latent" not in rows else "rgb",
+                                          "rgb_encoder": next((e for e in encoders if f"rgb:{e}" not in rows), None)
+                                          if "latent" in rows else None, "oom": True})  # fmt: skip
                 del trainer
                 gc.collect()
                 torch.cuda.empty_cache()
@@ -256,8 +334,9 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             s = result["schedule"]
-            hours = (s["latent_iters"] / rows["latent"]["it_per_s"] + s["rgb_iters"] / rows["rgb"]["it_per_s"]) / 3600
-            result["prompts_per_hour"].append({"backend": backend, "K": k, "prompts_per_hour": k / hours})
+            for encoder in encoders:
+                hours = (s["latent_iters"] / rows["latent"]["it_per_s"] + s["rgb_iters"] / rows[f"rgb:{encoder}"]["it_per_s"]) / 3600
+                result["prompts_per_hour"].append({"backend": backend, "K": k, "rgb_encoder": encoder, "prompts_per_hour": k / hours})
         result["renderer"] = renderer_backend
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         del predictor, frozen
@@ -279,9 +358,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="hash-grid implementation, as training picks it by default (default: %(default)s)")
     p.add_argument("--field-normals", choices=typing.get_args(NormalsMode), default=None,
                    help="field.normals (default: the config's)")
-    p.add_argument("--rgb-encoder", choices=typing.get_args(typing.get_type_hints(TrainConfig)["rgb_encoder"]), default="vae",
-                   help="train.rgb_encoder; distilled needs an encoder that passes its parity, which random weights never "
-                   "give, and auto fits one on first use (minutes) (default: %(default)s)")  # fmt: skip
+    p.add_argument("--rgb-encoder", default="vae",
+                   help="comma-separated RGB-phase encoders, each timed: " + ", ".join(RGB_ENCODERS) + "; distilled needs an "
+                   "encoder that passes its parity, which random weights never give, and auto fits one on first use "
+                   "(minutes); untrained is a distilled encoder of the fitted one's architecture with random weights, "
+                   "for its speed (speed does not depend on weight values) (default: %(default)s)")  # fmt: skip
     p.add_argument("--rgb-mode", choices=("latent", "image"), default="latent",
                    help="RGB phase: latent SDS through the VAE encoder, or image-space SDS with inference-only VAE (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the renderer / field")
