@@ -1,0 +1,50 @@
+"""`bench.end_to_end`: a real `generate` in a child process, its wall time split by phase."""
+
+import json
+
+import pytest
+from tiny_sd import tiny_sd_paths  # noqa: F401, F811  (session fixture)
+
+from dreamfusion_trt.bench.end_to_end import main, phase_times
+
+FAST = [
+    "--field.num_levels", "4", "--field.log2_hashmap_size", "12", "--field.max_resolution", "64",
+    "--field.hidden_dim", "16", "--render.num_samples", "12", "--camera.render_size", "16",
+    "--render.albedo_iters", "2", "--train.latent_fraction", "0.5", "--train.log_every", "1",
+    "--output.video_frames", "4", "--output.video_size", "24", "--output.grid_views", "2",
+    "--output.mesh_resolution", "32", "--device", "cpu",
+]  # fmt: skip
+
+
+def test_phase_times_split_the_metrics_by_phase(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("step,phase,elapsed_s\n2,latent,1.0\n4,latent,2.0\n6,rgb,5.0\n8,rgb,8.0\n")
+    t = phase_times(csv)
+    assert (t["latent_s"], t["rgb_s"], t["train_s"]) == (2.0, 6.0, 8.0)
+    assert (t["latent_iters"], t["rgb_iters"], t["latent_it_per_s"], t["rgb_it_per_s"]) == (4, 4, 2.0, pytest.approx(4 / 6))
+
+
+def test_two_tiny_runs_are_timed_and_split(tmp_path, tiny_sd_paths):
+    out = tmp_path / "e2e.json"
+    code = main(["--runs", "2", "--out", str(out), "--", "a red cube", "--model", str(tiny_sd_paths.folder),
+                 "--model.cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--iters", "4", *FAST])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert len(result["runs"]) == 2
+    for row in result["runs"]:
+        assert row["latent_iters"] == 2 and row["rgb_iters"] == 2
+        assert 0 < row["startup_s"] < row["wall_s"] and row["outputs_s"] > 0
+        assert row["startup_s"] + row["train_s"] + row["outputs_s"] == pytest.approx(row["wall_s"])
+        assert "model" in row["startup_stages"] and "mesh.glb" in row["files"]
+        assert row["projected"]["iters"] == 10_000
+    assert (tmp_path / "run-1" / "metrics.csv").is_file() and (tmp_path / "run-2" / "metrics.csv").is_file()
+
+
+def test_a_failing_command_is_an_error_with_its_last_lines(tmp_path, capsys):
+    out = tmp_path / "e2e.json"
+    assert main(["--runs", "1", "--out", str(out), "--", "a red cube", "--model", str(tmp_path / "missing"),
+                 "--out", str(tmp_path / "run"), "--device", "cpu"]) == 1  # fmt: skip
+    assert "generate exited with" in capsys.readouterr().err
+    assert "error" in json.loads(out.read_text())["runs"][0]
+    with pytest.raises(SystemExit):
+        main(["--", "a red cube"])  # no --out for the runs
