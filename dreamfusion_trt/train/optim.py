@@ -190,6 +190,11 @@ class SlotAdam:
         if steps:
             self.step_count[k] = steps[0].to(self.device)
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every state tensor of every slot (step counts, then moments), the live tensors: what
+        ranks training one prompt together copy from rank 0 (`data_parallel.py`)."""
+        return [self.step_count, *self.exp_avg, *self.exp_avg_sq]
+
     def _check_slot(self, k: int) -> None:
         if not 0 <= k < self.num_slots:
             raise ValueError(f"slot {k!r} is not in [0, {self.num_slots})")
@@ -236,6 +241,10 @@ class SlotGradScaler:
         scale = torch.where(overflow, self._scale * self.backoff_factor, self._scale)
         self._scale.copy_(torch.where(grow, scale * self.growth_factor, scale))
         self._tracker.copy_(torch.where(grow, torch.zeros_like(tracker), tracker))
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The live [K] scale and growth-tracker tensors (see `SlotAdam.state_tensors`)."""
+        return [self._scale, self._tracker]
 
     def reset_slot(self, k: int) -> None:
         self._scale[k] = self.init_scale

@@ -12,6 +12,11 @@ non-blocking copy, losses and a sticky [K] non-finite flag stay on the device, a
 them in one copy when the caller wants metrics. The nerfacc renderer reads its sample counts
 back (one synchronisation per step). The trainer never asks how a render becomes what the noise
 predictor scores: the guidance object it was given turns renders into per-prompt losses.
+
+With `step_sync` (`data_parallel.DataParallel`, `generate --data-parallel` under torchrun) the
+step has three more seams: rank r > 0 seeds its own views before the plan, the gradients are
+replaced by the ranks' mean between backward and the optimiser, and rank 0's occupancy grids
+are copied after the step.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +37,10 @@ from . import regularizers as reg
 from .monitor import NO_TIMER, StageTimer
 from .optim import SlotAdam, SlotGradScaler, SlotParamGroup
 from .slots import Slot, SlotTable, fresh_slot_state
+
+if TYPE_CHECKING:
+    from ..checkpoint import Checkpoint
+    from .data_parallel import DataParallel
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +81,7 @@ class Trainer(SlotTable):
         self.guidance = guidance
         self.amp_dtype = amp
         self.phase_override: str | None = None  # "latent"/"rgb" forces every slot's phase (probe, benchmarks)
+        self.step_sync: DataParallel | None = None  # ranks training the same prompts together (data_parallel.py)
         self._torch_sampler = renderer.backend_for(device) == "torch"
         self._render = renderer.render
         self._shading_tensor = False
@@ -111,9 +121,19 @@ class Trainer(SlotTable):
         # After the albedo warm-up: textureless with its ratio, otherwise lambertian-shaded albedo.
         return "textureless" if u < rc.textureless_ratio else "lambertian"
 
+    def assign(self, k: int, cfg: RunConfig, embedding: PromptEmbeddings, checkpoint: Checkpoint | None = None, tag: Any = None,
+               init_state: dict[str, torch.Tensor] | None = None, reseed: int | None = None) -> Slot:  # fmt: skip
+        """`SlotTable.assign`; with `step_sync`, every rank then takes rank 0's state."""
+        slot = super().assign(k, cfg, embedding, checkpoint=checkpoint, tag=tag, init_state=init_state, reseed=reseed)
+        if self.step_sync is not None:
+            self.step_sync.start_slot(self, k)
+        return slot
+
     def plan(self) -> step_plan.StepPlan:
         """This step's plan for every slot (host choices, one upload, the slots' device draws)."""
         g = self.guidance
+        if self.step_sync is not None:  # rank r > 0 draws its own views of this step
+            self.step_sync.seed_views(self.slots)
         host = step_plan.host_plan(self.slots, self.cfg, self.phase, self._pick_shading,
                                    {p: s.render_size for p, s in g.inputs.items()}, len(self.views))  # fmt: skip
         return step_plan.device_plan(
@@ -150,17 +170,25 @@ class Trainer(SlotTable):
         self.optimizer.zero_grad()
         objective.backward()
         timer.mark("backward")
+        with torch.no_grad():
+            nonfinite = self.active & ~torch.isfinite(loss)
+            metrics = torch.stack([loss, sds, orientation, entropy, sparsity, plan.t.float(), sparsity], dim=1).detach()
+        if self.step_sync is not None:  # data parallel: the ranks' mean gradient and metrics, any rank's flags
+            nonfinite, metrics = self.step_sync.average([p for g in self.optimizer.groups for p in g.params], nonfinite, metrics)
+            timer.mark("grad_sync")
         updated, _ = self.optimizer.step(self.active, self.scaler.inv_scale(), cfg.train.grad_clip)
         self.scaler.update(self.active, updated)
-        self.renderer.update_occupancy([s.step if s is not None else None for s in self.slots])
+        steps = [s.step if s is not None else None for s in self.slots]
+        self.renderer.update_occupancy(steps)
         timer.mark("optimizer")
-        with torch.no_grad():
-            self.nonfinite |= self.active & ~torch.isfinite(loss)
-            self.metrics = torch.stack([loss, sds, orientation, entropy, sparsity, plan.t.float(), sparsity], dim=1).detach()
+        self.nonfinite |= nonfinite
+        self.metrics = metrics
         for k, slot in enumerate(self.slots):
             if slot is not None:
                 slot.step += 1
                 slot.phase, slot.shading = plan.phases[k], plan.shadings[k]
+        if self.step_sync is not None:  # rank 0's occupancy grids; now and then, a check that the ranks agree
+            self.step_sync.after_step(self, steps)
 
     def _parts(self, rgb: torch.Tensor, plan: step_plan.StepPlan) -> list[RenderPart]:
         """Renders [K, R, 3] -> one image batch [n, 3, H, W] per render group."""
