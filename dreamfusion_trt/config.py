@@ -161,6 +161,7 @@ class OutputConfig:
     video_fps: int = 30
     video_size: int = 256
     grid_views: int = 8  # validation image grid
+    background_writes: bool = True  # batch: a finished prompt's outputs are written on a worker thread (its own CUDA stream) while the others train; false writes them in the loop, as a twin for debugging
 
 
 @dataclass

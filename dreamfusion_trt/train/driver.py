@@ -14,10 +14,23 @@ to its checkpoint and K halves. Ctrl-C, SIGTERM and SIGUSR1 (what `timeout`, Kub
 Slurm send before they kill) write every job's checkpoint: the signals between two steps, Ctrl-C
 where it lands. When the queue runs dry and at most half the slots are busy, the survivors move
 to a smaller trainer so the last prompts do not pay for empty slots.
+
+Outputs are written in the background (``output.background_writes``, on by default): a
+finished prompt's checkpoint is saved, its scene copied and its slot refilled at once, and one
+worker thread (`output_writer.OutputWriter`, on its own CUDA stream) writes the turntable, grid,
+mesh and score while the others train. The loop collects finished writes between steps and does
+their bookkeeping itself (manifest row, retry from the checkpoint, failure, log line with the
+write's seconds and the steps trained meanwhile, kept in the manifest as ``outputs_s`` and
+``steps_during_outputs``). At most `MAX_PENDING_WRITES` scenes are held for writing; prompts
+finishing beyond that wait as their checkpoints on disk and are reloaded when the writer has
+room. The loop waits for writes only when nothing is left to train, before restarting after an
+out-of-memory error, and when stopped: a stop finishes the writes whose scenes are held and
+leaves the others pending, which a re-run writes from their final checkpoints without training.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -34,13 +47,14 @@ import torch
 from ..atomic import clean_stale_temporaries
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..config import RunConfig
-from ..export.artifacts import Scorer, write_outputs
+from ..export.artifacts import RunOutputs, Scorer, write_outputs
 from ..lock import RunLock
 from ..scene import resolve_device, scene_from_checkpoint
 from .distributed import EXIT_REQUEUE
 from .frozen import Frozen, load_frozen, make_predictor, new_trainer
 from .jobs import Job, JobSource, LocalJobs
 from .monitor import MetricsLog, StageClock
+from .output_writer import OutputWriter, Write
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -49,6 +63,7 @@ CPU_CONCURRENCY = 2  # default K without a GPU
 MAX_CONCURRENCY = 64  # default K is never above this
 MEMORY_HEADROOM = 0.85  # share of free GPU memory the default K plans to use
 RETRIES = 1  # roll-backs per prompt before it is marked failed
+MAX_PENDING_WRITES = 2  # finished prompts' scenes held for the output writer: one being written, one ready
 _RESEED = 1_000_003  # a retry draws other random numbers: seed + attempt * this
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -114,6 +129,9 @@ class Driver:
         self.tick = 0
         self._stop: int | None = None  # a stop signal that arrived
         self.should_stop = should_stop
+        self.writer: OutputWriter | None = None
+        self._unwritten: collections.deque[Write] = collections.deque()  # finished; their checkpoints wait for the writer
+        self._write_totals = {"prompts": 0, "seconds": 0.0, "steps": 0, "waited_s": 0.0, "reload_s": 0.0}
 
     def _record(self, job: Job, **fields: Any) -> None:
         self.source.record(job, **fields)
@@ -147,15 +165,34 @@ class Driver:
         self.bar = tqdm(total=sum(j.cfg.train.iters for j in todo), initial=sum(min(j.start_step, j.cfg.train.iters) for j in todo),
                         disable=not self.progress, unit="it", dynamic_ncols=True, desc=self.desc)  # fmt: skip
         self.tick = min((j.start_step for j in todo), default=0)  # logs land on the steps a lone prompt logs
+        self.writer = OutputWriter(self._write_outputs, device, background=cfg.output.background_writes, steps=lambda: self.tick,
+                                   capacity=MAX_PENDING_WRITES)  # fmt: skip
+        clean = False
         try:
             with self._stop_signals():
                 self._loop()
+                self._drain()
+                if self._unwritten:  # a stop arrived during the last writes
+                    self._check_stop()
+            clean = True
         except (KeyboardInterrupt, Interrupted):
             self._interrupt()
             raise
+        except Exception:
+            try:
+                self._settle_writes()
+            except Exception as exc:  # noqa: BLE001 -- the error that stopped the loop is the one to raise
+                log.error("outputs of the finished prompts could not be settled after an error: %s", exc)
+            raise
         finally:
+            self.writer.close(wait=clean)
             self.bar.close()
             self.source.close()
+        totals = self._write_totals
+        if self.writer.background and totals["prompts"]:
+            log.info("outputs of %d prompt(s) written in the background: %.1f s of writing, %d training step(s) meanwhile; "
+                     "the loop waited %.1f s for writes and spent %.1f s reloading scenes that waited on disk", totals["prompts"],
+                     totals["seconds"], totals["steps"], totals["waited_s"], totals["reload_s"])  # fmt: skip
         return k
 
     @contextlib.contextmanager
@@ -192,6 +229,7 @@ class Driver:
     def _loop(self) -> None:
         source = self.source
         while True:
+            self._collect()
             self._check_stop()
             trainer = self.trainer
             for k in range(trainer.num_slots):
@@ -199,6 +237,8 @@ class Driver:
                     self._start_job(trainer, k, job)
             busy = trainer.active_slots
             if not busy:
+                self._drain()  # nothing trains meanwhile, and a source may block in `wait`
+                self._check_stop()
                 job = source.wait()
                 if job is None:
                     self._check_stop()  # a source stops waiting when asked to stop
@@ -326,6 +366,7 @@ class Driver:
         front of the queue) and training continues with half the slots."""
         if trainer.num_slots == 1:
             raise ValueError("out of GPU memory while training with one prompt at a time")
+        self._drain(unwritten=False)  # the scenes being written and the worker's memory go first
         k = trainer.num_slots // 2
         log.warning("out of GPU memory with %d prompts at once; they restart from their last checkpoints with %d slots",
                     trainer.num_slots, k)  # fmt: skip
@@ -354,8 +395,9 @@ class Driver:
             ckpt = load_checkpoint(job.folder, map_location=self.device) if (job.folder / CHECKPOINT_NAME).is_file() else None
             if ckpt is not None and ckpt.config.prompt.text != job.cfg.prompt.text:
                 raise ValueError(f"'{job.folder}' holds a run of {ckpt.config.prompt.text!r}, not {job.cfg.prompt.text!r}")
-            if ckpt is not None and ckpt.step >= job.cfg.train.iters:
-                self._write(job, scene_from_checkpoint(ckpt, self.device), float(ckpt.state.get("elapsed_s", 0.0)))
+            if ckpt is not None and ckpt.step >= job.cfg.train.iters:  # trained, its outputs not written (stopped first)
+                scene = None if self._writer_busy else scene_from_checkpoint(ckpt, self.device)
+                self._write(job, scene, float(ckpt.state.get("elapsed_s", 0.0)))
                 return
             job.folder.mkdir(parents=True, exist_ok=True)
             slot = trainer.assign(k, job.cfg, job.embedding, checkpoint=ckpt, tag=job, reseed=reseed)
@@ -428,30 +470,106 @@ class Driver:
         except OSError as exc:
             self._retry_or_fail(trainer, k, f"final checkpoint could not be written: {exc}")
             return
-        scene = scene_from_checkpoint(trainer.slot_checkpoint(k), self.device)  # a copy: the slot is refilled next
+        # A copy (the slot is refilled next) when the writer has room; else its checkpoint waits.
+        scene = None if self._writer_busy else scene_from_checkpoint(trainer.slot_checkpoint(k), self.device)
         trainer.release(k)
         if job.metrics is not None:
             job.metrics.close()
         self._record(job, step=slot.step)
         self._write(job, scene, slot.elapsed_s)
 
-    def _write(self, job: Job, scene: Any, train_s: float) -> None:
-        """Write a finished job's outputs; on failure reload its checkpoint and try once more."""
+    # ------------------------------------------------------------------------------------------
+    # outputs
+
+    def _write_outputs(self, job: Job, scene: Any) -> RunOutputs:
+        """The write itself, on the writer's thread: nothing else happens there."""
+        return write_outputs(scene, job.cfg, job.folder, self.scorer)
+
+    @property
+    def _writer_busy(self) -> bool:
+        """A newly finished prompt's scene would have to wait: do not hold it in memory."""
+        return self.writer.full or bool(self._unwritten)
+
+    def _reload(self, job: Job) -> Any:
         start = time.perf_counter()
-        for attempt in range(RETRIES + 1):
-            try:
-                outputs = write_outputs(scene, job.cfg, job.folder, self.scorer)
-                break
-            except Exception as exc:  # noqa: BLE001 -- one prompt's broken output must not stop the others
-                if attempt >= RETRIES:
-                    self._fail(job, f"outputs could not be written: {type(exc).__name__}: {exc}")
-                    return
-                log.warning("prompt %r: outputs could not be written (%s); retrying from its checkpoint", job.cfg.prompt.text, exc)
+        try:
+            return scene_from_checkpoint(load_checkpoint(job.folder, map_location=self.device), self.device)
+        finally:
+            self._write_totals["reload_s"] += time.perf_counter() - start
+
+    def _write(self, job: Job, scene: Any, train_s: float) -> None:
+        """Hand a finished job's outputs to the writer; `scene` None: it is reloaded from the
+        job's checkpoint once the writes ahead of it leave room. Without background writes the
+        write and its bookkeeping are done on return."""
+        self._unwritten.append(Write(job, scene, train_s=train_s, since=time.perf_counter()))
+        self._feed()
+        if not self.writer.background:
+            self._collect()
+
+    def _feed(self) -> None:
+        """Give waiting writes to the writer while it has room. Scene construction stays on this
+        thread: building a scene draws its initial weights from the global generator, which a
+        new slot's seeded initialization borrows meanwhile."""
+        while self._unwritten and not self.writer.full:
+            w = self._unwritten.popleft()
+            if w.scene is None:
                 try:
-                    scene = scene_from_checkpoint(load_checkpoint(job.folder, map_location=self.device), self.device)
-                except (ValueError, FileNotFoundError) as load_exc:
-                    self._fail(job, f"outputs could not be written ({exc}) and the checkpoint did not reload: {load_exc}")
-                    return
+                    w.scene = self._reload(w.job)
+                except (ValueError, OSError) as exc:
+                    self._fail(w.job, f"outputs could not be written: the final checkpoint did not reload: {exc}")
+                    continue
+            self.writer.submit(w)
+
+    def _collect(self) -> None:
+        """The bookkeeping of every write finished by now, then the next writes for the writer."""
+        while done := self.writer.completed():
+            for w in done:
+                self._written(w)
+        self._feed()
+
+    def _drain(self, unwritten: bool = True) -> None:
+        """Wait for the writer's writes and do their bookkeeping; with `unwritten`, also write
+        those waiting on disk, until a stop is asked for."""
+        start = time.perf_counter()
+        while True:
+            if unwritten and not self.stopping:
+                self._feed()
+            if not self.writer.pending:
+                break
+            for w in self.writer.wait_oldest():
+                self._written(w)
+        self._write_totals["waited_s"] += time.perf_counter() - start
+
+    def _settle_writes(self) -> int:
+        """Stopping: finish the writes whose scenes are held; the jobs waiting on disk stay
+        pending at their final checkpoint, and a re-run writes their outputs without training.
+        Returns how many were left so."""
+        self._drain(unwritten=False)
+        left = list(self._unwritten)
+        self._unwritten.clear()
+        for w in left:
+            self._record(w.job, status="pending", step=checkpoint_step(w.job.folder))
+            self._unlock(w.job)
+        return len(left)
+
+    def _written(self, w: Write) -> None:
+        """A finished write: its job is done, or retried once from its checkpoint, or failed."""
+        job: Job = w.job
+        if w.error is not None:
+            exc = w.error
+            if w.attempt >= RETRIES:
+                self._fail(job, f"outputs could not be written: {type(exc).__name__}: {exc}")
+                return
+            log.warning("prompt %r: outputs could not be written (%s); retrying from its checkpoint", job.cfg.prompt.text, exc)
+            try:
+                w.scene = self._reload(job)
+            except (ValueError, OSError) as load_exc:
+                self._fail(job, f"outputs could not be written ({exc}) and the checkpoint did not reload: {load_exc}")
+                return
+            w.attempt, w.error, w.outputs = w.attempt + 1, None, None
+            self.writer.submit(w)  # it has just left the writer: there is room
+            return
+        outputs = w.outputs
         job.outputs = outputs
         self._unlock(job)
         def rel(p: Path | None) -> str | None:  # relative to the batch folder
@@ -464,9 +582,17 @@ class Driver:
             paths["score"] = rel(outputs.score)
         if outputs.failed:  # the others are on disk; `render` / `export-mesh` can write these later
             paths["not_written"] = dict(outputs.failed)
-        wall = train_s + time.perf_counter() - start
-        self._record(job, status="done", step=job.cfg.train.iters, outputs=paths, error=None, wall_s=round(wall, 2))
+        wall = w.train_s + time.perf_counter() - w.since
+        self._record(job, status="done", step=job.cfg.train.iters, outputs=paths, error=None, wall_s=round(wall, 2),
+                     outputs_s=round(w.seconds, 2), steps_during_outputs=w.steps)  # fmt: skip
         self.done.append(job)
+        totals = self._write_totals
+        totals["prompts"], totals["seconds"], totals["steps"] = totals["prompts"] + 1, totals["seconds"] + w.seconds, totals["steps"] + w.steps
+        if self.writer.background:
+            log.info("outputs of %r written in %.1f s in the background; training ran %d step(s) meanwhile",
+                     job.cfg.prompt.text, w.seconds, w.steps)  # fmt: skip
+        else:
+            log.info("outputs of %r written in %.1f s; training waited for them", job.cfg.prompt.text, w.seconds)
         log.info("done: %r -> %s", job.cfg.prompt.text, job.folder)
 
     def _interrupt(self) -> None:
@@ -487,3 +613,9 @@ class Driver:
                 self._unlock(job)
         why = f"stopped by {signal.Signals(self._stop).name}" if self._stop is not None else "interrupted"
         log.warning("%s; %d checkpoint(s) written; the same command with --resume (generate) or again (batch) continues", why, saved)
+        if self.writer is not None and (self.writer.pending or self._unwritten):
+            if self.writer.pending:
+                log.warning("finishing the outputs of %d prompt(s) before exiting", len(self.writer.pending))
+            left = self._settle_writes()
+            if left:
+                log.warning("%d finished prompt(s) wait for their outputs: the re-run writes them from their final checkpoints", left)

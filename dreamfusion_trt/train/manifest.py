@@ -38,6 +38,8 @@ class PromptRecord:
     step: int = 0  # iterations done (as of the last checkpoint or poll)
     attempts: int = 0  # roll-backs after a failure
     wall_s: float = 0.0  # training plus output-writing time
+    outputs_s: float = 0.0  # spent writing its outputs (turntable, grid, mesh, score)
+    steps_during_outputs: int = 0  # training steps of the other prompts meanwhile (0: training waited for them)
     outputs: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     updated: str = ""

@@ -78,7 +78,7 @@ def merge_states(base: Manifest, states: Mapping[str, PromptState]) -> Manifest:
             new.outputs = dict(info.get("outputs") or {})
         if status == "failed":
             new.error = str(info.get("error") or "failed")
-        for key in ("attempts", "wall_s"):
+        for key in ("attempts", "wall_s", "outputs_s", "steps_during_outputs"):
             if key in info:
                 setattr(new, key, info[key])
     return merged
@@ -208,7 +208,7 @@ class SharedJobs:
         if job.id not in self.queue.held:
             log.warning("prompt %r: %s here, but this rank no longer holds it; not recorded", job.cfg.prompt.text, status)
             return
-        info = {k: fields[k] for k in ("outputs", "error", "wall_s") if k in fields}
+        info = {k: fields[k] for k in ("outputs", "error", "wall_s", "outputs_s", "steps_during_outputs") if k in fields}
         info.update(step=self._steps.get(job.id, 0), attempts=int(fields.get("attempts", job.attempts)), line=job.line)
         if self.queue.finish(job.id, status, info):
             (self.done if status == "done" else self.failed).append(job.id)
