@@ -27,6 +27,7 @@ SHORTCUTS = {
     "seed": ("train", "seed"),
     "device": ("train", "device"),
     "negative": ("prompt", "negative"),
+    "data_parallel": ("train", "data_parallel"),
 }
 
 
@@ -47,6 +48,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:N, cpu or auto (default: auto)")
     p.add_argument("--negative", help="negative prompt (default: empty)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("--data-parallel", action="store_true", default=None,
+                   help="generate under torchrun: the ranks train this one prompt together, each rendering its own "
+                   "cameras (train.data_parallel; one process: no effect)")  # fmt: skip
     add_config_arguments(p, _help_variants())
 
 
@@ -154,6 +158,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"prompt is empty: give a text prompt, e.g. dreamfusion-trt generate \"{example}\"")
     cfg = build_config(args, base)
     outputs = generate(cfg, resume=args.resume, progress=not args.quiet, scorer=builtin_scorer(cfg))
+    if outputs is None:  # a data-parallel rank other than 0: rank 0 wrote the run folder
+        return 0
     for name, value in dataclasses.asdict(outputs).items():
         log.info("%s: %s", name, _plain(value))
     print(outputs.out_dir)

@@ -146,6 +146,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     log_every: int = 10
     tensorboard: bool = False
+    data_parallel: bool = False  # generate under torchrun: every rank renders its own cameras of the one prompt and all step on their mean gradient (N times the views per step); off: one process per prompt
 
 
 @dataclass

@@ -96,6 +96,9 @@ def run_batch(
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
     validate_training(cfg)
+    if cfg.train.data_parallel:
+        raise ValueError("--data-parallel (train.data_parallel) trains one prompt over several GPUs: use it with generate; "
+                         "batch already spreads its prompts over the GPUs under torchrun")  # fmt: skip
     env = dist_env() if env is None else env
     shared = env.is_distributed or shard is not None
     out_dir = Path(cfg.output.out).expanduser()

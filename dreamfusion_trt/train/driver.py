@@ -50,6 +50,7 @@ from ..config import RunConfig
 from ..export.artifacts import RunOutputs, Scorer, write_outputs
 from ..lock import RunLock
 from ..scene import resolve_device, scene_from_checkpoint
+from .data_parallel import DataParallel
 from .distributed import EXIT_REQUEUE
 from .frozen import Frozen, load_frozen, make_predictor, new_trainer
 from .jobs import Job, JobSource, LocalJobs
@@ -104,12 +105,14 @@ def setup_torch(cfg: RunConfig) -> torch.device:
 class Driver:
     def __init__(self, cfg: RunConfig, jobs: Sequence[Job], *, concurrency: int | None, progress: bool, scorer: Scorer | None,
                  source: JobSource | None = None, retries: int = RETRIES, desc: str | None = None,
-                 should_stop: Callable[[], int | None] | None = None) -> None:  # fmt: skip
+                 should_stop: Callable[[], int | None] | None = None, data_parallel: DataParallel | None = None) -> None:  # fmt: skip
         """`cfg` holds what every job shares; `jobs` are all the jobs this process may train
         (their prompts are embedded up front); `source` hands them out and hears what became of
         them (default: `jobs` in order, no manifest); `concurrency` is K (None: from GPU memory,
         or 2 on a CPU); `should_stop` returns an exit code when something other than a signal
-        asks the loop to stop (a shared queue's stop-request file), checked between steps."""
+        asks the loop to stop (a shared queue's stop-request file), checked between steps.
+        `data_parallel`: this rank of several that train the same jobs together (its trainers
+        step with the others, stops are agreed, and a rank other than 0 writes nothing)."""
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
         self.cfg = cfg
@@ -129,6 +132,8 @@ class Driver:
         self.tick = 0
         self._stop: int | None = None  # a stop signal that arrived
         self.should_stop = should_stop
+        self.data_parallel = data_parallel
+        self.writes = data_parallel is None or data_parallel.is_main  # folders, checkpoints, metrics, outputs
         self.writer: OutputWriter | None = None
         self._unwritten: collections.deque[Write] = collections.deque()  # finished; their checkpoints wait for the writer
         self._write_totals = {"prompts": 0, "seconds": 0.0, "steps": 0, "waited_s": 0.0, "reload_s": 0.0}
@@ -220,8 +225,12 @@ class Driver:
         return self._stop is not None or (self.should_stop is not None and self.should_stop() is not None)
 
     def _check_stop(self) -> None:
-        if self._stop is not None:
-            raise Interrupted(self._stop)
+        stop = self._stop
+        if self.data_parallel is not None:  # data-parallel ranks stop after the same step, whichever got the signal
+            stop = self.data_parallel.agree_stop(stop, self.trainer)
+            self._stop = self._stop if stop is None else stop
+        if stop is not None:
+            raise Interrupted(stop)
         code = self.should_stop() if self.should_stop is not None else None
         if code is not None:
             raise Interrupted(None, code)
@@ -333,6 +342,7 @@ class Driver:
             try:
                 trainer = new_trainer(self.frozen, self.cfg, k, self.device)
                 trainer.probe()
+                trainer.step_sync = self.data_parallel  # after the probe, which each rank runs alone
                 self.trainer = trainer
                 return trainer, k
             except torch.OutOfMemoryError as exc:
@@ -352,6 +362,7 @@ class Driver:
         """Move the busy slots to a trainer of just that many slots."""
         busy = trainer.active_slots
         smaller = new_trainer(self.frozen, self.cfg, len(busy), self.device)
+        smaller.step_sync = self.data_parallel
         for j, k in enumerate(busy):
             old = trainer.slots[k]
             slot = smaller.assign(j, old.cfg, old.tag.embedding, checkpoint=trainer.slot_checkpoint(k), tag=old.tag)
@@ -388,7 +399,7 @@ class Driver:
 
     def _start_job(self, trainer: Trainer, k: int, job: Job, reseed: int | None = None) -> None:
         try:
-            if job.lock is None:  # one process per run folder; a dead owner's lock is taken over
+            if job.lock is None and self.writes:  # one process per run folder; a dead owner's lock is taken over
                 job.folder.mkdir(parents=True, exist_ok=True)
                 job.lock = RunLock(job.folder, what=self.desc or "generate").acquire()
                 clean_stale_temporaries(job.folder)
@@ -399,7 +410,8 @@ class Driver:
                 scene = None if self._writer_busy else scene_from_checkpoint(ckpt, self.device)
                 self._write(job, scene, float(ckpt.state.get("elapsed_s", 0.0)))
                 return
-            job.folder.mkdir(parents=True, exist_ok=True)
+            if self.writes:
+                job.folder.mkdir(parents=True, exist_ok=True)
             slot = trainer.assign(k, job.cfg, job.embedding, checkpoint=ckpt, tag=job, reseed=reseed)
         except (ValueError, OSError) as exc:
             self._fail(job, f"could not start: {exc}")
@@ -408,7 +420,7 @@ class Driver:
             log.info("%r resumes from its checkpoint at step %d of %d", job.cfg.prompt.text, slot.step, job.cfg.train.iters)
         job.start_step = slot.step
         job.started = job.started or time.perf_counter()
-        job.metrics = MetricsLog(job.folder, slot.step, tensorboard=job.cfg.train.tensorboard)
+        job.metrics = MetricsLog(job.folder, slot.step, tensorboard=job.cfg.train.tensorboard) if self.writes else None
         self._record(job, status="running", step=slot.step, attempts=job.attempts, line=job.line)
         log.debug("slot %d: %r from step %d", k, job.cfg.prompt.text, slot.step)
 
@@ -422,6 +434,8 @@ class Driver:
 
     def _checkpoint(self, trainer: Trainer, k: int) -> None:
         job: Job = trainer.slots[k].tag
+        if not self.writes:
+            return
         try:
             trainer.save_slot(k)
         except OSError as exc:
@@ -466,12 +480,13 @@ class Driver:
         slot = trainer.slots[k]
         job: Job = slot.tag
         try:
-            trainer.save_slot(k)
+            if self.writes:
+                trainer.save_slot(k)
         except OSError as exc:
             self._retry_or_fail(trainer, k, f"final checkpoint could not be written: {exc}")
             return
         # A copy (the slot is refilled next) when the writer has room; else its checkpoint waits.
-        scene = None if self._writer_busy else scene_from_checkpoint(trainer.slot_checkpoint(k), self.device)
+        scene = None if self._writer_busy or not self.writes else scene_from_checkpoint(trainer.slot_checkpoint(k), self.device)
         trainer.release(k)
         if job.metrics is not None:
             job.metrics.close()
@@ -501,6 +516,9 @@ class Driver:
         """Hand a finished job's outputs to the writer; `scene` None: it is reloaded from the
         job's checkpoint once the writes ahead of it leave room. Without background writes the
         write and its bookkeeping are done on return."""
+        if not self.writes:  # a data-parallel rank other than 0: rank 0 writes them
+            self.done.append(job)
+            return
         self._unwritten.append(Write(job, scene, train_s=train_s, since=time.perf_counter()))
         self._feed()
         if not self.writer.background:
@@ -601,7 +619,7 @@ class Driver:
         if trainer is not None:
             for report in trainer.poll():
                 job: Job = trainer.slots[report.slot].tag
-                if report.finite:
+                if report.finite and self.writes:
                     try:
                         trainer.save_slot(report.slot)
                         saved += 1

@@ -3,6 +3,8 @@
 Input is checked before anything is written; then the one training loop (`driver.py`) runs a
 single job whose folder is ``--out``: the frozen model is loaded once, the prompt's embeddings
 come from the on-disk cache when they can, and the text encoder is freed before training starts.
+With ``train.data_parallel`` under torchrun every rank runs that loop on the same job, rendering
+its own cameras, and rank 0 alone writes the folder (`data_parallel.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from ..atomic import check_writable_dir
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..config import RunConfig
 from ..export.artifacts import RunOutputs, Scorer
+from .data_parallel import join
+from .distributed import destroy_distributed
 from .driver import Driver, checkpoint_step
 from .jobs import Job
 
@@ -48,22 +52,32 @@ def validate(cfg: RunConfig, resume: bool) -> Path:
     return out_dir
 
 
-def generate(cfg: RunConfig, resume: bool = False, progress: bool = True, scorer: Scorer | None = None) -> RunOutputs:
+def generate(cfg: RunConfig, resume: bool = False, progress: bool = True, scorer: Scorer | None = None) -> RunOutputs | None:
     """Train one prompt into ``cfg.output.out`` and write its outputs: the training loop of
     `batch` with one job whose folder is the output folder. A non-finite loss raises
     FloatingPointError (the last good checkpoint is kept); Ctrl-C and SIGTERM/SIGUSR1 write a
-    checkpoint that ``resume`` continues from."""
+    checkpoint that ``resume`` continues from. With ``train.data_parallel`` under torchrun the
+    ranks train it together; ranks other than 0 write nothing and return None."""
     out_dir = validate(cfg, resume)
     cfg.output.out = str(out_dir)
     if resume:
         step = load_checkpoint(out_dir).step  # a corrupt checkpoint fails here, before any loading
         if step > cfg.train.iters:
             raise ValueError(f"--resume: the checkpoint in '{out_dir}' is at step {step}, past --iters {cfg.train.iters}")
+    dp = join(cfg) if cfg.train.data_parallel else None
     log.info("training '%s' for %d iterations -> %s", cfg.prompt.text, cfg.train.iters, out_dir)
     job = Job("generate", cfg, out_dir, start_step=checkpoint_step(out_dir) if resume else 0)
-    driver = Driver(cfg, [job], concurrency=1, progress=progress, scorer=scorer, retries=0)
-    driver.run()
+    main = dp is None or dp.is_main
+    driver = Driver(cfg, [job], concurrency=1, progress=progress and main, scorer=scorer, retries=0, data_parallel=dp)
+    try:
+        driver.run()
+    finally:
+        if dp is not None:
+            destroy_distributed()
     if job.error is not None:
         raise (FloatingPointError if "non-finite" in job.error else ValueError)(job.error)
+    if not main:
+        log.info("data parallel: rank %d is done; rank 0 writes the outputs into %s", dp.rank, out_dir)
+        return None
     assert job.outputs is not None
     return job.outputs
