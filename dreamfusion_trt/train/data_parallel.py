@@ -16,8 +16,8 @@ trainer or the driver):
 - Own views (`seed_views`, before each step's plan): rank 0 draws cameras, shading, jitter,
   background, timesteps and noise from the prompt's own generators, exactly as a single
   process does, so its views are the ones a one-GPU run sees. Rank r > 0 draws step s from
-  generators seeded with `view_seed` (prompt seed, r, s): nothing of theirs needs saving, and
-  a resumed run draws on every rank what an uninterrupted one draws.
+  generators seeded with `view_seed` (prompt seed or a retry's reseed, r, s): nothing of
+  theirs needs saving, and a resumed run draws on every rank what an uninterrupted one draws.
 - One update (`average`, between backward and the optimiser): every trainable parameter's
   gradient, the step's per-slot non-finite-loss flags and its metrics go into one flat bucket,
   summed over the ranks and divided by N (one all-reduce). Every rank then holds the same mean
