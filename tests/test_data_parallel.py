@@ -289,11 +289,14 @@ def _torchrun(tiny, tmp_path, out, *extra):
 
 
 def _environ():
-    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
+    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
 
 
 def _rank_lines(log, rank):
-    return "\n".join(line for line in log.splitlines() if re.match(rf"\[(rank|default){rank}\]:", line))
+    """What rank `rank` printed: torchrun's --tee prefixes each of its writes with [default<rank>]:
+    (or [rank<rank>]:), which can land mid-line after another rank's progress bar."""
+    parts = re.split(r"\[(?:rank|default)(\d+)\]:", log)
+    return "".join(text for who, text in zip(parts[1::2], parts[2::2]) if int(who) == rank)
 
 
 @pytest.mark.slow
