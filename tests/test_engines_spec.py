@@ -289,6 +289,26 @@ def test_one_adapter_type_serves_every_protocol(model, network, protocol):
         adapter(*inputs, inputs[0])
 
 
+def test_the_trainers_autocast_does_not_reach_the_network(model):
+    """The trainer runs guidance under autocast; the network behind an adapter runs as it was
+    built (a compiled graph guards on the autocast state: a call under autocast would recompile)."""
+    spec = make_spec(model, "unet", network_batch_sizes("unet", [2]))
+    seen = []
+
+    def runner(*xs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled()))
+        return wrap_network(model, "unet")(*xs)
+
+    adapter = EngineAdapter("stand-in", runner, spec, "cpu")
+    inputs = list(spec.sample_inputs(2, generator=torch.Generator().manual_seed(0)).values())
+    plain = adapter(*inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = adapter(*inputs)
+        assert torch.is_autocast_enabled("cpu")  # the caller's state is back afterwards
+    assert seen == [(False, False), (False, False)]
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # benchmark smoke run
 

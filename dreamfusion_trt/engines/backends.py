@@ -61,7 +61,10 @@ class EngineAdapter:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         self.spec.check_inputs(inputs)  # count and shapes, before anything is converted
         args = [x.to(device=self.device, dtype=t.dtype, non_blocking=True).contiguous() for x, t in zip(inputs, self.spec.inputs)]
-        with torch.no_grad():
+        # The network runs in its own dtype, as it was built or compiled: the trainer's autocast
+        # must not reach it (a compiled graph guards on the autocast state, so a call under
+        # autocast recompiled the whole UNet on the first training step: ~60 s on an H200).
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             out = self._run(*args)
         return out if out.dtype == inputs[0].dtype else out.to(inputs[0].dtype)
 
