@@ -242,7 +242,7 @@ def time_phase(trainer: Any, phase: str, warmup: int, steps: int) -> dict[str, A
 
 def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by `args` (see `make_parser`); returns the JSON-able result,
-    also written to ``args.out`` after every backend."""
+    also written to ``args.out`` after every timed row."""
     from ..train.frozen import frozen_from_model, new_trainer
     from ..train.slots import fresh_slot_state
 
@@ -316,6 +316,7 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
                     rows[key] = time_phase(trainer, phase, args.warmup, args.steps)
                     row = {"backend": backend, "K": k, "phase": phase, "rgb_encoder": encoder, "oom": False, **rows[key]}
                     result["results"].append(row)
+                    atomic_write_text(out, json.dumps(result, indent=2) + "\n")  # a run cut short keeps its rows
                     log.info("%s K=%d %s%s: %.2f it/s (%.1f prompt-it/s), step %.1f ms (GPU busy %s ms), peak %s", backend, k,
                              phase, f" ({encoder})" if encoder else "", row["it_per_s"], row["prompt_it_per_s"], row["step_ms"],
                              f"{row['device_busy_ms']:.1f}" if row["device_busy_ms"] is not None else "-",
