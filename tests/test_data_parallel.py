@@ -22,6 +22,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_batch import FAST as BATCH_FAST
+from test_batch import _one_thread  # noqa: F401  (autouse: one intra-op thread)
 from tiny_sd import tiny_sd_paths  # noqa: F401  (session fixture)
 
 from dreamfusion_trt import cli
@@ -37,12 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red chair"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class ThreadPair:
@@ -273,13 +269,7 @@ def test_batch_refuses_data_parallel(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # torchrun, two CPU ranks
 
-FAST = [
-    "--field.num_levels", "4", "--field.log2_hashmap_size", "12", "--field.max_resolution", "64",
-    "--field.hidden_dim", "16", "--render.num_samples", "12", "--camera.render_size", "8",
-    "--render.albedo_iters", "2", "--train.latent_fraction", "0.5", "--train.log_every", "1",
-    "--output.video_frames", "2", "--output.video_size", "16", "--output.grid_views", "1",
-    "--output.mesh_resolution", "16", "--device", "cpu",
-]  # fmt: skip
+FAST = [a for a in BATCH_FAST if a != "--quiet"]  # the batch tests' tiny run, with its logs
 
 
 def _torchrun(tiny, tmp_path, out, *extra):

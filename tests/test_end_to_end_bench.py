@@ -6,14 +6,9 @@ import pytest
 from tiny_sd import tiny_sd_paths  # noqa: F401, F811  (session fixture)
 
 from dreamfusion_trt.bench.end_to_end import main, phase_times
+from test_generate import FAST as GENERATE_FAST
 
-FAST = [
-    "--field.num_levels", "4", "--field.log2_hashmap_size", "12", "--field.max_resolution", "64",
-    "--field.hidden_dim", "16", "--render.num_samples", "12", "--camera.render_size", "16",
-    "--render.albedo_iters", "2", "--train.latent_fraction", "0.5", "--train.log_every", "1",
-    "--output.video_frames", "4", "--output.video_size", "24", "--output.grid_views", "2",
-    "--output.mesh_resolution", "32", "--device", "cpu",
-]  # fmt: skip
+FAST = [a for a in GENERATE_FAST if a != "--quiet"]  # the generate tests' tiny run
 
 
 def test_phase_times_split_the_metrics_by_phase(tmp_path):
