@@ -197,3 +197,37 @@ def test_grad_scaler_backs_off_only_the_overflowing_slot():
 def test_rejects_parameters_without_the_slot_dimension():
     with pytest.raises(ValueError, match="leading dimension of 3"):
         SlotAdam([SlotParamGroup([torch.nn.Parameter(torch.zeros(2, 4))], lr=1e-3)], K)
+
+
+def test_compiled_update_matches_the_eager_twin():
+    """`SlotAdam(compiled=True)` (the update through torch.compile, the CUDA default) against the
+    eager function it compiles: same flags bit for bit, same parameters and moments to float
+    rounding, with loss scaling, clipping, an inactive slot and a non-finite slot."""
+    runs = []
+    for compiled in (False, True):
+        table, weight, owned = _stacked()
+        groups = [SlotParamGroup([weight], lr=1e-2), SlotParamGroup([table, owned], lr=1e-1)]
+        opt = SlotAdam(groups, K, betas=BETAS, eps=EPS, compiled=compiled)
+        flags = []
+        for step in range(5):
+            _set_grads(table, weight, owned, step, nan_slot=2 if step == 3 else None)
+            owned.grad = None if step == 1 else owned.grad  # a parameter without a gradient this step
+            active = torch.tensor([True, step != 2, True])
+            inv_scale = torch.full((K,), 0.5) if step % 2 else None
+            for p in (table, weight, owned):
+                if p.grad is not None and inv_scale is not None:
+                    p.grad.mul_(2.0)
+            updated, norm = opt.step(active, inv_scale, max_grad_norm=3.0 if step >= 2 else 0.0)
+            flags.append((updated.clone(), norm.clone()))
+        runs.append(((table, weight, owned), opt, flags))
+    (eager_params, eager_opt, eager_flags), (comp_params, comp_opt, comp_flags) = runs
+    assert comp_opt._compiled is not None and eager_opt._compiled is None
+    for (u0, n0), (u1, n1) in zip(eager_flags, comp_flags):
+        assert torch.equal(u0, u1)
+        torch.testing.assert_close(n1, n0, equal_nan=True)
+    assert not bool(eager_flags[3][0][2]) and not bool(eager_flags[2][0][1])  # the non-finite and inactive slots skipped
+    for a, b in zip(eager_params, comp_params):
+        torch.testing.assert_close(b, a)
+    for a, b in zip([eager_opt.step_count, *eager_opt.exp_avg, *eager_opt.exp_avg_sq],
+                    [comp_opt.step_count, *comp_opt.exp_avg, *comp_opt.exp_avg_sq]):  # fmt: skip
+        torch.testing.assert_close(b, a)

@@ -56,7 +56,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def make_optimizer(renderer: Renderer, cfg: RunConfig) -> SlotAdam:
     """Slot-aware Adam with the hash-grid tables on a larger learning rate (Instant-NGP practice).
-    Parameter order (rest, then grid) is the one checkpoints number them in."""
+    Parameter order (rest, then grid) is the one checkpoints number them in. The update is
+    compiled where ``train.compile_optimizer`` says (auto: on CUDA)."""
     grid, rest = [], []
     for name, param in renderer.named_parameters():
         if param.requires_grad:
@@ -64,7 +65,9 @@ def make_optimizer(renderer: Renderer, cfg: RunConfig) -> SlotAdam:
     groups = [SlotParamGroup(rest, cfg.train.lr)]
     if grid:
         groups.append(SlotParamGroup(grid, cfg.train.lr * cfg.train.grid_lr_scale))
-    return SlotAdam(groups, renderer.num_prompts, betas=cfg.train.betas, eps=cfg.train.eps)
+    device = next(renderer.parameters()).device
+    compiled = cfg.train.compile_optimizer == "on" or (cfg.train.compile_optimizer == "auto" and device.type == "cuda")
+    return SlotAdam(groups, renderer.num_prompts, betas=cfg.train.betas, eps=cfg.train.eps, compiled=compiled)
 
 
 class Trainer(SlotTable):
