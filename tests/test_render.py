@@ -506,3 +506,46 @@ def test_nerfacc_and_torch_renderers_draw_the_same_blob():
     out = acc_r.render(o.to(device), d.to(device), cams.light_dir.to(device), shading="lambertian", need_normals=True)
     (out.rgb.sum() + out.orientation.sum()).backward()
     assert float(field.encoding.tables.grad.abs().sum()) > 0
+
+
+def test_bucket_sizes_cover_every_count_with_little_padding_and_few_shapes():
+    from dreamfusion_trt.render.renderer import bucket_size
+
+    sizes = set()
+    for n in range(0, 300_000, 7):
+        b = bucket_size(n)
+        assert b >= max(n, 256) and (n <= 256 or b <= n * 1.125 + 1), (n, b)
+        sizes.add(b)
+    assert bucket_size(4096) == 4096 and bucket_size(4097) == 4608
+    assert len(sizes) <= 8 * 11 + 1  # 8 sizes per power of two from 256 to 2^19
+
+
+@pytest.mark.gpu
+def test_nerfacc_render_with_bucketed_sample_counts_equals_the_unpadded_render(monkeypatch):
+    """The marcher's samples padded to a bucket size (the fast path) against exact counts (the
+    slow twin): the same pixels, orientation and parameter gradients."""
+    from dreamfusion_trt.render import renderer as renderer_mod
+
+    device = torch.device("cuda")
+    field = NeRFField(SOLID, num_prompts=2).to(device)
+    background = Background(SOLID, 2).to(device)
+    r = Renderer(field, background, dataclasses.replace(RENDER, backend="nerfacc", num_samples=128, grid_resolution=64)).to(device)
+    cams = orbit_cameras(2, elevation_deg=20.0, radius=2.5, fovy_deg=50.0)
+    o, d = _rays_to_centre(2, 64)
+    results = []
+    for exact in (False, True):
+        if exact:
+            monkeypatch.setattr(renderer_mod, "bucket_size", lambda n, per_octave=8: max(n, 1))
+        field.zero_grad()
+        out = r.train().render(o.to(device), d.to(device), cams.light_dir.to(device), shading="lambertian",
+                               need_normals=True, stratified=False)  # fmt: skip
+        (out.rgb.square().sum() + out.orientation.sum()).backward()
+        results.append((out.rgb.detach(), out.opacity.detach(), out.orientation.detach(),
+                        [p.grad.clone() for p in field.parameters() if p.grad is not None]))  # fmt: skip
+    (rgb0, op0, or0, g0), (rgb1, op1, or1, g1) = results
+    torch.testing.assert_close(rgb0, rgb1, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(op0, op1, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(or0, or1, atol=1e-6, rtol=1e-4)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)

@@ -84,6 +84,17 @@ class RenderOutput:
     num_samples: int = 0  # field samples composited (for logs)
 
 
+def bucket_size(n: int, per_octave: int = 8) -> int:
+    """`n` rounded up to one of `per_octave` sizes per power of two (at most 1/`per_octave` more,
+    and at least 256): the nerfacc marcher's sample count changes every step, and a network call
+    on a new shape pays for it on the host (cuBLAS heuristics, a dynamic compile's
+    specialisation); padded to these sizes, a run sees a few dozen shapes instead of one per step."""
+    if n <= 256:
+        return 256
+    step = 1 << max((n - 1).bit_length() - 1 - (per_octave.bit_length() - 1), 0)
+    return -(-n // step) * step
+
+
 def _nerfacc():
     try:
         import nerfacc  # noqa: PLC0415
@@ -368,7 +379,9 @@ class Renderer(nn.Module):
 
             def sigma_fn(t0, t1, ri, o_i=o_i, d_i=d_i, i=i):
                 x = o_i[ri] + d_i[ri] * ((t0 + t1) * 0.5)[:, None]
-                return self.field.density(x[None], prompts=slice(i, i + 1))[0]
+                n = x.shape[0]  # padded to a bucket of sizes (see `bucket_size`), the padding's densities dropped
+                x = torch.cat([x, x.new_zeros(bucket_size(n) - n, 3)])
+                return self.field.density(x[None], prompts=slice(i, i + 1))[0, :n]
 
             ri, t0, t1 = est.sampling(
                 o_i,
@@ -385,9 +398,10 @@ class Renderer(nn.Module):
         t_starts, t_ends = torch.cat(starts), torch.cat(ends)  # [N]
         t_mid = (t_starts + t_ends) * 0.5
 
-        # Evaluate all prompts in one stacked field call: pad each prompt's samples to the longest.
+        # Evaluate all prompts in one stacked field call: pad each prompt's samples to the longest,
+        # rounded up to a bucket of sizes so the network sees few distinct shapes.
         counts = torch.tensor([len(x) for x in ray_ids], device=flat_o.device)
-        n_max = max(int(counts.max()), 1)
+        n_max = bucket_size(max(len(x) for x in ray_ids))
         prompt_of = ray_indices // r  # [N]
         offsets = torch.cumsum(counts, 0) - counts
         slot = prompt_of * n_max + (torch.arange(len(ray_indices), device=flat_o.device) - offsets[prompt_of])
