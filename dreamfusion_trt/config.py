@@ -94,6 +94,7 @@ class RenderConfig:
     grid_update_every: int = 16
     occupancy_threshold: float = 0.01
     render_step_size: float = 0.0  # nerfacc march step; 0 = derive from bound and num_samples
+    batched_marching: bool = True  # nerfacc: one march for all K prompts (their boxes side by side in one grid), a few host syncs per step instead of ~3 per prompt; false marches each prompt's grid alone (the twin)
     shading: Literal["random", "albedo", "lambertian", "textureless", "normal"] = "random"
     albedo_iters: int = 1000  # with shading=random: albedo only for the first N iterations
     textureless_ratio: float = 0.2  # with shading=random: share of textureless steps after that
