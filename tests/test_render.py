@@ -435,7 +435,7 @@ def test_packed_path_with_pytorch_kernels_matches_torch_renderer(monkeypatch):
     """The nerfacc code path (marching per prompt, padding, packed compositing) on the CPU, with
     nerfacc's CUDA-only pieces replaced by their PyTorch twins and the marcher replaced by the torch
     sampler's bins: it must reproduce the torch renderer exactly."""
-    cfg = dataclasses.replace(RENDER, backend="auto", num_samples=16)
+    cfg = dataclasses.replace(RENDER, backend="auto", num_samples=16, batched_marching=False)  # the per-prompt march
     renderer = _renderer(k=3, field_cfg=FIELD, render_cfg=cfg).eval()
     with torch.no_grad():
         renderer.field.encoding.tables.normal_(0, 0.3)
