@@ -239,7 +239,7 @@ def run_engine_bench(args: argparse.Namespace) -> dict[str, Any]:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                ms = time_ms(lambda: run(*inputs[b]), device, args.warmup, args.reps)
+                ms = time_ms(lambda fn=run, x=inputs[b]: fn(*x), device, args.warmup, args.reps)
                 median = statistics.median(ms)
                 tflops = flops[b] / (median * 1e-3) / 1e12
                 row = {

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -70,6 +70,27 @@ def make_optimizer(renderer: Renderer, cfg: RunConfig) -> SlotAdam:
     return SlotAdam(groups, renderer.num_prompts, betas=cfg.train.betas, eps=cfg.train.eps, compiled=compiled)
 
 
+def compiled_or_eager(compiled: Callable[..., Any], eager: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """`compiled`, or `eager` for good once the compiler fails on it (one warning): a compile of the
+    nerfacc field query (dynamic sample counts) trips an Inductor bug on torch 2.11 (H200,
+    2026-12-01), and an optional speed-up must not stop a run. A failure raises before anything
+    runs, so the eager call that replaces it starts clean."""
+    failed = False
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failed
+        if not failed:
+            try:
+                return compiled(*args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as exc:
+                failed = True
+                log.warning("train.compile: %s did not compile (%s); running it eagerly",
+                            what, str(exc).strip().splitlines()[0][:200])  # fmt: skip
+        return eager(*args, **kwargs)
+
+    return run
+
+
 class Trainer(SlotTable):
     def __init__(self, cfg: RunConfig, renderer: Renderer, guidance: SDSGuidance, device: torch.device,
                  text_shape: tuple[int, int], text_dtype: torch.dtype = torch.float32, colour_state: Any = None) -> None:  # fmt: skip
@@ -106,7 +127,8 @@ class Trainer(SlotTable):
             self._shading_tensor = True
         else:
             field = self.renderer.field
-            field.query = torch.compile(field.query, dynamic=True)  # instance attribute over the method
+            # instance attribute over the method
+            field.query = compiled_or_eager(torch.compile(field.query, dynamic=True), field.query, "the field query")
         log.info("train.compile: compiled the %s", "renderer" if self._torch_sampler else "field query")
 
     def phase(self, slot: Slot) -> str:
