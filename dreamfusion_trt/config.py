@@ -60,6 +60,8 @@ class SDSConfig:
     t_max_final: float = 0.5
     weighting: Literal["one_minus_alpha", "uniform", "sqrt_one_minus_alpha"] = "one_minus_alpha"  # w(t)
     rgb_mode: Literal["latent", "image"] = "latent"  # RGB phase: SDS on latents (backprop through the VAE encoder) or image-space SDS (encoder and decoder inference-only, so they can be engines)
+    colour_preconditioning: bool = False  # multiply each pixel's RGB gradient by a damped Gauss-Newton colour preconditioner from the VAE's colour -> latent map, so colour directions the latent barely sees (red against white, for the built-in prior) pull as hard as the others (guidance/precondition.py)
+    colour_damping: float = 0.1  # the preconditioner's damping, relative to the map's mean eigenvalue; smaller = closer to the full inverse
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..engines.base import ImageEncoder, LatentDecoder
 from .latents import LinearLatentMap, encode_rgb
+from .precondition import precondition
 
 Space = Literal["latent", "image"]
 
@@ -99,3 +100,21 @@ class ImageSpace:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         size = (self.encode_size, self.encode_size)
         return F.interpolate(images, size=size, mode="bilinear", align_corners=False) * 2.0 - 1.0  # [n, 3, E, E]
+
+
+class ColourPreconditioned:
+    """A latent-space strategy whose renders' gradients are colour-preconditioned
+    (`precondition.py`): the same model input, the pull of every colour direction evened out."""
+
+    space: Space = "latent"
+
+    def __init__(self, inner: RenderInput, preconditioner: torch.Tensor) -> None:
+        if inner.space != "latent":
+            raise ValueError("colour preconditioning applies to latent-space SDS (sds.rgb_mode latent)")
+        self.inner = inner
+        self.preconditioner = preconditioner
+        self.render_size = inner.render_size
+        self.latent_shape = inner.latent_shape
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner(precondition(images, self.preconditioner.to(images.device)))

@@ -20,8 +20,9 @@ from ..engines.base import ImageEncoder, LatentDecoder, NoisePredictor
 from ..engines.eager import EagerImageEncoder, EagerNoisePredictor
 from ..engines.backends import load_network
 from ..engines.compile_cache import use_compile_cache
-from ..guidance.inputs import ColourMap, DistilledEncoding, ImageSpace, RenderInput, VAEEncoding
+from ..guidance.inputs import ColourMap, ColourPreconditioned, DistilledEncoding, ImageSpace, RenderInput, VAEEncoding
 from ..guidance.latents import LinearLatentMap, load_or_fit_rgb_to_latent
+from ..guidance.precondition import colour_preconditioner
 from ..guidance.sds import SDSGuidance
 from ..guidance.text import PromptEmbeddings, encode_prompts
 from ..scene import build_scene
@@ -107,7 +108,12 @@ def frozen_from_model(model: DiffusionModel, cfg: RunConfig, predictor: NoisePre
         rgb = ImageSpace(encoder, decoder, encode_size, cfg.camera.render_size, rgb_latents)
     else:
         rgb = rgb_encoding(model, cfg, encoder, encode_size, rgb_latents)
-    inputs = {"latent": ColourMap(latent_map, latent_size), "rgb": rgb}
+    inputs: dict[str, RenderInput] = {"latent": ColourMap(latent_map, latent_size), "rgb": rgb}
+    if cfg.sds.colour_preconditioning:
+        p = colour_preconditioner(latent_map.weight, cfg.sds.colour_damping).to(model.device)
+        inputs = {phase: ColourPreconditioned(s, p) if s.space == "latent" else s for phase, s in inputs.items()}
+        log.info("SDS: colour-preconditioned gradients (damping %g; P's eigenvalues %s)", cfg.sds.colour_damping,
+                 ", ".join(f"{v:.2f}" for v in torch.linalg.eigvalsh(p.double().cpu()).tolist()))  # fmt: skip
     return Frozen(model, predictor, latent_map, inputs)
 
 
