@@ -264,9 +264,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    run_host_profile(args)
+    try:
+        run_host_profile(args)
+    except ValueError as exc:  # bad flags: one line and exit status 2, nothing written
+        parser.error(str(exc))
     return 0
 
 
