@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from test_batch import _one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 from dreamfusion_trt.bench.host_profile import VARIANTS, main
 from dreamfusion_trt.bench.train import STAGES
@@ -13,13 +14,6 @@ from dreamfusion_trt.bench.train import STAGES
 MARKED = ("plan", "render", "vae_encode", "guidance", "backward", "optimizer")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: no oversubscription when tests run side by side."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow  # ~30 s on one thread, most of it torch.profiler's post-processing on the CPU

@@ -50,7 +50,6 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..config import from_dict, to_dict
-from ..guidance.text import PromptEmbeddings
 from ..train.monitor import StageTimer
 from . import train as bench_train
 
@@ -227,13 +226,7 @@ def run_host_profile(args: argparse.Namespace) -> dict[str, Any]:
     model = bench_train.build_random_sd(arch, device, dtype)
     model.free_text_encoder()
     predictor = bench_train.make_predictor(model, backend, args.concurrency, Path("engines"), False)
-    views = bench_train.VIEWS if cfg.prompt.view_dependent else (bench_train.NO_VIEW,)
-    gen = torch.Generator().manual_seed(0)
-    embedding = PromptEmbeddings(
-        cond=torch.randn(len(views), model.max_length, model.text_dim, generator=gen).to(dtype),
-        uncond=torch.randn(model.max_length, model.text_dim, generator=gen).to(dtype),
-        views=views, prompt="benchmark", truncated=False,
-    )  # fmt: skip
+    embedding = bench_train.random_embedding(model, cfg, dtype)
     setup = {"model": model, "device": device, "cfg": cfg, "predictor": predictor, "embedding": embedding}
     for name in names:
         try:

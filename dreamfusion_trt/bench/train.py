@@ -181,6 +181,18 @@ def rgb_input(choice: str, model: DiffusionModel, cfg: RunConfig, frozen: Any) -
     return rgb_encoding(model, chosen, vae_input.encoder, encode_size, vae_input.latent_shape)
 
 
+def random_embedding(model: DiffusionModel, cfg: RunConfig, dtype: torch.dtype) -> PromptEmbeddings:
+    """A fixed random prompt embedding (seed 0) with the config's views: what the benchmarks'
+    slots train on (the text encoder's output values do not change a step's cost)."""
+    views = VIEWS if cfg.prompt.view_dependent else (NO_VIEW,)
+    gen = torch.Generator().manual_seed(0)
+    return PromptEmbeddings(
+        cond=torch.randn(len(views), model.max_length, model.text_dim, generator=gen).to(dtype),
+        uncond=torch.randn(model.max_length, model.text_dim, generator=gen).to(dtype),
+        views=views, prompt="benchmark", truncated=False,
+    )  # fmt: skip
+
+
 def device_busy_ms(trainer: Any, steps: int) -> float | None:
     """Median per step of the time the GPU spent in kernels and copies (torch.profiler, merged
     intervals), over `steps` steps: the step's wall time minus this is what the host costs."""
@@ -283,13 +295,7 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     model = build_random_sd(arch, device, dtype)
     result["text_encoder"] = time_text_encoder(model, prompts=32, reps=3)
     model.free_text_encoder()
-    views = VIEWS if cfg.prompt.view_dependent else (NO_VIEW,)
-    gen = torch.Generator().manual_seed(0)
-    embedding = PromptEmbeddings(
-        cond=torch.randn(len(views), model.max_length, model.text_dim, generator=gen).to(dtype),
-        uncond=torch.randn(model.max_length, model.text_dim, generator=gen).to(dtype),
-        views=views, prompt="benchmark", truncated=False,
-    )  # fmt: skip
+    embedding = random_embedding(model, cfg, dtype)
     init_state = fresh_slot_state(cfg, 0, device)
     renderer_backend = None
     for backend in backends:
