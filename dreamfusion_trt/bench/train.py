@@ -146,7 +146,8 @@ def make_predictor(model: DiffusionModel, backend: str, max_k: int, engines_dir:
 
 def bench_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
     cfg = from_dict(TINY_OVERRIDES) if args.tiny else RunConfig()
-    overrides: dict[str, dict[str, Any]] = {"train": {"device": str(device), "compile": args.compile}}
+    overrides: dict[str, dict[str, Any]] = {"train": {"device": str(device), "compile": args.compile,
+                                                      "compile_rgb_encoder": args.compile_rgb_encoder}}  # fmt: skip
     if args.render_backend:
         overrides["render"] = {"backend": args.render_backend}
     overrides["sds"] = {"rgb_mode": args.rgb_mode}
@@ -161,7 +162,7 @@ def rgb_input(choice: str, model: DiffusionModel, cfg: RunConfig, frozen: Any) -
     """The RGB phase's render -> latents strategy for one --rgb-encoder choice."""
     from ..guidance.inputs import DistilledEncoding
     from ..guidance.render_encoder import DistilledRenderEncoder, EncoderArch, FitOptions, vae_factor
-    from ..train.frozen import rgb_encoding
+    from ..train.frozen import compiled_render_encoder, rgb_encoding
 
     if choice not in RGB_ENCODERS:
         raise ValueError(f"unknown --rgb-encoder {choice!r} (expected some of {', '.join(RGB_ENCODERS)})")
@@ -176,7 +177,7 @@ def rgb_input(choice: str, model: DiffusionModel, cfg: RunConfig, frozen: Any) -
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             encoder = DistilledRenderEncoder(arch).to(model.device).eval().requires_grad_(False)
-        return DistilledEncoding(encoder, cfg.camera.render_size, vae_input.latent_shape)
+        return DistilledEncoding(compiled_render_encoder(encoder, cfg, model.device), cfg.camera.render_size, vae_input.latent_shape)
     chosen = from_dict({"train": {"rgb_encoder": choice}}, cfg)
     return rgb_encoding(model, chosen, vae_input.encoder, encode_size, vae_input.latent_shape)
 
@@ -373,6 +374,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rgb-mode", choices=("latent", "image"), default="latent",
                    help="RGB phase: latent SDS through the VAE encoder, or image-space SDS with inference-only VAE (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the renderer / field")
+    p.add_argument("--compile-rgb-encoder", choices=("auto", "on", "off"), default="auto",
+                   help="train.compile_rgb_encoder: the distilled / untrained encoder compiled (auto: on CUDA) (default: %(default)s)")
     p.add_argument("--engines-dir", default="engines", help="built TensorRT/AOTInductor files (default: %(default)s)")
     p.add_argument("--build-engines", action="store_true", help="build missing TensorRT/AOTInductor UNets first (slow)")
     p.add_argument("--device", default="auto")

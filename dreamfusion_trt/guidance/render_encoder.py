@@ -8,6 +8,8 @@ compute nearly the same function, and its vector-Jacobian products, at a small f
 cost. `DistilledRenderEncoder` is that network; `fit_render_encoder` fits it to the teacher on
 images made on the fly (`render_encoder_data`), matching both the latents and the teacher's
 VJPs for random cotangents, because SDS uses the encoder's gradient, not only its output.
+`CompiledRenderEncoder` is its fast twin (forward and backward through ``torch.compile``), with
+the module as its reference and fallback.
 
 Parity (`measure_parity`, on held-out renders): per image the relative error of the latents
 ``|z_s - z_t| / |z_t|`` and, per image and random latent-space gradient g, the cosine between the
@@ -40,6 +42,7 @@ from torch import nn
 from ..atomic import atomic_path
 from ..engines.eager import EagerImageEncoder
 from ..engines.artifacts import Manifest, model_folder, sha256_file
+from .compiled import CompiledOrEager, compile_static
 from .latents import encode_rgb
 
 logger = logging.getLogger(__name__)
@@ -140,6 +143,33 @@ class DistilledRenderEncoder(nn.Module):
             h = block(h)
         pooled = F.avg_pool2d(x, 2**self.arch.downsample) if self.arch.downsample else x
         return self.head(F.silu(self.head_norm(h))) + self.colour(pooled)
+
+
+class CompiledRenderEncoder:
+    """The fast twin of a `DistilledRenderEncoder`, the module itself its reference and fallback:
+    images [n, 3, R, R] in [0, 1] -> latents [n, C, E/8, E/8], differentiable in the images.
+
+    ``torch.compile`` of the module's forward with static shapes (one graph per batch size);
+    AOT autograd compiles its backward, so the RGB phase's forward and backward through it run
+    as a few kernels instead of ~8 ms of eager launches per step on CUDA at one prompt. Build
+    one per encoder (it holds the compiled graphs). When the compiler fails, it runs the eager
+    module for good, with one warning (`compiled.CompiledOrEager`).
+    """
+
+    name = "compiled"
+
+    def __init__(self, encoder: DistilledRenderEncoder, backend: str = "inductor", mode: str | None = None) -> None:
+        self.encoder = encoder
+        self.arch = encoder.arch
+        self._run = CompiledOrEager(compile_static(encoder.forward, backend, mode), encoder, "the distilled render encoder")
+
+    @property
+    def compiled(self) -> bool:
+        """False once the compiler failed and the eager module runs instead."""
+        return not self._run.failed
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images)  # [n, C, E/8, E/8]
 
 
 def vae_teacher(vae: nn.Module, scaling_factor: float, encode_size: int) -> Teacher:

@@ -7,9 +7,10 @@ the encode function once per input shape and AOT autograd compiles its backward 
 the RGB phase's forward *and* backward through the encoder run as compiled code. The eager
 encoder stays the reference it is tested against, and the fallback.
 
-Backends: "inductor" (the fast path), "aot_eager" (traces forward and backward like inductor
-but runs them eagerly: quick to compile, for tests; on the CPU it fails at batch 1 with a
-group-norm contiguity error that inductor does not have), "eager" (dynamo only).
+Backends (`compiled.compile_static`): "inductor" (the fast path), "aot_eager" (traces forward
+and backward like inductor but runs them eagerly: quick to compile, for tests; on the CPU it
+fails at batch 1 with a group-norm contiguity error that inductor does not have), "eager"
+(dynamo only).
 
 `TinyVaeImageEncoder` puts TAESD (diffusers' `AutoencoderTiny`) behind the same protocol.
 
@@ -20,15 +21,13 @@ On CUDA the VAE's attention is switched to fused SDPA and its weights to channel
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 
 from ..engines.eager import _check_4d
+from .compiled import compile_static
 
 logger = logging.getLogger(__name__)
-
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
 def _prepare(vae: torch.nn.Module) -> None:
@@ -38,14 +37,6 @@ def _prepare(vae: torch.nn.Module) -> None:
 
     use_fused_attention(vae)
     vae.to(memory_format=torch.channels_last)
-
-
-def _compile(fn: Callable, backend: str, mode: str | None) -> Callable:
-    if backend not in COMPILE_BACKENDS:
-        raise ValueError(f"unknown torch.compile backend {backend!r} (expected one of {', '.join(COMPILE_BACKENDS)})")
-    kwargs = {"mode": mode} if backend == "inductor" and mode is not None else {}
-    # Static shapes: the RGB phase encodes one [K, 3, E, E] shape per run (two with a last short batch).
-    return torch.compile(fn, backend=backend, dynamic=False, fullgraph=False, **kwargs)
 
 
 class CompiledImageEncoder:
@@ -61,7 +52,7 @@ class CompiledImageEncoder:
         self.vae = vae
         self.scaling_factor = float(scaling_factor)
         self.dtype = vae.dtype
-        self._fn = _compile(self._encode, backend, mode)
+        self._fn = compile_static(self._encode, backend, mode)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(images.to(self.dtype)).latent_dist.mean * self.scaling_factor

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -70,7 +70,8 @@ def load_frozen(
     encoder, and build the noise predictor for up to `max_prompts` prompts per step (None: the
     eager one for now, to be replaced once the number is known). `clock` marks each stage."""
     clock = clock or StageClock()
-    if device.type == "cuda" or cfg.model.backend in ("inductor", "aotinductor") or cfg.train.compile:
+    compiles = cfg.model.backend in ("inductor", "aotinductor") or cfg.train.compile or cfg.train.compile_rgb_encoder == "on"
+    if device.type == "cuda" or compiles:
         use_compile_cache(cfg.model.cache_dir, device)  # before anything compiles
     if model is None:
         dtype = resolve_dtype(cfg.model.dtype, device)
@@ -120,7 +121,8 @@ def frozen_from_model(model: DiffusionModel, cfg: RunConfig, predictor: NoisePre
 def rgb_encoding(model: DiffusionModel, cfg: RunConfig, encoder: ImageEncoder, encode_size: int,
                  latent_shape: tuple[int, int, int]) -> RenderInput:  # fmt: skip
     """The RGB phase's render -> latents (``train.rgb_encoder``): the distilled render encoder
-    when asked for or, with auto, on CUDA when its recorded parity passes; else the VAE."""
+    when asked for or, with auto, on CUDA when its recorded parity passes, compiled where
+    ``train.compile_rgb_encoder`` says (auto: on CUDA); else the VAE."""
     choice, render_size = cfg.train.rgb_encoder, cfg.camera.render_size
     if choice == "distilled" or (choice == "auto" and model.device.type == "cuda"):
         from ..guidance.render_encoder import BelowThresholdError, load_or_fit
@@ -134,9 +136,11 @@ def rgb_encoding(model: DiffusionModel, cfg: RunConfig, encoder: ImageEncoder, e
             log.info("RGB phase: the full VAE encoder (the distilled one is refused: %s)", exc)
         else:
             parity = entry.get("parity", {})
-            log.info("RGB phase: distilled render encoder %d -> %d (gradient cosine %.3f against the VAE; "
-                     "--train.rgb_encoder vae for the full VAE)", render_size, encode_size, parity.get("grad_cos_mean", float("nan")))  # fmt: skip
-            return DistilledEncoding(distilled, render_size, latent_shape)
+            runner = compiled_render_encoder(distilled, cfg, model.device)
+            log.info("RGB phase: distilled render encoder %d -> %d, %s (gradient cosine %.3f against the VAE; "
+                     "--train.rgb_encoder vae for the full VAE)", render_size, encode_size, "eager" if runner is distilled else "compiled",
+                     parity.get("grad_cos_mean", float("nan")))  # fmt: skip
+            return DistilledEncoding(runner, render_size, latent_shape)
     elif choice == "auto":
         log.info("RGB phase: the full VAE encoder (auto on the CPU; --train.rgb_encoder distilled fits a small one)")
     return VAEEncoding(encoder, encode_size, render_size, latent_shape)
@@ -149,3 +153,15 @@ def new_trainer(frozen: Frozen, cfg: RunConfig, num_slots: int, device: torch.de
     model = frozen.model
     return Trainer(cfg, renderer, guidance, device, text_shape=(model.max_length, model.text_dim), text_dtype=model.dtype,
                    colour_state=frozen.latent_map)  # fmt: skip
+
+
+def compiled_render_encoder(encoder: torch.nn.Module, cfg: RunConfig, device: torch.device) -> Any:
+    """`encoder`'s compiled twin where ``train.compile_rgb_encoder`` asks for it (auto: on CUDA),
+    else `encoder` itself. Built once per encoder (it holds the compiled graphs); the eager module
+    is its fallback."""
+    knob = cfg.train.compile_rgb_encoder
+    if knob == "on" or (knob == "auto" and device.type == "cuda"):
+        from ..guidance.render_encoder import CompiledRenderEncoder
+
+        return CompiledRenderEncoder(encoder)
+    return encoder
