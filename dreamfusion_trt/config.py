@@ -135,7 +135,7 @@ class TrainConfig:
     latent_fraction: float = 0.3  # first fraction of iterations in latent space, then RGB through the VAE
     encode_size: int = 0  # RGB phase: renders are resized to this before the VAE encoder; 0 = the model's native size (512 for SD)
     rgb_encoder: Literal["auto", "vae", "distilled"] = "auto"  # RGB phase render -> latents: the full VAE encoder, or a small encoder distilled from it (fitted once per model and size, refused below its parity threshold); auto = distilled on CUDA when its parity passes, else the VAE
-    compile_rgb_encoder: Literal["auto", "on", "off"] = "auto"  # the distilled render encoder's forward and backward through torch.compile (eager, ~8 ms of host launches per step on CUDA at one prompt; an Inductor failure falls back to eager with one warning); auto = on CUDA; the full VAE encoder stays eager
+    compile_rgb_encoder: Literal["auto", "on", "off"] = "off"  # the distilled render encoder's forward and backward through torch.compile (an Inductor failure falls back to eager with one warning); auto = on CUDA. Off by default: on the H200 it left the K=1 RGB step at 31.3 ms (BENCHMARKS.md, fourth session) and costs a compile at start-up
     lr: float = 1e-3  # MLP learning rate; the hash grid uses grid_lr_scale times this
     grid_lr_scale: float = 10.0
     betas: tuple[float, float] = (0.9, 0.99)

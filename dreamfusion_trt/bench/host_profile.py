@@ -204,7 +204,7 @@ def run_host_profile(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"the full-size profile needs CUDA (device {str(device)!r}); use --tiny for a CPU smoke check")
     arch, dtype, backend = ("tiny", torch.float32, "eager") if args.tiny else ("sd21base", torch.float16, "inductor")
     cfg_args = argparse.Namespace(tiny=args.tiny, compile=False, render_backend=None, rgb_mode="latent",
-                                  field_backend="auto", field_normals=None, compile_rgb_encoder="auto")  # fmt: skip
+                                  field_backend="auto", field_normals=None, compile_rgb_encoder=None)  # fmt: skip
     cfg = bench_train.bench_config(cfg_args, device)
     if device.type == "cuda":
         from ..engines.compile_cache import use_compile_cache

@@ -146,8 +146,9 @@ def make_predictor(model: DiffusionModel, backend: str, max_k: int, engines_dir:
 
 def bench_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
     cfg = from_dict(TINY_OVERRIDES) if args.tiny else RunConfig()
-    overrides: dict[str, dict[str, Any]] = {"train": {"device": str(device), "compile": args.compile,
-                                                      "compile_rgb_encoder": args.compile_rgb_encoder}}  # fmt: skip
+    overrides: dict[str, dict[str, Any]] = {"train": {"device": str(device), "compile": args.compile}}
+    if args.compile_rgb_encoder:
+        overrides["train"]["compile_rgb_encoder"] = args.compile_rgb_encoder
     if args.render_backend:
         overrides["render"] = {"backend": args.render_backend}
     overrides["sds"] = {"rgb_mode": args.rgb_mode}
@@ -374,8 +375,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rgb-mode", choices=("latent", "image"), default="latent",
                    help="RGB phase: latent SDS through the VAE encoder, or image-space SDS with inference-only VAE (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the renderer / field")
-    p.add_argument("--compile-rgb-encoder", choices=("auto", "on", "off"), default="auto",
-                   help="train.compile_rgb_encoder: the distilled / untrained encoder compiled (auto: on CUDA) (default: %(default)s)")
+    p.add_argument("--compile-rgb-encoder", choices=("auto", "on", "off"), default=None,
+                   help="train.compile_rgb_encoder: the distilled / untrained encoder compiled (auto: on CUDA) (default: the config's)")
     p.add_argument("--engines-dir", default="engines", help="built TensorRT/AOTInductor files (default: %(default)s)")
     p.add_argument("--build-engines", action="store_true", help="build missing TensorRT/AOTInductor UNets first (slow)")
     p.add_argument("--device", default="auto")

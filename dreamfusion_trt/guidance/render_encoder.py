@@ -151,9 +151,10 @@ class CompiledRenderEncoder:
 
     ``torch.compile`` of the module's forward with static shapes (one graph per batch size);
     AOT autograd compiles its backward, so the RGB phase's forward and backward through it run
-    as a few kernels instead of ~8 ms of eager launches per step on CUDA at one prompt. Build
-    one per encoder (it holds the compiled graphs). When the compiler fails, it runs the eager
-    module for good, with one warning (`compiled.CompiledOrEager`).
+    as a few kernels instead of the eager module's many launches. Build one per encoder (it
+    holds the compiled graphs). When the compiler fails, it runs the eager module for good,
+    with one warning (`compiled.CompiledOrEager`). `train.compile_rgb_encoder` chooses it; it is
+    off by default, as on the H200 it did not shorten the K = 1 RGB step (BENCHMARKS.md).
     """
 
     name = "compiled"
