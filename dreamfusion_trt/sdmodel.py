@@ -317,6 +317,13 @@ def _fingerprint(root: Path, files: list[Path], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def folder_fingerprint(folder: str | Path) -> str:
+    """12 hex digits that change with any component file of a diffusers folder and not with the
+    folder's name or place: the suffix of its model key."""
+    root = Path(folder)
+    return hashlib.sha256(_fingerprint(root, [root / "model_index.json", *_component_files(root)]).encode()).hexdigest()[:12]
+
+
 def _key(name: str, digest: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
     return f"{slug}-{hashlib.sha256(digest.encode()).hexdigest()[:12]}"

@@ -99,3 +99,40 @@ def test_stored_references_are_valid():
     for kind, ref in refs.items():
         assert [r["object"] for r in ref["rows"]] == list(bench_prior.QUICK_OBJECTS), kind
         assert ref["summary"]["median_iou"] is not None and ref["tolerance"] == bench_prior.QUICK_TOLERANCE
+        assert ref["run_flags"] == list(bench_prior.QUICK_FLAGS[kind]), kind  # recorded with the flags the gate runs
+
+
+@pytest.mark.skipif(not weights_available(), reason="the built-in prior's weights are not in the package")
+def test_stored_references_are_for_the_built_in_prior():
+    fingerprint = bench_prior.prior_fingerprint([])
+    assert fingerprint is not None and len(fingerprint) == 12
+    for kind, ref in bench_prior.load_references().items():
+        assert ref["prior"] == fingerprint, f"the {kind} quick reference is for another prior: record it again"
+
+
+def test_a_reference_for_another_prior_gives_no_verdict(tmp_path):
+    from dreamfusion_trt.sdmodel import folder_fingerprint
+
+    folder = tmp_path / "prior_a"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "w.safetensors").write_bytes(b"weights one")
+    first = bench_prior.prior_fingerprint(["--model.model", str(folder)])
+    assert first == folder_fingerprint(folder)
+    moved = folder.rename(tmp_path / "prior_b")  # the name and place do not enter it ...
+    assert folder_fingerprint(moved) == first
+    (moved / "unet" / "w.safetensors").write_bytes(b"weights two")  # ... any retrained file does
+    assert folder_fingerprint(moved) != first
+    assert bench_prior.prior_fingerprint(["--model.model", "some/hub-id"]) is None  # not a local folder
+
+    ref = {"cpu": bench_prior.reference_entry({**_quick_result(), "prior": first})}
+    passed, line = bench_prior.verdict({**_quick_result(), "prior": folder_fingerprint(moved)}, ref)
+    assert passed is None and "no verdict" in line and first in line and "--write-reference" in line
+    passed, _ = bench_prior.verdict({**_quick_result(), "prior": first}, ref)
+    assert passed is True
+
+
+@pytest.mark.skipif(not weights_available(), reason="the built-in prior's weights are not in the package")
+def test_run_flags_naming_a_model_replace_the_built_in_one(tmp_path):
+    cfg = bench_prior.run_config("cpu", True, ["--model.model", str(tmp_path)], tmp_path / "b")
+    assert cfg.model.model == str(tmp_path) and cfg.camera.render_size == 32  # the preset still applies

@@ -53,10 +53,13 @@ QUICK_SEED = 0
 QUICK_VIEW_DEPENDENT = "on"
 # Per device kind, run flags on top of the preset. The turntable does not enter the score, so the
 # gate writes 4 frames. The GPU preset's 2,000 steps take ~220 s per batch on an H200, over the
-# gate's 3 minutes; there the gate trains half of them (against its own reference).
+# gate's 3 minutes; there the gate trains half of them (against its own reference). On both kinds
+# the RGB phase goes through the full VAE (the CPU's auto choice): the gate then needs no render
+# encoder fitted for the prior first (minutes on a fresh machine), and its verdict does not depend
+# on which fitted encoder is on disk; the distilled encoder has its own gate (BENCHMARKS.md).
 QUICK_FLAGS: dict[str, tuple[str, ...]] = {
     "cpu": ("--output.video_frames", "4"),
-    "cuda": ("--output.video_frames", "4", "--train.iters", "1000", "--render.albedo_iters", "500"),
+    "cuda": ("--output.video_frames", "4", "--train.iters", "1000", "--render.albedo_iters", "500", "--train.rgb_encoder", "vae"),
 }
 QUICK_REFERENCE = Path(__file__).resolve().parents[1] / "prior" / "quick_reference.json"
 # One-sided tolerances: a change may be better, never worse by more than these.
@@ -135,11 +138,25 @@ def run_config(device: str, view_dependent: bool, extra: Sequence[str], out: Pat
     point at another prior folder), written into `out`."""
     from ..prior.preset import preset_config, use_weights
 
-    cfg = use_weights(preset_config(None, on_cpu=device == "cpu"))
+    flags = parse_run_flags(extra)
+    cfg = preset_config(None, on_cpu=device == "cpu")
+    if "model" not in flags.get("model", {}):
+        cfg = use_weights(cfg)
     cfg = from_dict({"train": {"device": device}, "prompt": {"view_dependent": view_dependent}}, cfg)
-    cfg = from_dict(parse_run_flags(extra), cfg)
+    cfg = from_dict(flags, cfg)
     cfg.output = dataclasses.replace(cfg.output, out=str(out))
     return cfg
+
+
+def prior_fingerprint(extra: Sequence[str]) -> str | None:
+    """The fingerprint of the prior a run trains against (``--model.model`` among the run flags,
+    else the built-in one; `sdmodel.folder_fingerprint`), None for a model that is not a local
+    folder. A quick reference holds it, so a reference is never read against another prior."""
+    from ..prior import WEIGHTS_DIR
+    from ..sdmodel import folder_fingerprint
+
+    folder = Path(parse_run_flags(extra).get("model", {}).get("model", WEIGHTS_DIR))
+    return folder_fingerprint(folder) if (folder / "model_index.json").is_file() else None
 
 
 def write_prompts(path: Path, objects: Sequence[str], seeds: Sequence[int] | None) -> Path:
@@ -172,6 +189,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "seeds": seeds,
         "run_flags": extra,
+        "prior": prior_fingerprint(extra),
         "settings": {},
     }
     for setting in args.view_dependent.split(","):
@@ -225,6 +243,7 @@ def reference_entry(result: dict[str, Any]) -> dict[str, Any]:
         "machine": result["machine"],
         "objects": list(QUICK_OBJECTS),
         "run_flags": result["run_flags"],
+        "prior": result.get("prior"),
         "batch_wall_s": block["batch_wall_s"],
         "summary": {k: block["summary"][k] for k in ("median_iou", "median_best_iou", "median_opacity_on_object",
                                                       "median_color_error", "median_chamfer")},  # fmt: skip
@@ -247,6 +266,9 @@ def verdict(result: dict[str, Any], references: dict[str, Any]) -> tuple[bool | 
     ref = references.get(kind)
     if ref is None:
         return None, f"bench prior --quick ({kind}): {now}; no reference for this device yet"
+    if ref.get("prior") != result.get("prior"):
+        return None, (f"bench prior --quick ({kind}): {now}; no verdict: the {kind} reference is for prior "
+                      f"{ref.get('prior')}, this run trained against prior {result.get('prior')} (--write-reference records one)")  # fmt: skip
     tol = ref.get("tolerance", QUICK_TOLERANCE)
     rs = ref["summary"]
     problems = []

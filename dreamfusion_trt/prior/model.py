@@ -100,9 +100,9 @@ class PriorTrainConfig:
     warmup: int = 200  # linear warm-up steps, then cosine decay to 10 %
     kl_weight: float = 1e-4  # per latent element, against per-pixel L1 + L2
     # Weight of `color_isometry_loss`: flat colours keep their RGB distances in latent space up to
-    # one scale (0: off, as the shipped weights were trained). Without it the VAE puts red 2.4x
-    # closer to white than blue (bench/prior_diagnosis.py), and SDS barely sees a red object.
-    color_isometry_weight: float = 0.0
+    # one scale (the shipped weights: 1.0; 0 turns it off). Without it the VAE put red 6x closer
+    # to white than blue (bench/prior_diagnosis.py), and SDS barely saw a red object.
+    color_isometry_weight: float = 1.0
     color_isometry_pairs: int = 64  # flat-colour pairs per VAE step (a quarter of them against white)
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
