@@ -562,7 +562,9 @@ def preset_cpu_yaml(cfg: PriorTrainConfig) -> str:
     return f"""\
 # CPU overrides for the built-in prior, layered on {PRESET_NAME} when the run's device is the CPU.
 # Renders at half size with half the samples (upsampled to {size}x{size} for the VAE), autograd normals
-# (cheaper than finite differences on a CPU), fewer steps, and smaller outputs.
+# (cheaper than finite differences on a CPU), fewer steps, and smaller outputs. With so few steps
+# t_max is annealed from 0.98 to 0.3 (the last, low-noise steps tighten the shape; on the red cube
+# IoU 0.54 -> 0.67, BENCHMARKS.md, fourth session).
 field:
   normals: autograd
 render:
@@ -573,6 +575,9 @@ camera:
 train:
   iters: 400
   encode_size: {size}
+sds:
+  t_anneal: linear
+  t_max_final: 0.3
 output:
   mesh_resolution: 64
   video_size: 64
