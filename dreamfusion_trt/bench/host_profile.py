@@ -203,9 +203,7 @@ def run_host_profile(args: argparse.Namespace) -> dict[str, Any]:
     if device.type != "cuda" and not args.tiny:
         raise ValueError(f"the full-size profile needs CUDA (device {str(device)!r}); use --tiny for a CPU smoke check")
     arch, dtype, backend = ("tiny", torch.float32, "eager") if args.tiny else ("sd21base", torch.float16, "inductor")
-    cfg_args = argparse.Namespace(tiny=args.tiny, compile=False, render_backend=None, rgb_mode="latent",
-                                  field_backend="auto", field_normals=None, compile_rgb_encoder=None)  # fmt: skip
-    cfg = bench_train.bench_config(cfg_args, device)
+    cfg = bench_train.bench_config(bench_train.make_parser().parse_args(["--tiny"] if args.tiny else []), device)  # its defaults
     if device.type == "cuda":
         from ..engines.compile_cache import use_compile_cache
 
