@@ -125,6 +125,22 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
+def checkpoint_header_step(path: str | Path) -> int:
+    """The step a checkpoint file holds, from the header inside it: reads only the header, and
+    cannot lag behind the tensors the way the JSON sidecar can (a kill between the two renames
+    leaves the sidecar one checkpoint behind). ValueError when there is no readable header."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(n) if n <= 100_000_000 else b""
+    if n == 0 or len(raw) != n:
+        raise ValueError(f"checkpoint '{path}' has no complete safetensors header")
+    try:
+        meta = json.loads(raw).get("__metadata__") or {}
+        return int(json.loads(meta["dreamfusion_trt"])["step"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"checkpoint '{path}' has no dreamfusion-trt step in its header: {exc}") from exc
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read a checkpoint (a run folder or the file). Raises FileNotFoundError when there is none
     and ValueError when it is corrupt (including tensor data that does not match its sha256),

@@ -131,3 +131,22 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert load_checkpoint(tmp_path).step == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.json", "checkpoint.safetensors"]
+
+
+def test_checkpoint_step_reads_the_file_not_its_sidecar_which_can_lag(tmp_path):
+    """A kill between the checkpoint's rename and its JSON sidecar's leaves the sidecar one
+    checkpoint behind: the step a run resumes from is the file's own."""
+    from dreamfusion_trt.checkpoint import checkpoint_header_step
+    from dreamfusion_trt.train.driver import checkpoint_step
+
+    lin = torch.nn.Linear(2, 2)
+    save_checkpoint(Checkpoint(step=4, config=RunConfig(), model=lin.state_dict()), tmp_path)
+    stale = (tmp_path / "checkpoint.json").read_text()
+    path = save_checkpoint(Checkpoint(step=6, config=RunConfig(), model=lin.state_dict()), tmp_path)
+    (tmp_path / "checkpoint.json").write_text(stale)  # as if killed before the sidecar's rename
+    assert checkpoint_step(tmp_path) == 6 == load_checkpoint(tmp_path).step == checkpoint_header_step(path)
+    assert checkpoint_step(tmp_path / "none") == 0
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a truncated header
+    assert checkpoint_step(tmp_path) == 0
+    with pytest.raises(ValueError, match="no complete safetensors header"):
+        checkpoint_header_step(path)

@@ -34,7 +34,6 @@ import collections
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import signal
 import threading
@@ -45,7 +44,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..atomic import clean_stale_temporaries
-from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
+from ..checkpoint import CHECKPOINT_NAME, checkpoint_header_step, load_checkpoint
 from ..config import RunConfig
 from ..export.artifacts import RunOutputs, Scorer, write_outputs
 from ..lock import RunLock
@@ -83,10 +82,11 @@ class Interrupted(Exception):
 
 
 def checkpoint_step(folder: Path) -> int:
-    """Step of the checkpoint in `folder` from its JSON sidecar (0 when there is none)."""
+    """Step of the checkpoint in `folder`, from the header inside the checkpoint file (0 when
+    there is none): the JSON sidecar is written after the file and lags it after a kill."""
     try:
-        return int(json.loads((folder / "checkpoint.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return checkpoint_header_step(folder / CHECKPOINT_NAME)
+    except (OSError, ValueError):
         return 0
 
 
