@@ -1,5 +1,5 @@
-"""The red-vs-blue diagnosis script's model-free parts: albedo logits, the object mask, and the
-numbers it reads from a finished run folder."""
+"""The red-vs-blue diagnosis script: its model-free parts (albedo logits, the object mask, the
+numbers it reads from a finished run folder) and, on the built-in prior, the guidance inflation."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from dreamfusion_trt.bench.prior_diagnosis import albedo_logits, main, measure_run, object_mask
+from dreamfusion_trt.bench.prior_diagnosis import _Prior, albedo_logits, main, measure_guidance_inflation, measure_run, object_mask
 from dreamfusion_trt.checkpoint import Checkpoint, save_checkpoint
 from dreamfusion_trt.config import RunConfig, from_dict
+from dreamfusion_trt.prior import WEIGHTS_DIR
 from dreamfusion_trt.scene import build_scene
 
 
@@ -45,3 +46,17 @@ def test_a_run_folder_gives_its_thresholds_and_albedo(tmp_path):
     assert main(["--skip-model", "--shape", "cube", "--runs", str(tmp_path), "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["runs"][0]["object"] == "a blue cube" and set(data["albedo"]) == {"a red cube", "a blue cube"}
+
+
+def test_strong_guidance_inflates_the_prior_s_prediction_at_the_true_object():
+    """The built-in prior's guided one-step prediction from a noised true render: at guidance 1 and
+    low noise it is the true object (area ratio ~1); at the old preset's guidance 50 and t = 600
+    it fills about twice the true silhouette (2.07 measured on a red cube), so SDS pushes the
+    object to grow. Small sample: 2 renders, 2 draws."""
+    prior = _Prior(WEIGHTS_DIR, torch.device("cpu"))
+    out = measure_guidance_inflation(prior, "a red cube", (1.0, 50.0), (50, 600), n=2, draws=2, seed=0)
+    assert 0.2 < out["true_area"] < 0.8 and out["vae_reconstruction_area_ratio"] == pytest.approx(1.0, abs=0.1)
+    low, high = out["by_scale"]["1"], out["by_scale"]["50"]
+    assert low["50"]["area_ratio"] == pytest.approx(1.0, abs=0.1) and low["50"]["non_white_outside"] < 0.02
+    assert high["600"]["area_ratio"] > 1.4 and high["600"]["non_white_outside"] > 0.1
+    assert high["600"]["area_ratio"] > low["600"]["area_ratio"] + 0.3

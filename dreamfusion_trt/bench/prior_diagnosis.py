@@ -1,8 +1,9 @@
-"""Why do red objects come out worse than blue ones? Measures each stage of the known-answer path
-on the red and the blue version of one shape, and writes JSON.
+"""Why do red objects come out worse than blue ones, and why do objects come out too big? Measures
+each stage of the known-answer path on the red and the blue version of one shape, and writes JSON.
 
     python -m dreamfusion_trt.bench.prior_diagnosis --shape torus --out diagnosis.json
     python -m dreamfusion_trt.bench.prior_diagnosis --runs 'runs/bench/*/*' --out diagnosis.json
+    python -m dreamfusion_trt.bench.prior_diagnosis --shape cube --colors red --inflation-scales 1,3,7.5,15,50 --inflation-only --renders 8 --out inflation.json
 
 Per colour (true renders from the prior's own training distribution, 64x64, white background):
 
@@ -23,6 +24,12 @@ Per colour (true renders from the prior's own training distribution, 64x64, whit
   object's latent pixels; and the latent distance of a flat object colour from flat white
   (encoder and map), i.e. how visible the colour is against the background in latent space.
 - ``albedo``: the logits the albedo head's sigmoid needs for the true colour.
+- ``guidance_inflation`` (``--inflation-scales``): where SDS at the true render points. At each
+  guidance scale and timestep, the decoded one-step prediction x0^ (classifier-free guidance at
+  that scale, averaged over noise draws) from noised latents of the true renders; its silhouette
+  area over the true one, and how far from white it is outside the true silhouette. SDS moves a
+  render towards x0^, so a ratio above 1 is a push to grow the object (a ratio of 1 at every t:
+  the true object is a fixed point).
 
 ``--runs`` adds per run folder the IoU at the mesh's threshold against the best over thresholds
 (score.json) and the trained albedo at the true surface (from the checkpoint).
@@ -199,6 +206,41 @@ def measure_linear_map(prior: _Prior, captions: Sequence[str], n: int, seed: int
     return out
 
 
+@torch.no_grad()
+def measure_guidance_inflation(prior: _Prior, caption: str, scales: Sequence[float], timesteps: Sequence[int], n: int,
+                               draws: int, seed: int) -> dict[str, Any]:  # fmt: skip
+    """Silhouette area of the guided one-step prediction x0^ at the true renders, over the true area, per scale and t."""
+    ds = render_dataset(DatasetConfig(images_per_object=n, image_size=64, captions=(caption,), seed=seed), prior.device)
+    img = ds.float_images()
+    mask = object_mask(img)
+    emb = prior.embed([*ds.texts, ""])
+    cond, uncond = emb[ds.text_index], emb[-1:]
+    z = prior.encode(img)
+    true_area = float(mask.float().mean())
+    out: dict[str, Any] = {"caption": caption, "renders": n, "draws": draws, "true_area": true_area,
+                           "vae_reconstruction_area_ratio": float(object_mask(prior.decode(z)).float().mean()) / true_area,
+                           "by_scale": {}}  # fmt: skip
+    for scale in scales:
+        gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws for every scale
+        rows = {}
+        for t in timesteps:
+            a = prior.alphas[t]
+            acc = torch.zeros_like(img)
+            for _ in range(draws):
+                noise = torch.randn(z.shape, generator=gen).to(z)
+                g = prior.sds_grad(z, t, noise, cond, uncond, scale)  # (1 - a) (eps_cfg - noise)
+                eps_hat = g / (1 - a) + noise
+                x = a.sqrt() * z + (1 - a).sqrt() * noise
+                acc += prior.decode((x - (1 - a).sqrt() * eps_hat) / a.sqrt())
+            x0 = acc / draws
+            darkness = (1.0 - x0).amax(dim=1, keepdim=True)
+            rows[str(t)] = {"area_ratio": float(object_mask(x0).float().mean()) / true_area,
+                            "non_white_outside": float(darkness[~mask].mean()),
+                            "non_white_inside": float(darkness[mask].mean())}  # fmt: skip
+        out["by_scale"][f"{scale:g}"] = rows
+    return out
+
+
 def albedo_logits(caption: str) -> dict[str, Any]:
     rgb = PALETTE[resolve_caption(caption).colors[0]]
     logits = [math.log(c / (1 - c)) for c in rgb]
@@ -245,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--renders", type=int, default=16, help="true renders per colour (default: %(default)s)")
     p.add_argument("--draws", type=int, default=4, help="noise draws per timestep (default: %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=50.0, help="CFG of the SDS numbers (the preset's: %(default)s)")
+    p.add_argument("--inflation-scales", default="",
+                   help="comma-separated guidance scales for guidance_inflation (default: skipped), e.g. 1,3,7.5,15,50")
+    p.add_argument("--inflation-shape", default="", help="the shape of guidance_inflation (default: --shape, first colour)")
+    p.add_argument("--inflation-only", action="store_true", help="with --inflation-scales: skip the per-colour numbers")
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (globs) to read thresholds and albedo from")
     p.add_argument("--skip-model", action="store_true", help="only the albedo and --runs numbers (no prior loaded)")
     p.add_argument("--device", default="cpu")
@@ -260,11 +306,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "timesteps": list(TIMESTEPS), "towards_timesteps": list(TOWARDS_TIMESTEPS), "albedo": {c: albedo_logits(c) for c in captions}}  # fmt: skip
     if not args.skip_model:
         prior = _Prior(args.model, torch.device(args.device))
-        result["colors"] = {}
-        for c in captions:
-            result["colors"][c] = measure_color(prior, c, args.renders, args.draws, args.guidance_scale, args.seed)
-            log.info("%s: %s", c, json.dumps(result["colors"][c])[:600])
-        result["linear_map"] = measure_linear_map(prior, captions, args.renders, args.seed)
+        if not (args.inflation_only and args.inflation_scales):
+            result["colors"] = {}
+            for c in captions:
+                result["colors"][c] = measure_color(prior, c, args.renders, args.draws, args.guidance_scale, args.seed)
+                log.info("%s: %s", c, json.dumps(result["colors"][c])[:600])
+            result["linear_map"] = measure_linear_map(prior, captions, args.renders, args.seed)
+        if args.inflation_scales:
+            scales = [float(v) for v in args.inflation_scales.split(",")]
+            caption = f"a {args.colors.split(',')[0]} {args.inflation_shape or args.shape}"
+            result["guidance_inflation"] = measure_guidance_inflation(prior, resolve_caption(caption).caption, scales,
+                                                                      TIMESTEPS, args.renders, args.draws, args.seed)  # fmt: skip
+            for scale, rows in result["guidance_inflation"]["by_scale"].items():
+                log.info("%s, guidance %s: x0^ area / true area by t: %s", caption, scale,
+                         ", ".join(f"{t} {r['area_ratio']:.2f}" for t, r in rows.items()))  # fmt: skip
     folders = sorted({Path(f) for pattern in args.runs for f in glob.glob(pattern)})
     result["runs"] = [r for r in (measure_run(f) for f in folders if f.is_dir()) if r is not None]
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
