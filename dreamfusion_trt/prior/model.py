@@ -562,9 +562,11 @@ def preset_cpu_yaml(cfg: PriorTrainConfig) -> str:
     return f"""\
 # CPU overrides for the built-in prior, layered on {PRESET_NAME} when the run's device is the CPU.
 # Renders at half size with half the samples (upsampled to {size}x{size} for the VAE), autograd normals
-# (cheaper than finite differences on a CPU), fewer steps, and smaller outputs. With so few steps
-# t_max is annealed from 0.98 to 0.3 (the last, low-noise steps tighten the shape; on the red cube
-# IoU 0.54 -> 0.67, BENCHMARKS.md, fourth session).
+# (cheaper than finite differences on a CPU), fewer steps, and smaller outputs. SDS guidance 7.5
+# and timesteps up to 0.6 of the schedule, annealed to 0.3: where this prior's guided prediction at
+# a true object keeps the object's size (`prior_diagnosis --inflation-scales`: at guidance 50 it
+# fills twice the true silhouette from t = 0.6 up, so SDS inflated every object; BENCHMARKS.md,
+# fifth session). On the red cube IoU 0.67 -> 0.79, mesh volume 1.45x -> 1.02x the true one.
 field:
   normals: autograd
 render:
@@ -576,6 +578,8 @@ train:
   iters: 400
   encode_size: {size}
 sds:
+  guidance_scale: 7.5
+  t_max: 0.6
   t_anneal: linear
   t_max_final: 0.3
 output:
