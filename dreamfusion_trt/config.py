@@ -80,6 +80,8 @@ class FieldConfig:
     density_activation: Literal["exp", "softplus"] = "exp"
     blob_density: float = 10.0  # density added at the centre at init (DreamFusion's blob)
     blob_radius: float = 0.5
+    coarse_to_fine: float = 0.0  # share of a prompt's iterations over which the hash grid's levels switch on, coarse to fine (0: all levels from the first step)
+    coarse_levels: int = 2  # with coarse_to_fine: levels on from the first step; the others ramp in one after another
     normals: NormalsMode = "analytic"  # density normals: analytic = the hash grid's own Jacobian in the same query (one grid pass per sample; finite differences take seven)
     fd_eps: float = 1e-2  # finite-difference step, in world units
     background: Literal["mlp", "solid", "random"] = "mlp"

@@ -26,7 +26,7 @@ three are differentiable w.r.t. the parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, get_args, get_type_hints
+from typing import Callable, Sequence, get_args, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,39 @@ class NeRFField(nn.Module):
         self.bound = float(cfg.bound)
         self.encoding = make_encoding(num_prompts, cfg)
         self.mlp = StackedMLP(num_prompts, self.encoding.output_dim, cfg.hidden_dim, 4, cfg.num_layers)
+        if not 0.0 <= cfg.coarse_to_fine <= 1.0:
+            raise ValueError(f"field.coarse_to_fine must be a share of the iterations in [0, 1], got {cfg.coarse_to_fine!r}")
+        if not 1 <= cfg.coarse_levels <= cfg.num_levels:
+            raise ValueError(f"field.coarse_levels must be in [1, field.num_levels = {cfg.num_levels}], got {cfg.coarse_levels!r}")
+        # Per prompt and feature, the weight of its hash-grid level (coarse to fine); all ones unless
+        # the trainer ramps the levels in. Not in the state_dict: it follows from the step.
+        self.register_buffer("feature_weights", torch.ones(num_prompts, self.encoding.output_dim), persistent=False)
+        self._level_weights_host: list[tuple[float, ...] | None] = [None] * num_prompts
+
+    def set_level_weights(self, weights: Sequence[Sequence[float] | None]) -> None:
+        """Per prompt, the weight of each hash-grid level in [0, 1] (None: all ones), e.g. from
+        `coarse_to_fine_weights`. Uploaded only when some prompt's weights changed, without a host
+        synchronisation (pinned memory, a non-blocking copy)."""
+        if len(weights) != self.num_prompts:
+            raise ValueError(f"expected level weights for {self.num_prompts} prompts, got {len(weights)}")
+        rows = [None if w is None else tuple(float(v) for v in w) for w in weights]
+        if rows == self._level_weights_host:
+            return
+        levels, dim = self.encoding.num_levels, self.encoding.level_dim
+        if any(r is not None and len(r) != levels for r in rows):
+            raise ValueError(f"expected {levels} level weights per prompt, got {[len(r) for r in rows if r is not None]}")
+        host = torch.tensor([r if r is not None else (1.0,) * levels for r in rows]).repeat_interleave(dim, dim=1)
+        dev = self.feature_weights.device
+        self.feature_weights.copy_(host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host)
+        self._level_weights_host = rows
+
+    def _weighted(self, feats: torch.Tensor, prompts: slice | None) -> torch.Tensor:
+        """Features [K', N, D] (or their Jacobian [K', N, 3, D]) times their levels' weights."""
+        if self.cfg.coarse_to_fine <= 0.0:
+            return feats
+        w = self.feature_weights if prompts is None else self.feature_weights[prompts]  # [K', D]
+        w = w[:, None, None, :] if feats.dim() == 4 else w[:, None, :]
+        return feats * w.to(feats.dtype)
 
     # -- raw network ------------------------------------------------------------------------------
 
@@ -159,9 +192,10 @@ class NeRFField(nn.Module):
         unit = (x + self.bound) / (2.0 * self.bound)
         if with_gradient:
             feats, jac = self.encoding.forward_with_jacobian(unit, prompts)  # [K', N, D], [K', N, 3, D]
+            feats, jac = self._weighted(feats, prompts), self._weighted(jac, prompts)
             h, dh_dfeats = self.mlp.forward_with_input_gradient(feats, prompts, output=0)  # [K', N, 4], [K', N, D]
         else:
-            h = self.mlp(self.encoding(unit, prompts), prompts)  # [K', N, 4]
+            h = self.mlp(self._weighted(self.encoding(unit, prompts), prompts), prompts)  # [K', N, 4]
         h, xf = _at_least_fp32(h), _at_least_fp32(x)
         raw = h[..., 0] + density_blob(xf, self.cfg.blob_density, self.cfg.blob_radius)
         if self.cfg.density_activation == "exp":
@@ -242,6 +276,15 @@ class NeRFField(nn.Module):
                 sigma, logits = sigma.detach(), logits.detach()
             return FieldOutput(sigma, torch.sigmoid(logits), normals_from_gradient(grad))
         raise ValueError(f"field.normals must be one of {NORMALS_MODES}, got {self.cfg.normals!r}")
+
+
+def coarse_to_fine_weights(num_levels: int, coarse_levels: int, progress: float) -> tuple[float, ...]:
+    """Each hash-grid level's weight at ramp `progress` in [0, 1]: the first `coarse_levels` are
+    on throughout; the others switch on one after another, each fading in linearly, so that at
+    progress 1 every level is on."""
+    p = min(max(float(progress), 0.0), 1.0)
+    active = coarse_levels + (num_levels - coarse_levels) * p
+    return tuple(min(max(active - level, 0.0), 1.0) for level in range(num_levels))
 
 
 def make_encoding(num_prompts: int, cfg: FieldConfig) -> HashGridEncoding:

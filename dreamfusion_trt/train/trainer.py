@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from ..config import RunConfig
+from ..field.nerf import coarse_to_fine_weights
 from ..guidance.sds import RenderPart, SDSGuidance
 from ..guidance.text import PromptEmbeddings
 from ..render.renderer import Renderer
@@ -175,6 +176,8 @@ class Trainer(SlotTable):
         rays_o, rays_d, jitter = step_plan.plan_rays(plan, self._pad_ray, cfg.render.num_samples)
         shading: Any = plan.shading if self._shading_tensor else (plan.shadings[0] if len(set(plan.shadings)) == 1 else plan.shadings)
         need_normals = cfg.reg.orientation > 0 or any(s != "albedo" for s in plan.shadings)
+        if cfg.field.coarse_to_fine > 0:
+            self.renderer.field.set_level_weights(self._level_weights())
         timer.mark("plan")
         with self._autocast():
             out = self._render(rays_o, rays_d, plan.cameras.light_dir, shading=shading, ambient_ratio=cfg.render.ambient_ratio,
@@ -214,6 +217,15 @@ class Trainer(SlotTable):
                 slot.phase, slot.shading = plan.phases[k], plan.shadings[k]
         if self.step_sync is not None:  # rank 0's occupancy grids; now and then, a check that the ranks agree
             self.step_sync.after_step(self, steps)
+
+    def _level_weights(self) -> list[tuple[float, ...] | None]:
+        """Per slot, its hash-grid levels' weights this step (field.coarse_to_fine): the ramp
+        ends at the step after the configured share of the slot's iterations, so its last steps,
+        and its outputs, see every level. Empty slots: all levels."""
+        fc = self.cfg.field
+        return [None if slot is None else coarse_to_fine_weights(fc.num_levels, fc.coarse_levels,
+                                                                 (slot.step + 1) / (fc.coarse_to_fine * slot.iters))
+                for slot in self.slots]  # fmt: skip
 
     def _parts(self, rgb: torch.Tensor, plan: step_plan.StepPlan) -> list[RenderPart]:
         """Renders [K, R, 3] -> one image batch [n, 3, H, W] per render group."""
