@@ -132,6 +132,32 @@ def test_a_reference_for_another_prior_gives_no_verdict(tmp_path):
     assert passed is True
 
 
+def test_a_reference_recorded_with_other_presets_still_gives_its_verdict_and_says_so(tmp_path, monkeypatch):
+    import dreamfusion_trt.prior as prior_pkg
+
+    for name in (prior_pkg.PRESET_NAME, prior_pkg.PRESET_CPU_NAME):
+        (tmp_path / name).write_text("sds:\n  guidance_scale: 50.0\n")
+    monkeypatch.setattr(prior_pkg, "WEIGHTS_DIR", tmp_path)
+    cpu, cuda = bench_prior.preset_fingerprint("cpu"), bench_prior.preset_fingerprint("cuda")
+    assert len(cpu) == len(cuda) == 12 and cpu != cuda  # the CPU layers its own preset on top
+    ref = {"cpu": bench_prior.reference_entry({**_quick_result(), "preset": cpu})}
+    passed, line = bench_prior.verdict({**_quick_result(), "preset": cpu}, ref)
+    assert passed is True and "other presets" not in line
+    (tmp_path / prior_pkg.PRESET_CPU_NAME).write_text("sds:\n  guidance_scale: 7.5\n")
+    changed = bench_prior.preset_fingerprint("cpu")
+    assert changed != cpu and bench_prior.preset_fingerprint("cuda") == cuda  # the GPU preset did not change
+    passed, line = bench_prior.verdict({**_quick_result(), "preset": changed}, ref)
+    assert passed is True and f"recorded with other presets ({cpu}; this run's {changed}" in line
+    (tmp_path / prior_pkg.PRESET_NAME).unlink()
+    assert bench_prior.preset_fingerprint("cuda") is None
+
+
+@pytest.mark.skipif(not weights_available(), reason="the built-in prior's weights are not in the package")
+def test_stored_references_name_the_presets_they_were_recorded_with():
+    for kind, ref in bench_prior.load_references().items():
+        assert ref.get("preset") == bench_prior.preset_fingerprint(kind), f"the {kind} quick reference is for other presets: record it again"
+
+
 @pytest.mark.skipif(not weights_available(), reason="the built-in prior's weights are not in the package")
 def test_run_flags_naming_a_model_replace_the_built_in_one(tmp_path):
     cfg = bench_prior.run_config("cpu", True, ["--model.model", str(tmp_path)], tmp_path / "b")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import platform
@@ -159,6 +160,21 @@ def prior_fingerprint(extra: Sequence[str]) -> str | None:
     return folder_fingerprint(folder) if (folder / "model_index.json").is_file() else None
 
 
+def preset_fingerprint(kind: str) -> str | None:
+    """12 hex digits of the built-in prior's preset files that a run on device kind `kind` ("cpu"
+    or "cuda") layers its flags on (the CPU adds its CPU preset); None when one is missing. A
+    quick reference holds it, so a verdict against a reference recorded with other presets says so."""
+    from ..prior import PRESET_CPU_NAME, PRESET_NAME, WEIGHTS_DIR
+
+    digest = hashlib.sha256()
+    for name in (PRESET_NAME, PRESET_CPU_NAME) if kind == "cpu" else (PRESET_NAME,):
+        path = WEIGHTS_DIR / name
+        if not path.is_file():
+            return None
+        digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def write_prompts(path: Path, objects: Sequence[str], seeds: Sequence[int] | None) -> Path:
     """A batch prompts file: one line per object, or per (object, seed) when `seeds` is given."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,6 +206,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         "seeds": seeds,
         "run_flags": extra,
         "prior": prior_fingerprint(extra),
+        "preset": preset_fingerprint(device_kind(device)),
         "settings": {},
     }
     for setting in args.view_dependent.split(","):
@@ -244,6 +261,7 @@ def reference_entry(result: dict[str, Any]) -> dict[str, Any]:
         "objects": list(QUICK_OBJECTS),
         "run_flags": result["run_flags"],
         "prior": result.get("prior"),
+        "preset": result.get("preset"),
         "batch_wall_s": block["batch_wall_s"],
         "summary": {k: block["summary"][k] for k in ("median_iou", "median_best_iou", "median_opacity_on_object",
                                                       "median_color_error", "median_chamfer")},  # fmt: skip
@@ -282,6 +300,8 @@ def verdict(result: dict[str, Any], references: dict[str, Any]) -> tuple[bool | 
         if r["status"] != "done" or r.get("iou") is None or (floor > 0 and r["iou"] < floor):
             problems.append(f"{r['object']} collapsed (IoU {_fmt(r.get('iou'))}, reference {_fmt(ref_iou.get(r['object']))})")
     against = f"reference {rs['median_iou']:.3f} / {rs['median_color_error']:.3f} from {ref['date'][:10]}"
+    if ref.get("preset") and result.get("preset") and ref["preset"] != result["preset"]:
+        against += f", recorded with other presets ({ref['preset']}; this run's {result['preset']}: record it again if they changed on purpose)"
     if problems:
         return False, f"bench prior --quick ({kind}): FAIL: {'; '.join(problems)} [{now}; {against}]"
     return True, f"bench prior --quick ({kind}): PASS: {now} [{against}, tolerance {tol['median_iou']} / {tol['median_color_error']}]"
