@@ -54,6 +54,8 @@ class SDSConfig:
     """Score Distillation Sampling."""
 
     guidance_scale: float = 100.0
+    high_noise_guidance_scale: float = 0.0  # guidance for timesteps above high_noise_t (0: guidance_scale at every t); strong guidance at high noise inflates objects (BENCHMARKS.md, fifth session)
+    high_noise_t: float = 0.6  # fraction of the scheduler's timesteps above which high_noise_guidance_scale applies
     t_min: float = 0.02  # fraction of the scheduler's timesteps
     t_max: float = 0.98
     t_anneal: Literal["none", "linear", "sqrt"] = "none"  # shrink t_max towards t_max_final over training

@@ -116,6 +116,29 @@ def test_sds_matches_hand_computed_cfg():
     torch.testing.assert_close(latents.grad, grad, rtol=0, atol=0)
 
 
+def test_high_noise_guidance_applies_above_its_timestep_only():
+    """sds.high_noise_guidance_scale: prompts whose t is above high_noise_t get that scale, the
+    others guidance_scale, in one predictor call; each row equals a run at its own scale."""
+    ac = sd_alphas_cumprod()
+    latents, cond, uncond = inputs()
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn(K, C, H, W, generator=gen)
+    t = torch.tensor([100, 900] * (K // 2) + [600] * (K % 2))  # 600 is not above round(0.6 * 1000)
+    mixed = _guidance(RecordingPredictor(), ac, SDSConfig(guidance_scale=7.5, high_noise_guidance_scale=2.0, high_noise_t=0.6))
+    scales = mixed.guidance_scales(t)
+    assert torch.equal(scales, torch.where(t > 600, 2.0, 7.5).float())
+    grad, eps_hat = mixed.grad(latents, t, noise, cond, uncond)
+    for scale in (7.5, 2.0):
+        alone = _guidance(RecordingPredictor(), ac, SDSConfig(guidance_scale=scale))
+        g, e = alone.grad(latents, t, noise, cond, uncond)
+        rows = scales == scale
+        torch.testing.assert_close(grad[rows], g[rows])
+        torch.testing.assert_close(eps_hat[rows], e[rows])
+    assert _guidance(RecordingPredictor(), ac, SDSConfig(guidance_scale=7.5)).guidance_scales(t) == 7.5  # off: a float
+    with pytest.raises(ValueError, match="high_noise_guidance_scale"):
+        _guidance(RecordingPredictor(), ac, SDSConfig(high_noise_guidance_scale=-1.0))
+
+
 def test_phases_of_one_latent_shape_share_one_call_and_keep_their_slots():
     """Two render groups whose inputs have one shape go through the predictor once, in slot
     order; groups of different shapes get a call each. Each prompt's loss is what it gets alone."""

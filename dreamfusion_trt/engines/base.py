@@ -51,7 +51,7 @@ def guided_noise(
     t: torch.Tensor,  # [K] integer timesteps
     cond: torch.Tensor,  # [K, L, D]
     uncond: torch.Tensor,  # [K, L, D]
-    guidance_scale: float,
+    guidance_scale: float | torch.Tensor,  # one scale, or one per prompt [K]
 ) -> torch.Tensor:
     """Classifier-free guidance, the one place it is written: one predictor call on the doubled
     batch (unconditional first), eps_hat = eps_u + s (eps_c - eps_u) [K, C, h, w] in float32.
@@ -60,7 +60,10 @@ def guided_noise(
     return cfg_combine(eps, guidance_scale)
 
 
-def cfg_combine(eps: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """A CFG-doubled noise prediction [2K, ...] (unconditional first) -> eps_hat [K, ...], float32."""
+def cfg_combine(eps: torch.Tensor, guidance_scale: float | torch.Tensor) -> torch.Tensor:
+    """A CFG-doubled noise prediction [2K, ...] (unconditional first) -> eps_hat [K, ...], float32;
+    `guidance_scale` one float or one per prompt [K]."""
     eps_u, eps_c = eps.float().chunk(2)
+    if isinstance(guidance_scale, torch.Tensor):
+        guidance_scale = guidance_scale.to(eps_u.device, torch.float32).view(-1, *([1] * (eps_u.dim() - 1)))
     return eps_u + guidance_scale * (eps_c - eps_u)

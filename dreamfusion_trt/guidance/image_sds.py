@@ -45,7 +45,7 @@ def image_sds(
     decoder: LatentDecoder,
     alphas_cumprod: torch.Tensor,  # [T]
     weight: torch.Tensor,  # [K] w(t)
-    guidance_scale: float,
+    guidance_scale: float | torch.Tensor,  # one, or one per prompt [n]
 ) -> ImageSDSOutput:
     k = images.shape[0]
     if images.ndim != 4 or t.shape != (k,) or weight.shape != (k,) or cond.shape[0] != k or uncond.shape != cond.shape:

@@ -68,6 +68,9 @@ class SDSGuidance:
     ) -> None:
         if not 0.0 <= cfg.t_min <= cfg.t_max <= 1.0 or not 0.0 <= cfg.t_max_final <= 1.0:
             raise ValueError(f"SDS timestep fractions must satisfy 0 <= t_min <= t_max <= 1, got {cfg}")
+        if cfg.high_noise_guidance_scale < 0 or not 0.0 <= cfg.high_noise_t <= 1.0:
+            raise ValueError(f"sds.high_noise_guidance_scale must be >= 0 and sds.high_noise_t in [0, 1], got "
+                             f"{cfg.high_noise_guidance_scale!r} and {cfg.high_noise_t!r}")  # fmt: skip
         sds_weight(alphas_cumprod[:1], cfg.weighting)  # rejects an unknown weighting now
         self.predictor = predictor
         self.alphas_cumprod = alphas_cumprod.float()  # [T]
@@ -84,6 +87,15 @@ class SDSGuidance:
         last = self.num_timesteps - 1
         lo = min(round(self.cfg.t_min * self.num_timesteps), last)
         return lo, min(max(round(t_max * self.num_timesteps), lo), last)
+
+    def guidance_scales(self, t: torch.Tensor) -> float | torch.Tensor:
+        """The CFG scale for timesteps `t` [K]: `guidance_scale`, or per prompt [K] float32 with
+        `high_noise_guidance_scale` above `high_noise_t` (computed on t's device, no sync)."""
+        if self.cfg.high_noise_guidance_scale <= 0:
+            return self.cfg.guidance_scale
+        split = round(self.cfg.high_noise_t * self.num_timesteps)
+        low = torch.full(t.shape, self.cfg.guidance_scale, device=t.device, dtype=torch.float32)
+        return torch.where(t > split, torch.full_like(low, self.cfg.high_noise_guidance_scale), low)
 
     def sample_t(self, progress: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """One timestep [1] (long) uniformly from `t_range(progress)`, inclusive."""
@@ -108,7 +120,7 @@ class SDSGuidance:
                              f"{tuple(t.shape)}, {tuple(cond.shape)}, {tuple(uncond.shape)}")  # fmt: skip
         a = self.alphas_cumprod.to(latents.device)[t].view(k, 1, 1, 1)
         x_t = (a.sqrt() * latents + (1.0 - a).sqrt() * noise).to(latents.dtype)
-        eps_hat = guided_noise(self.predictor, x_t, t, cond, uncond, self.cfg.guidance_scale)
+        eps_hat = guided_noise(self.predictor, x_t, t, cond, uncond, self.guidance_scales(t))
         grad = torch.nan_to_num(sds_weight(a, self.cfg.weighting) * (eps_hat - noise)).to(latents.dtype)
         return grad, eps_hat
 
@@ -149,6 +161,6 @@ class SDSGuidance:
             w = sds_weight(self.alphas_cumprod.to(x.device)[t], self.cfg.weighting)  # [n]
             return image_sds(x, t, noise, cond, uncond, encoder=strategy.encoder, predictor=self.predictor,
                              decoder=strategy.decoder, alphas_cumprod=self.alphas_cumprod, weight=w,
-                             guidance_scale=self.cfg.guidance_scale).per_prompt  # fmt: skip
+                             guidance_scale=self.guidance_scales(t)).per_prompt  # fmt: skip
         grad, _ = self.grad(x, t, noise.to(x.dtype), cond, uncond)
         return sds_surrogate(x, grad)
