@@ -97,6 +97,15 @@ class _Prior:
             return (1 - a) * (e_u + scale * (e_c - e_u) - noise)
 
 
+    def x0_latents(self, z: torch.Tensor, t: int, noise: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The guided one-step prediction of the clean latents from z noised with `noise` at t,
+        given that draw's `sds_grad` (which is (1 - alpha_bar_t) (eps_cfg - noise))."""
+        a = self.alphas[t]
+        eps_hat = grad / (1 - a) + noise
+        x = a.sqrt() * z + (1 - a).sqrt() * noise
+        return (x - (1 - a).sqrt() * eps_hat) / a.sqrt()
+
+
 def object_mask(images: torch.Tensor, level: float = 0.05) -> torch.Tensor:
     """[N, 1, H, W] bool: pixels that differ from the white background by more than `level`."""
     return (1.0 - images).amax(dim=1, keepdim=True) > level
@@ -165,10 +174,7 @@ def measure_color(prior: _Prior, caption: str, n: int, draws: int, scale: float,
             (gi,) = torch.autograd.grad((zz * g).sum(), x)  # latent SDS, through the encoder
             latent_cos[str(t)] = float(F.cosine_similarity(-gi.flatten(1), step, dim=1).mean())
             # image-space SDS (sds.rgb_mode=image): minus its gradient is D(z0^) - x
-            a = prior.alphas[t]
-            eps_hat = g / (1 - a) + noise
-            z0 = ((a.sqrt() * zz.detach() + (1 - a).sqrt() * noise) - (1 - a).sqrt() * eps_hat) / a.sqrt()
-            target = prior.decode(z0)
+            target = prior.decode(prior.x0_latents(zz.detach(), t, noise, g))
             image_cos[str(t)] = float(F.cosine_similarity((target - x.detach()).flatten(1), step, dim=1).mean())
         towards[name] = {"latent_sds": latent_cos, "image_sds": image_cos}
     out["sds_towards_truth"] = towards
@@ -224,14 +230,11 @@ def measure_guidance_inflation(prior: _Prior, caption: str, scales: Sequence[flo
         gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws for every scale
         rows = {}
         for t in timesteps:
-            a = prior.alphas[t]
             acc = torch.zeros_like(img)
             for _ in range(draws):
                 noise = torch.randn(z.shape, generator=gen).to(z)
-                g = prior.sds_grad(z, t, noise, cond, uncond, scale)  # (1 - a) (eps_cfg - noise)
-                eps_hat = g / (1 - a) + noise
-                x = a.sqrt() * z + (1 - a).sqrt() * noise
-                acc += prior.decode((x - (1 - a).sqrt() * eps_hat) / a.sqrt())
+                g = prior.sds_grad(z, t, noise, cond, uncond, scale)
+                acc += prior.decode(prior.x0_latents(z, t, noise, g))
             x0 = acc / draws
             darkness = (1.0 - x0).amax(dim=1, keepdim=True)
             rows[str(t)] = {"area_ratio": float(object_mask(x0).float().mean()) / true_area,
