@@ -545,7 +545,10 @@ train:
   latent_fraction: 0.0
   encode_size: {size}
 sds:
-  guidance_scale: 50.0
+  guidance_scale: 7.5  # with t <= 0.6, annealed to 0.3: strong guidance at high noise inflates every object
+  t_max: 0.6
+  t_anneal: linear
+  t_max_final: 0.3
 reg:
   entropy: 0.01  # opaque or empty rays: a translucent shell lets the white background through
 output:
