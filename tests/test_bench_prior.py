@@ -7,6 +7,7 @@ import argparse
 import ast
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,24 @@ def test_a_reference_recorded_with_other_presets_still_gives_its_verdict_and_say
     assert bench_prior.preset_fingerprint("cuda") is None
 
 
+def test_preset_fingerprints_follow_the_merged_settings_not_the_files_text(tmp_path, monkeypatch):
+    import dreamfusion_trt.prior as prior_pkg
+
+    monkeypatch.setattr(prior_pkg, "WEIGHTS_DIR", tmp_path)
+    gpu, cpu = tmp_path / prior_pkg.PRESET_NAME, tmp_path / prior_pkg.PRESET_CPU_NAME
+    gpu.write_text("sds:\n  guidance_scale: 50.0\ntrain:\n  iters: 2000\n")
+    cpu.write_text("sds:\n  guidance_scale: 7.5\ntrain:\n  iters: 400\n")
+    first = bench_prior.preset_fingerprint("cpu")
+    # The GPU preset takes the CPU's value: the CPU's merged settings are the same, the GPU's are not.
+    cuda_before = bench_prior.preset_fingerprint("cuda")
+    gpu.write_text("# a comment\ntrain:\n  iters: 2000\nsds:\n  guidance_scale: 7.5\n")
+    assert bench_prior.preset_fingerprint("cpu") == first and bench_prior.preset_fingerprint("cuda") != cuda_before
+    cpu.write_text("train:\n  iters: 400\n")  # the CPU entry that now repeats the GPU's value, dropped
+    assert bench_prior.preset_fingerprint("cpu") == first
+    cpu.write_text("train:\n  iters: 401\n")
+    assert bench_prior.preset_fingerprint("cpu") != first
+
+
 @pytest.mark.skipif(not weights_available(), reason="the built-in prior's weights are not in the package")
 def test_stored_references_name_the_presets_they_were_recorded_with():
     for kind, ref in bench_prior.load_references().items():
@@ -162,3 +181,30 @@ def test_stored_references_name_the_presets_they_were_recorded_with():
 def test_run_flags_naming_a_model_replace_the_built_in_one(tmp_path):
     cfg = bench_prior.run_config("cpu", True, ["--model.model", str(tmp_path)], tmp_path / "b")
     assert cfg.model.model == str(tmp_path) and cfg.camera.render_size == 32  # the preset still applies
+
+
+def test_the_commit_is_named_only_for_a_tree_git_tracks_or_when_given(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("DREAMFUSION_TRT_COMMIT", "abc1234")
+    assert bench_prior.source_commit() == "abc1234"
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    # A copy of the package inside another checkout, untracked there (an exported snapshot): that
+    # checkout's HEAD is not this code's commit.
+    repo = tmp_path / "other"
+    repo.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", *args], cwd=repo, check=True, env=env, capture_output=True)
+    package = Path(bench_prior.__file__).resolve().parents[1]
+    shutil.copytree(package, repo / "snap" / package.name, ignore=shutil.ignore_patterns("weights", "__pycache__"))
+    env.pop("DREAMFUSION_TRT_COMMIT", None)
+    code = "import dreamfusion_trt.bench.prior as p; print(p.__file__); print(p.source_commit())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo / "snap", env={**env, "PYTHONPATH": str(repo / "snap")},
+                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert out[0].startswith(str(repo / "snap")) and out[1] == "None"

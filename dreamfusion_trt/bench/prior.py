@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import logging
 import platform
 import statistics
@@ -74,12 +75,28 @@ def _machine(device: str) -> dict[str, Any]:
     else:
         info["cpu_threads"] = torch.get_num_threads()
         info["processor"] = platform.processor() or platform.machine()
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent, timeout=10).stdout.strip() or None  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
+    info["commit"] = source_commit()
     return info
+
+
+def source_commit() -> str | None:
+    """The short commit of the code that runs: ``DREAMFUSION_TRT_COMMIT`` when set (a copy of the
+    tree outside git, such as an exported snapshot), else git's HEAD, but only when this package's
+    files are tracked by that repository (a copy that sits inside some other checkout is not
+    that checkout's HEAD); None when unknown."""
+    if os.environ.get("DREAMFUSION_TRT_COMMIT"):
+        return os.environ["DREAMFUSION_TRT_COMMIT"]
+    here = Path(__file__).resolve()
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=here.parent, timeout=10)
+
+    try:
+        if git("ls-files", "--error-unmatch", here.name).returncode != 0:
+            return None
+        return git("rev-parse", "--short", "HEAD").stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def collect(batch_dir: Path) -> list[dict[str, Any]]:
@@ -161,18 +178,24 @@ def prior_fingerprint(extra: Sequence[str]) -> str | None:
 
 
 def preset_fingerprint(kind: str) -> str | None:
-    """12 hex digits of the built-in prior's preset files that a run on device kind `kind` ("cpu"
-    or "cuda") layers its flags on (the CPU adds its CPU preset); None when one is missing. A
-    quick reference holds it, so a verdict against a reference recorded with other presets says so."""
+    """12 hex digits of the settings the built-in prior's presets give a run on device kind `kind`
+    ("cpu" or "cuda"): the preset's sections, with the CPU preset's merged on top for the CPU, as
+    data (comments, layout and a CPU entry that repeats the GPU's value do not count); None when a
+    file is missing. A quick reference holds it, so a verdict against a reference recorded with
+    other settings says so."""
+    import yaml
+
     from ..prior import PRESET_CPU_NAME, PRESET_NAME, WEIGHTS_DIR
 
-    digest = hashlib.sha256()
+    merged: dict[str, Any] = {}
     for name in (PRESET_NAME, PRESET_CPU_NAME) if kind == "cpu" else (PRESET_NAME,):
         path = WEIGHTS_DIR / name
         if not path.is_file():
             return None
-        digest.update(name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
+        for section, values in (yaml.safe_load(path.read_text()) or {}).items():
+            merged[section] = {**merged.get(section, {}), **(values or {})}
+    text = json.dumps({"kind": kind, "settings": merged}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def write_prompts(path: Path, objects: Sequence[str], seeds: Sequence[int] | None) -> Path:

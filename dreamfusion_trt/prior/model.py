@@ -544,8 +544,12 @@ train:
   iters: 2000
   latent_fraction: 0.0
   encode_size: {size}
+# SDS guidance 7.5 and timesteps up to 0.6 of the schedule, annealed to 0.3: where this prior's
+# guided prediction at a true object keeps the object's size (`prior_diagnosis --inflation-scales`:
+# at guidance 50 it fills twice the true silhouette from t = 0.6 up, so SDS inflated every object;
+# BENCHMARKS.md, fifth and sixth sessions).
 sds:
-  guidance_scale: 7.5  # with t <= 0.6, annealed to 0.3: strong guidance at high noise inflates every object
+  guidance_scale: 7.5
   t_max: 0.6
   t_anneal: linear
   t_max_final: 0.3
@@ -565,11 +569,7 @@ def preset_cpu_yaml(cfg: PriorTrainConfig) -> str:
     return f"""\
 # CPU overrides for the built-in prior, layered on {PRESET_NAME} when the run's device is the CPU.
 # Renders at half size with half the samples (upsampled to {size}x{size} for the VAE), autograd normals
-# (cheaper than finite differences on a CPU), fewer steps, and smaller outputs. SDS guidance 7.5
-# and timesteps up to 0.6 of the schedule, annealed to 0.3: where this prior's guided prediction at
-# a true object keeps the object's size (`prior_diagnosis --inflation-scales`: at guidance 50 it
-# fills twice the true silhouette from t = 0.6 up, so SDS inflated every object; BENCHMARKS.md,
-# fifth session). On the red cube IoU 0.67 -> 0.79, mesh volume 1.45x -> 1.02x the true one.
+# (cheaper than finite differences on a CPU), fewer steps, and smaller outputs.
 field:
   normals: autograd
 render:
@@ -580,11 +580,6 @@ camera:
 train:
   iters: 400
   encode_size: {size}
-sds:
-  guidance_scale: 7.5
-  t_max: 0.6
-  t_anneal: linear
-  t_max_final: 0.3
 output:
   mesh_resolution: 64
   video_size: 64
