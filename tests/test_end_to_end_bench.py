@@ -43,3 +43,18 @@ def test_a_failing_command_is_an_error_with_its_last_lines(tmp_path, capsys):
     assert "error" in json.loads(out.read_text())["runs"][0]
     with pytest.raises(SystemExit):
         main(["--", "a red cube"])  # no --out for the runs
+
+
+def test_a_run_that_trained_but_lost_an_output_keeps_its_times_and_fails(tmp_path, tiny_sd_paths, capsys):
+    # No surface at an iso-level the density never reaches: generate exits 1 after training, as
+    # a random-weights scene does when SDS empties it. The phases are still measured.
+    out = tmp_path / "e2e.json"
+    code = main(["--runs", "1", "--out", str(out), "--", "a red cube", "--model", str(tiny_sd_paths.folder),
+                 "--model.cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--iters", "4",
+                 "--output.mesh_threshold", "1e30", *FAST])  # fmt: skip
+    assert code == 1
+    row = json.loads(out.read_text())["runs"][0]
+    assert row["exit_code"] == 1 and "no surface" in row["error"]
+    assert row["latent_iters"] == 2 and row["rgb_iters"] == 2 and row["outputs_s"] > 0
+    assert "mesh.glb" not in row["files"] and "metrics.csv" in row["files"]
+    assert "after training (times kept)" in capsys.readouterr().err

@@ -89,9 +89,12 @@ def run_once(command: list[str], out_dir: Path, env: dict[str, str]) -> dict[str
     code = proc.wait()
     reader.join()
     wall = time.perf_counter() - start
-    if code != 0:
+    metrics = out_dir / "metrics.csv"
+    if code != 0 and not metrics.is_file():
         raise RuntimeError(f"generate exited with {code}: " + " | ".join(tail[-5:]))
-    row: dict[str, Any] = {"wall_s": wall, **marks, **phase_times(out_dir / "metrics.csv")}
+    row: dict[str, Any] = {"wall_s": wall, **marks, **phase_times(metrics)}
+    if code != 0:  # it trained, then an output failed (say, no surface for the mesh): the times hold
+        row["exit_code"], row["error"] = code, " | ".join(tail[-5:])
     if "startup_s" in row:
         row["outputs_s"] = wall - row["startup_s"] - row["train_s"]
         it = {k: row[f"{k}_it_per_s"] for k in ("latent", "rgb")}
@@ -125,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     j = rest.index("--out") + 1
     base = rest[j]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    failed = False
     result: dict[str, Any] = {"benchmark": "end_to_end", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": rest, "runs": []}
     for n in range(1, args.runs + 1):
         out_dir = Path(f"{base}-{n}")
@@ -138,9 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         result["runs"].append(row)
         atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+        if "exit_code" in row:
+            print(f"error: run {n}: generate exited with {row['exit_code']} after training (times kept): {row['error']}",
+                  file=sys.stderr)  # fmt: skip
+            failed = True
         log.info("run %d: %.1f s = start-up %.1f + latent %.1f + RGB %.1f + outputs %.1f", n, row["wall_s"],
                  row.get("startup_s", float("nan")), row["latent_s"], row["rgb_s"], row.get("outputs_s", float("nan")))  # fmt: skip
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
