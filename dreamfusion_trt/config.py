@@ -82,6 +82,7 @@ class FieldConfig:
     density_activation: Literal["exp", "softplus"] = "exp"
     blob_density: float = 10.0  # density added at the centre at init (DreamFusion's blob)
     blob_radius: float = 0.5
+    blob_fade: float = 0.0  # share of a prompt's iterations over which the blob fades linearly to nothing (0: it stays all run, as in DreamFusion); a blob that stays biases the centre to be full, against a torus's hole
     coarse_to_fine: float = 0.0  # share of a prompt's iterations over which the hash grid's levels switch on, coarse to fine (0: all levels from the first step)
     coarse_levels: int = 2  # with coarse_to_fine: levels on from the first step; the others ramp in one after another
     normals: NormalsMode = "analytic"  # density normals: analytic = the hash grid's own Jacobian in the same query (one grid pass per sample; finite differences take seven)

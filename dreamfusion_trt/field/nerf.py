@@ -154,6 +154,12 @@ class NeRFField(nn.Module):
         # the trainer ramps the levels in. Not in the state_dict: it follows from the step.
         self.register_buffer("feature_weights", torch.ones(num_prompts, self.encoding.output_dim), persistent=False)
         self._level_weights_host: list[tuple[float, ...] | None] = [None] * num_prompts
+        if not 0.0 <= cfg.blob_fade <= 1.0:
+            raise ValueError(f"field.blob_fade must be a share of the iterations in [0, 1], got {cfg.blob_fade!r}")
+        if cfg.blob_fade > 0:
+            # Per prompt, how much of the blob is left (field.blob_fade). Part of the scene's state,
+            # so a checkpoint, a resumed run and the outputs see the blob where training left it.
+            self.register_buffer("blob_scale", torch.ones(num_prompts))
 
     def set_level_weights(self, weights: Sequence[Sequence[float] | None]) -> None:
         """Per prompt, the weight of each hash-grid level in [0, 1] (None: all ones), e.g. from
@@ -171,6 +177,27 @@ class NeRFField(nn.Module):
         dev = self.feature_weights.device
         self.feature_weights.copy_(host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host)
         self._level_weights_host = rows
+
+    def set_blob_scales(self, scales: Sequence[float]) -> None:
+        """Per prompt, the share of the density blob left, in [0, 1] (field.blob_fade). Uploaded
+        only when some prompt's share changed, without a host synchronisation."""
+        if self.cfg.blob_fade <= 0:
+            raise ValueError("set_blob_scales needs field.blob_fade > 0")
+        if len(scales) != self.num_prompts:
+            raise ValueError(f"expected blob scales for {self.num_prompts} prompts, got {len(scales)}")
+        rows = [min(max(float(v), 0.0), 1.0) for v in scales]
+        if rows == getattr(self, "_blob_scales_host", None):
+            return
+        host, dev = torch.tensor(rows), self.blob_scale.device
+        self.blob_scale.copy_(host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host)
+        self._blob_scales_host = rows
+
+    def _blob_share(self, prompts: slice | None) -> torch.Tensor | float:
+        """[K', 1] share of the blob left per prompt, or 1.0 when it never fades."""
+        if self.cfg.blob_fade <= 0:
+            return 1.0
+        scale = self.blob_scale if prompts is None else self.blob_scale[prompts]
+        return scale.float()[:, None]
 
     def _weighted(self, feats: torch.Tensor, prompts: slice | None) -> torch.Tensor:
         """Features [K', N, D] (or their Jacobian [K', N, 3, D]) times their levels' weights."""
@@ -197,7 +224,8 @@ class NeRFField(nn.Module):
         else:
             h = self.mlp(self._weighted(self.encoding(unit, prompts), prompts), prompts)  # [K', N, 4]
         h, xf = _at_least_fp32(h), _at_least_fp32(x)
-        raw = h[..., 0] + density_blob(xf, self.cfg.blob_density, self.cfg.blob_radius)
+        blob_share = self._blob_share(prompts)
+        raw = h[..., 0] + blob_share * density_blob(xf, self.cfg.blob_density, self.cfg.blob_radius)
         if self.cfg.density_activation == "exp":
             sigma = trunc_exp(raw)
             dsigma_draw = torch.exp(raw.clamp(max=EXP_CLAMP))  # _TruncExp's backward, as autograd differentiates it
@@ -213,7 +241,8 @@ class NeRFField(nn.Module):
         if not with_gradient:
             return sigma_out, h[..., 1:], None
         draw_dx = (jac * dh_dfeats[:, :, None, :].to(jac.dtype)).sum(dim=-1) / (2.0 * self.bound)  # [K', N, 3]
-        draw_dx = draw_dx + density_blob_gradient(xf, self.cfg.blob_density, self.cfg.blob_radius)
+        blob_dx = density_blob_gradient(xf, self.cfg.blob_density, self.cfg.blob_radius)
+        draw_dx = draw_dx + (blob_share[..., None] * blob_dx if isinstance(blob_share, torch.Tensor) else blob_dx)
         grad = torch.where(inside[..., None], dsigma_draw[..., None] * draw_dx, torch.zeros_like(draw_dx))
         return sigma_out, h[..., 1:], grad
 

@@ -178,6 +178,8 @@ class Trainer(SlotTable):
         need_normals = cfg.reg.orientation > 0 or any(s != "albedo" for s in plan.shadings)
         if cfg.field.coarse_to_fine > 0:
             self.renderer.field.set_level_weights(self._level_weights())
+        if cfg.field.blob_fade > 0:
+            self.renderer.field.set_blob_scales(self._blob_scales())
         timer.mark("plan")
         with self._autocast():
             out = self._render(rays_o, rays_d, plan.cameras.light_dir, shading=shading, ambient_ratio=cfg.render.ambient_ratio,
@@ -217,6 +219,14 @@ class Trainer(SlotTable):
                 slot.phase, slot.shading = plan.phases[k], plan.shadings[k]
         if self.step_sync is not None:  # rank 0's occupancy grids; now and then, a check that the ranks agree
             self.step_sync.after_step(self, steps)
+
+    def _blob_scales(self) -> list[float]:
+        """Per slot, the share of the density blob left this step (field.blob_fade), falling
+        linearly to nothing at the step after the configured share of its iterations (so with
+        a share of 1 its last step, and its outputs, see none). Empty slots: the whole blob,
+        what a fresh prompt starts from."""
+        fade = self.cfg.field.blob_fade
+        return [1.0 if slot is None else max(0.0, 1.0 - (slot.step + 1) / (fade * slot.iters)) for slot in self.slots]
 
     def _level_weights(self) -> list[tuple[float, ...] | None]:
         """Per slot, its hash-grid levels' weights this step (field.coarse_to_fine): the ramp
