@@ -71,6 +71,12 @@ def test_the_share_left_is_scene_state_that_checkpoints_carry():
     insert_slot(fresh.state_dict(), 0, state)
     assert fresh.blob_scale.tolist() == pytest.approx([0.7, 1.0])
     assert "blob_scale" not in NeRFField(dataclasses.replace(CFG, blob_fade=0.0)).state_dict()  # no fade: no new state
+    # A prompt loaded into a slot overwrites its share; the next step's share still lands.
+    fresh.set_blob_scales([0.5, 0.5])
+    insert_slot(fresh.state_dict(), 0, extract_slot(NeRFField(CFG, num_prompts=1).state_dict(), 0, 1))
+    assert fresh.blob_scale.tolist() == pytest.approx([1.0, 0.5])
+    fresh.set_blob_scales([0.5, 0.5])
+    assert fresh.blob_scale.tolist() == pytest.approx([0.5, 0.5])
 
 
 def test_bad_settings_are_refused():

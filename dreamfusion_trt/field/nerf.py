@@ -179,18 +179,15 @@ class NeRFField(nn.Module):
         self._level_weights_host = rows
 
     def set_blob_scales(self, scales: Sequence[float]) -> None:
-        """Per prompt, the share of the density blob left, in [0, 1] (field.blob_fade). Uploaded
-        only when some prompt's share changed, without a host synchronisation."""
+        """Per prompt, the share of the density blob left, in [0, 1] (field.blob_fade), uploaded
+        without a host synchronisation. Every call uploads: the buffer is scene state that
+        loading a prompt's checkpoint also writes, so a host-side copy of it could go stale."""
         if self.cfg.blob_fade <= 0:
             raise ValueError("set_blob_scales needs field.blob_fade > 0")
         if len(scales) != self.num_prompts:
             raise ValueError(f"expected blob scales for {self.num_prompts} prompts, got {len(scales)}")
-        rows = [min(max(float(v), 0.0), 1.0) for v in scales]
-        if rows == getattr(self, "_blob_scales_host", None):
-            return
-        host, dev = torch.tensor(rows), self.blob_scale.device
+        host, dev = torch.tensor([min(max(float(v), 0.0), 1.0) for v in scales]), self.blob_scale.device
         self.blob_scale.copy_(host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host)
-        self._blob_scales_host = rows
 
     def _blob_share(self, prompts: slice | None) -> torch.Tensor | float:
         """[K', 1] share of the blob left per prompt, or 1.0 when it never fades."""
