@@ -10,10 +10,10 @@ import pytest
 import torch
 from tiny_sd import tiny_sd_paths  # noqa: F401  (session fixture)
 
-from dreamfusion_trt.config import FieldConfig, from_dict
+from dreamfusion_trt.config import FieldConfig
 from dreamfusion_trt.field.nerf import NeRFField
-from dreamfusion_trt.train import frozen as frozen_mod
 from dreamfusion_trt.train.slots import extract_slot, insert_slot
+from test_coarse_to_fine import two_prompt_trainer
 
 CFG = FieldConfig(num_levels=4, log2_hashmap_size=10, base_resolution=4, max_resolution=32, hidden_dim=16,
                   backend="torch", bound=1.0, blob_density=6.0, blob_radius=0.6, blob_fade=0.5)  # fmt: skip
@@ -89,17 +89,7 @@ def test_bad_settings_are_refused():
 
 
 def test_the_trainer_fades_each_slot_by_its_own_progress(tmp_path, tiny_sd_paths):  # noqa: F811
-    device = torch.device("cpu")
-    data = {"model": {"model": str(tiny_sd_paths.folder), "cache_dir": str(tmp_path / "cache")},
-            "field": {"num_levels": 4, "log2_hashmap_size": 12, "max_resolution": 64, "hidden_dim": 16, "blob_fade": 0.5},
-            "render": {"num_samples": 12, "albedo_iters": 1, "backend": "torch"}, "camera": {"render_size": 16},
-            "train": {"latent_fraction": 0.5, "device": "cpu"}}  # fmt: skip
-    cfg = from_dict(data)
-    cfgs = [from_dict({"prompt": {"text": t}, "train": {"iters": n, "seed": i}}, from_dict(data)) for i, (t, n) in enumerate([("a cat", 4), ("a dog", 8)])]
-    frozen, embeddings = frozen_mod.load_frozen(cfg, device, [c.prompt for c in cfgs], max_prompts=2)
-    trainer = frozen_mod.new_trainer(frozen, cfg, 2, device)
-    for k, (c, e) in enumerate(zip(cfgs, embeddings)):
-        trainer.assign(k, c, e)
+    trainer = two_prompt_trainer(tmp_path, tiny_sd_paths.folder, blob_fade=0.5)
     field = trainer.renderer.field
     trainer.train_step()  # step 0: 1 - 1 / (0.5 * 4) and 1 - 1 / (0.5 * 8)
     torch.testing.assert_close(field.blob_scale, torch.tensor([0.5, 0.75]))

@@ -88,11 +88,13 @@ def test_bad_settings_are_refused():
         NeRFField(CFG, num_prompts=3).set_level_weights([None])
 
 
-def test_the_trainer_ramps_each_slot_by_its_own_progress(tmp_path, tiny_sd_paths):  # noqa: F811
+def two_prompt_trainer(tmp_path, model_folder, **field):
+    """A CPU trainer on the tiny SD with two prompts assigned: "a cat" for 4 iterations in slot 0
+    and "a dog" for 8 in slot 1 (half of each in the latent phase); `field` overrides the tiny
+    field's settings."""
     device = torch.device("cpu")
-    data = {"model": {"model": str(tiny_sd_paths.folder), "cache_dir": str(tmp_path / "cache")},
-            "field": {"num_levels": 4, "log2_hashmap_size": 12, "max_resolution": 64, "hidden_dim": 16,
-                      "coarse_to_fine": 0.5, "coarse_levels": 1},
+    data = {"model": {"model": str(model_folder), "cache_dir": str(tmp_path / "cache")},
+            "field": {"num_levels": 4, "log2_hashmap_size": 12, "max_resolution": 64, "hidden_dim": 16, **field},
             "render": {"num_samples": 12, "albedo_iters": 1, "backend": "torch"}, "camera": {"render_size": 16},
             "train": {"latent_fraction": 0.5, "device": "cpu"}}  # fmt: skip
     cfg = from_dict(data)
@@ -101,6 +103,11 @@ def test_the_trainer_ramps_each_slot_by_its_own_progress(tmp_path, tiny_sd_paths
     trainer = frozen_mod.new_trainer(frozen, cfg, 2, device)
     for k, (c, e) in enumerate(zip(cfgs, embeddings)):
         trainer.assign(k, c, e)
+    return trainer
+
+
+def test_the_trainer_ramps_each_slot_by_its_own_progress(tmp_path, tiny_sd_paths):  # noqa: F811
+    trainer = two_prompt_trainer(tmp_path, tiny_sd_paths.folder, coarse_to_fine=0.5, coarse_levels=1)
     field = trainer.renderer.field
     trainer.train_step()  # step 0: progress 1 / (0.5 * 4) = 0.5 and 1 / (0.5 * 8) = 0.25
     expected = torch.tensor([[1.0, 1.0, 0.5, 0.0], [1.0, 0.75, 0.0, 0.0]]).repeat_interleave(field.encoding.level_dim, dim=1)

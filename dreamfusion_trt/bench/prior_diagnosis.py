@@ -96,7 +96,6 @@ class _Prior:
             e_u, e_c = self.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond.expand_as(cond), cond])).chunk(2)
             return (1 - a) * (e_u + scale * (e_c - e_u) - noise)
 
-
     def x0_latents(self, z: torch.Tensor, t: int, noise: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """The guided one-step prediction of the clean latents from z noised with `noise` at t,
         given that draw's `sds_grad` (which is (1 - alpha_bar_t) (eps_cfg - noise))."""
