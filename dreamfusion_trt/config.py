@@ -149,6 +149,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU
     tf32: bool = True
     compile: bool = False  # torch.compile the field and renderer (CUDA only)
+    cuda_graph: Literal["auto", "on", "off"] = "auto"  # replay the whole step (render, guidance, backward, Adam) as one CUDA graph per step shape, after a few eager steps; renders with the torch sampler (static shapes); auto = on CUDA for one prompt per step, whose steps are host-bound; off for data parallel
     compile_optimizer: Literal["auto", "on", "off"] = "auto"  # Adam's masked per-slot update through torch.compile (a few fused kernels instead of ~15 launches per parameter); auto = on CUDA
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume, somewhat slower

@@ -88,10 +88,10 @@ def test_bad_settings_are_refused():
         NeRFField(CFG, num_prompts=3).set_level_weights([None])
 
 
-def two_prompt_trainer(tmp_path, model_folder, **field):
+def two_prompt_trainer(tmp_path, model_folder, step_graph=False, **field):
     """A CPU trainer on the tiny SD with two prompts assigned: "a cat" for 4 iterations in slot 0
     and "a dog" for 8 in slot 1 (half of each in the latent phase); `field` overrides the tiny
-    field's settings."""
+    field's settings; `step_graph` is the trainer's (its CUDA capture fails on a CPU)."""
     device = torch.device("cpu")
     data = {"model": {"model": str(model_folder), "cache_dir": str(tmp_path / "cache")},
             "field": {"num_levels": 4, "log2_hashmap_size": 12, "max_resolution": 64, "hidden_dim": 16, **field},
@@ -100,7 +100,7 @@ def two_prompt_trainer(tmp_path, model_folder, **field):
     cfg = from_dict(data)
     cfgs = [from_dict({"prompt": {"text": t}, "train": {"iters": n, "seed": i}}, from_dict(data)) for i, (t, n) in enumerate([("a cat", 4), ("a dog", 8)])]
     frozen, embeddings = frozen_mod.load_frozen(cfg, device, [c.prompt for c in cfgs], max_prompts=2)
-    trainer = frozen_mod.new_trainer(frozen, cfg, 2, device)
+    trainer = frozen_mod.new_trainer(frozen, cfg, 2, device, step_graph=step_graph)
     for k, (c, e) in enumerate(zip(cfgs, embeddings)):
         trainer.assign(k, c, e)
     return trainer

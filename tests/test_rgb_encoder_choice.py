@@ -55,3 +55,16 @@ def test_distilled_is_used_when_it_passes_and_refused_with_the_reason_when_not(m
     monkeypatch.setattr(render_encoder, "load_or_fit", refusing)
     with pytest.raises(ValueError, match="gradient cosine 0.41 below 0.85"):
         frozen_from_model(model, _cfg(tmp_path, "distilled"), EagerNoisePredictor(model.unet))
+
+
+def test_the_benchmarks_stand_in_encoder_never_fits_and_says_so(model, tmp_path, monkeypatch, caplog):
+    from dreamfusion_trt.train.frozen import STAND_IN_ENCODER_ENV
+
+    monkeypatch.setenv(STAND_IN_ENCODER_ENV, "1")
+    monkeypatch.setattr(render_encoder, "load_or_fit", lambda *a, **k: pytest.fail("a stand-in must not fit"))
+    strategy = frozen_from_model(model, _cfg(tmp_path, "vae"), EagerNoisePredictor(model.unet)).inputs["rgb"]
+    assert isinstance(strategy, DistilledEncoding)
+    assert "stand-in render encoder with random weights" in caplog.text
+    again = render_encoder.untrained_render_encoder(model.vae, 16, strategy.encoder.arch.encode_size, "cpu")
+    images = torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(strategy(images), again(images))  # seed 0: the same stand-in every run

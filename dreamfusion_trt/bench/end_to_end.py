@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..atomic import atomic_write_text
+from ..train.frozen import STAND_IN_ENCODER_ENV
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--runs", type=int, default=2, help="times to run the command (the later ones with warm caches)")
     p.add_argument("--out", default="bench_end_to_end.json", help="JSON output (default: %(default)s)")
+    p.add_argument("--stand-in-encoder", action="store_true",
+                   help="RGB phase through the distilled render encoder's architecture with random weights (its speed on a "
+                   "random-weight model, whose own fit never passes parity; recorded in the JSON)")  # fmt: skip
     args = p.parse_args(argv)
     if "--out" not in rest:
         p.error("the generate command after -- needs --out FOLDER (each run writes to FOLDER-1, FOLDER-2, ...)")
@@ -128,8 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     j = rest.index("--out") + 1
     base = rest[j]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.stand_in_encoder:
+        env[STAND_IN_ENCODER_ENV] = "1"
     failed = False
-    result: dict[str, Any] = {"benchmark": "end_to_end", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": rest, "runs": []}
+    result: dict[str, Any] = {"benchmark": "end_to_end", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": rest,
+                              "stand_in_render_encoder": env.get(STAND_IN_ENCODER_ENV) == "1", "runs": []}  # fmt: skip
     for n in range(1, args.runs + 1):
         out_dir = Path(f"{base}-{n}")
         command = [sys.executable, "-m", "dreamfusion_trt.cli", "generate", *rest[:j], str(out_dir), *rest[j + 1 :]]

@@ -174,7 +174,7 @@ def profile_variant(name: str, setup: dict[str, Any], args: argparse.Namespace) 
     cfg = from_dict(VARIANTS[name], setup["cfg"])
     frozen = frozen_from_model(model, cfg, setup["predictor"], k)
     untrained = bench_train.rgb_input("untrained", model, cfg, frozen)
-    trainer = new_trainer(frozen, cfg, k, device)
+    trainer = new_trainer(frozen, cfg, k, device, step_graph=False)  # the eager step is what it profiles
     init_state = fresh_slot_state(cfg, 0, device)
     for slot in range(k):
         trainer.assign(slot, cfg, setup["embedding"], init_state=init_state)

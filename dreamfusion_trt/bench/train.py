@@ -44,11 +44,12 @@ from ..config import FieldConfig, NormalsMode, RunConfig, TrainConfig, from_dict
 from ..guidance.text import NO_VIEW, VIEWS, PromptEmbeddings
 from ..sdmodel import DiffusionModel
 from ..train.monitor import StageTimer
+from ..train.step_graph import step_graph_choice
 from .engines import build_unet
 
 log = logging.getLogger(__name__)
 
-STAGES = ("plan", "render", "vae_encode", "guidance", "backward", "optimizer")
+STAGES = ("plan", "render", "vae_encode", "guidance", "backward", "optimizer", "graph")  # graph: a replayed step graph
 RGB_ENCODERS = (*typing.get_args(typing.get_type_hints(TrainConfig)["rgb_encoder"]), "untrained")
 PROFILED_STEPS = 3  # steps under torch.profiler per row, for the GPU's busy time
 VAE_CONFIGS: dict[str, dict[str, Any]] = {
@@ -125,12 +126,12 @@ def time_text_encoder(model: DiffusionModel, prompts: int, reps: int) -> dict[st
     return {"prompts": prompts, "texts": prompts * 5, "median_ms": statistics.median(times)}
 
 
-def make_predictor(model: DiffusionModel, backend: str, max_k: int, engines_dir: Path, build: bool) -> Any:
+def make_predictor(model: DiffusionModel, backend: str, max_k: int, engines_dir: Path, build: bool, step_graph: bool = False) -> Any:
     """The noise predictor of `backend` for up to `max_k` prompts (UNet batch 2 * max_k);
     ValueError/FileNotFoundError when it cannot run here."""
     from ..engines.artifacts import current_env
     from ..engines.backends import load_network
-    from ..train.frozen import predictor_batch_sizes
+    from ..train.frozen import predictor_batch_sizes, predictor_compile_mode
 
     sizes = predictor_batch_sizes(backend, max_k)
     if build and backend in ("tensorrt", "aotinductor"):
@@ -141,7 +142,7 @@ def make_predictor(model: DiffusionModel, backend: str, max_k: int, engines_dir:
         failed = report.of("failed") + report.of("not built")
         if failed:
             raise ValueError(f"{backend} build failed: {failed[0].reason}")
-    return load_network("unet", model, backend, engines_dir, batch_sizes=sizes)
+    return load_network("unet", model, backend, engines_dir, batch_sizes=sizes, compile_mode=predictor_compile_mode(step_graph))
 
 
 def bench_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
@@ -162,7 +163,7 @@ def bench_config(args: argparse.Namespace, device: torch.device) -> RunConfig:
 def rgb_input(choice: str, model: DiffusionModel, cfg: RunConfig, frozen: Any) -> Any:
     """The RGB phase's render -> latents strategy for one --rgb-encoder choice."""
     from ..guidance.inputs import DistilledEncoding
-    from ..guidance.render_encoder import DistilledRenderEncoder, EncoderArch, FitOptions, vae_factor
+    from ..guidance.render_encoder import untrained_render_encoder
     from ..train.frozen import compiled_render_encoder, rgb_encoding
 
     if choice not in RGB_ENCODERS:
@@ -172,12 +173,7 @@ def rgb_input(choice: str, model: DiffusionModel, cfg: RunConfig, frozen: Any) -
         return vae_input
     encode_size = cfg.train.encode_size or vae_input.encode_size
     if choice == "untrained":
-        opts = FitOptions()
-        arch = EncoderArch(cfg.camera.render_size, encode_size, int(model.vae.config.latent_channels), vae_factor(model.vae),
-                           opts.width, opts.blocks)  # fmt: skip
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            encoder = DistilledRenderEncoder(arch).to(model.device).eval().requires_grad_(False)
+        encoder = untrained_render_encoder(model.vae, cfg.camera.render_size, encode_size, model.device)
         return DistilledEncoding(compiled_render_encoder(encoder, cfg, model.device), cfg.camera.render_size, vae_input.latent_shape)
     chosen = from_dict({"train": {"rgb_encoder": choice}}, cfg)
     return rgb_encoding(model, chosen, vae_input.encoder, encode_size, vae_input.latent_shape)
@@ -299,13 +295,20 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     model.free_text_encoder()
     embedding = random_embedding(model, cfg, dtype)
     init_state = fresh_slot_state(cfg, 0, device)
-    renderer_backend = None
-    for backend in backends:
+    graph_settings = [g.strip() for g in args.cuda_graph.split(",") if g.strip()]
+    for g in graph_settings:
+        if g not in ("off", "on"):
+            raise ValueError(f"--cuda-graph lists off and/or on, got {g!r}")
+    renderers: dict[str, str] = {}
+    for backend, graph_setting in [(b, g) for b in backends for g in graph_settings]:
+        graphed = graph_setting == "on"
         try:
-            predictor = make_predictor(model, backend, max(ks), Path(args.engines_dir), args.build_engines)
+            if graphed:
+                step_graph_choice(from_dict({"train": {"cuda_graph": "on"}}, bench_config(args, device)), max(ks), device)
+            predictor = make_predictor(model, backend, max(ks), Path(args.engines_dir), args.build_engines, step_graph=graphed)
         except (ValueError, FileNotFoundError, RuntimeError) as exc:
-            log.warning("backend %s skipped: %s", backend, exc)
-            result["skipped"].append({"backend": backend, "reason": str(exc)})
+            log.warning("backend %s (cuda graph %s) skipped: %s", backend, graph_setting, exc)
+            result["skipped"].append({"backend": backend, "cuda_graph": graphed, "reason": str(exc)})
             continue
         frozen = frozen_from_model(model, cfg, predictor, max(ks))
         rgb_inputs = {e: rgb_input(e, model, cfg, frozen) for e in encoders}
@@ -313,8 +316,8 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
             trainer = None
             rows = {}
             try:
-                trainer = new_trainer(frozen, cfg, k, device)
-                renderer_backend = trainer.renderer.backend_for(device)
+                trainer = new_trainer(frozen, cfg, k, device, step_graph=graphed)
+                renderers[graph_setting] = trainer.renderer.backend_for(device)
                 for slot in range(k):
                     trainer.assign(slot, cfg, embedding, init_state=init_state)
                 for phase, encoder in [("latent", None), *(("rgb", e) for e in encoders)]:
@@ -322,16 +325,21 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
                         trainer.guidance.inputs["rgb"] = rgb_inputs[encoder]
                     key = phase if encoder is None else f"rgb:{encoder}"
                     rows[key] = time_phase(trainer, phase, args.warmup, args.steps)
-                    row = {"backend": backend, "K": k, "phase": phase, "rgb_encoder": encoder, "oom": False, **rows[key]}
+                    row = {"backend": backend, "cuda_graph": graphed, "K": k, "phase": phase, "rgb_encoder": encoder, "oom": False,
+                           **rows[key]}  # fmt: skip
+                    if graphed:
+                        row["graph_replays"] = trainer.step_graphs.replays
+                        row["graph_failed"] = trainer.step_graphs.failed
                     result["results"].append(row)
                     atomic_write_text(out, json.dumps(result, indent=2) + "\n")  # a run cut short keeps its rows
-                    log.info("%s K=%d %s%s: %.2f it/s (%.1f prompt-it/s), step %.1f ms (GPU busy %s ms), peak %s", backend, k,
-                             phase, f" ({encoder})" if encoder else "", row["it_per_s"], row["prompt_it_per_s"], row["step_ms"],
+                    log.info("%s%s K=%d %s%s: %.2f it/s (%.1f prompt-it/s), step %.1f ms (GPU busy %s ms), peak %s", backend,
+                             " (cuda graph)" if graphed else "", k, phase, f" ({encoder})" if encoder else "", row["it_per_s"], row["prompt_it_per_s"], row["step_ms"],
                              f"{row['device_busy_ms']:.1f}" if row["device_busy_ms"] is not None else "-",
                              row["peak_memory_bytes"])  # fmt: skip
             except torch.OutOfMemoryError:
                 log.warning("%s K=%d: out of memory; larger K skipped", backend, k)
-                result["results"].append({"backend": backend, "K": k, "phase": "latent" if "latent" not in rows else "rgb",
+                result["results"].append({"backend": backend, "cuda_graph": graphed, "K": k,
+                                          "phase": "latent" if "latent" not in rows else "rgb",
                                           "rgb_encoder": next((e for e in encoders if f"rgb:{e}" not in rows), None)
                                           if "latent" in rows else None, "oom": True})  # fmt: skip
                 del trainer
@@ -345,8 +353,10 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
             s = result["schedule"]
             for encoder in encoders:
                 hours = (s["latent_iters"] / rows["latent"]["it_per_s"] + s["rgb_iters"] / rows[f"rgb:{encoder}"]["it_per_s"]) / 3600
-                result["prompts_per_hour"].append({"backend": backend, "K": k, "rgb_encoder": encoder, "prompts_per_hour": k / hours})
-        result["renderer"] = renderer_backend
+                result["prompts_per_hour"].append({"backend": backend, "cuda_graph": graphed, "K": k, "rgb_encoder": encoder,
+                                                   "prompts_per_hour": k / hours})  # fmt: skip
+        result["renderer"] = renderers.get("off", renderers.get("on"))
+        result["renderers"] = renderers
         atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         del predictor, frozen
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
@@ -374,6 +384,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "for its speed (speed does not depend on weight values) (default: %(default)s)")  # fmt: skip
     p.add_argument("--rgb-mode", choices=("latent", "image"), default="latent",
                    help="RGB phase: latent SDS through the VAE encoder, or image-space SDS with inference-only VAE (default: %(default)s)")
+    p.add_argument("--cuda-graph", default="off", help="comma-separated train.cuda_graph settings, each timed: off (eager steps, "
+                   "the renderer render.backend picks, the UNet with its own CUDA graphs) and/or on (the whole step replayed as a CUDA "
+                   "graph, torch sampler, the UNet compiled without graphs) (default: %(default)s)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the renderer / field")
     p.add_argument("--compile-rgb-encoder", choices=("auto", "on", "off"), default=None,
                    help="train.compile_rgb_encoder: the distilled / untrained encoder compiled (auto: on CUDA) (default: the config's)")

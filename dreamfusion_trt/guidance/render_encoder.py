@@ -294,6 +294,17 @@ class ParityThreshold:
 DEFAULT_THRESHOLD = ParityThreshold(max_latent_rel_err_mean=0.25, min_grad_cos_mean=0.85, min_grad_cos_p5=0.70)
 
 
+def untrained_render_encoder(vae: nn.Module, render_size: int, encode_size: int, device: torch.device | str) -> DistilledRenderEncoder:
+    """A distilled render encoder of the fitted one's architecture with random weights (seed 0),
+    frozen: the RGB phase's speed on a random-weight model, whose own fit never passes parity
+    (speed does not depend on weight values). Its latents mean nothing; benchmarks only."""
+    opts = FitOptions()
+    arch = EncoderArch(render_size, encode_size, int(vae.config.latent_channels), vae_factor(vae), opts.width, opts.blocks)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return DistilledRenderEncoder(arch).to(device).eval().requires_grad_(False)
+
+
 # ---------------------------------------------------------------------------------------------
 # fitting
 

@@ -155,6 +155,9 @@ class Renderer(nn.Module):
             grids.append(est)
         self.estimators = nn.ModuleList(grids)
         self._marcher = nerfacc is not None
+        # "torch" makes `backend_for` pick the torch sampler whatever render.backend auto would:
+        # set by a trainer that replays its steps as CUDA graphs (static shapes). Not saved.
+        self.sampler: str | None = None
 
     # -- saved state ------------------------------------------------------------------------------
 
@@ -168,7 +171,7 @@ class Renderer(nn.Module):
 
     def backend_for(self, device: torch.device) -> str:
         """The sampler used for rays on `device`: "nerfacc" or "torch"."""
-        if self.cfg.backend == "torch":
+        if self.cfg.backend == "torch" or self.sampler == "torch":
             return "torch"
         if self.cfg.backend == "nerfacc":
             if device.type != "cuda":

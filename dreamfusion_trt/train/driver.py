@@ -52,6 +52,7 @@ from ..scene import resolve_device, scene_from_checkpoint
 from .data_parallel import DataParallel
 from .distributed import EXIT_REQUEUE
 from .frozen import Frozen, load_frozen, make_predictor, new_trainer
+from .step_graph import step_graph_choice
 from .jobs import Job, JobSource, LocalJobs
 from .monitor import MetricsLog, StageClock
 from .output_writer import OutputWriter, Write
@@ -163,6 +164,8 @@ class Driver:
             clock.mark("concurrency from memory, noise predictor")
         trainer, k = self._start(k)
         clock.mark("probe" if device.type == "cuda" else "trainer")
+        log.info("train.cuda_graph: %s", "the whole step as CUDA graphs (torch sampler)" if trainer.step_graphs is not None else
+                 step_graph_choice(cfg, self.frozen.max_prompts, device)[1])  # fmt: skip
         log.info("start-up: %s", clock.summary())
         log.info("training %d prompt(s), %d at a time, on %s", len(todo), k, device)
         from tqdm.auto import tqdm
@@ -311,7 +314,7 @@ class Driver:
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        probe = new_trainer(self.frozen, self.cfg, 1, device)
+        probe = new_trainer(self.frozen, self.cfg, 1, device, step_graph=False)  # the sampler of K > 1
         probe.probe()
         per_slot = max(torch.cuda.max_memory_allocated(device) - base, 1)
         del probe
@@ -328,6 +331,7 @@ class Driver:
         while True:
             try:
                 self.frozen.predictor = make_predictor(self.frozen.model, self.cfg, k)
+                self.frozen.max_prompts = k
                 return k
             except (ValueError, FileNotFoundError) as exc:
                 if k == 1 or self.cfg.model.backend not in ("tensorrt", "aotinductor"):

@@ -9,6 +9,7 @@ reloading anything.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,11 +29,15 @@ from ..guidance.text import PromptEmbeddings, encode_prompts
 from ..scene import build_scene
 from ..sdmodel import DiffusionModel, load_diffusion, resolve_dtype
 from .monitor import StageClock
+from .step_graph import step_graph_choice
 from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-LATENT_MAP_SEED = 0  # the colour -> latent fit is a property of the VAE, not of a prompt's seed
+LATENT_MAP_SEED = 0
+# Benchmarks of random-weight models, whose own render-encoder fit never passes parity: "1" runs
+# the RGB phase through the distilled architecture with random weights, for its speed.
+STAND_IN_ENCODER_ENV = "DREAMFUSION_TRT_STAND_IN_RENDER_ENCODER"  # the colour -> latent fit is a property of the VAE, not of a prompt's seed
 
 
 @dataclass
@@ -41,6 +46,7 @@ class Frozen:
     predictor: NoisePredictor
     latent_map: LinearLatentMap
     inputs: dict[str, RenderInput]  # the render strategy of each phase ("latent", "rgb")
+    max_prompts: int = 1  # prompts per step the noise predictor was built for
 
 
 def predictor_batch_sizes(backend: str, max_prompts: int) -> tuple[int, ...]:
@@ -55,7 +61,15 @@ def make_predictor(model: DiffusionModel, cfg: RunConfig, max_prompts: int) -> N
     """The ``model.backend`` noise predictor for up to `max_prompts` prompts per step.
     ValueError/FileNotFoundError when no built engine covers that batch."""
     sizes = predictor_batch_sizes(cfg.model.backend, max_prompts)
-    return load_network("unet", model, cfg.model.backend, Path(cfg.model.engines_dir), batch_sizes=sizes)
+    graphed, _ = step_graph_choice(cfg, max_prompts, model.device)
+    return load_network("unet", model, cfg.model.backend, Path(cfg.model.engines_dir), batch_sizes=sizes,
+                        compile_mode=predictor_compile_mode(graphed))  # fmt: skip
+
+
+def predictor_compile_mode(step_graph: bool) -> str:
+    """The in-process compile of the UNet: its own CUDA graphs ("auto"), unless the whole step is
+    captured as one, which holds the UNet's kernels itself ("default": Inductor without graphs)."""
+    return "default" if step_graph else "auto"
 
 
 def load_frozen(
@@ -115,7 +129,7 @@ def frozen_from_model(model: DiffusionModel, cfg: RunConfig, predictor: NoisePre
         inputs = {phase: ColourPreconditioned(s, p) if s.space == "latent" else s for phase, s in inputs.items()}
         log.info("SDS: colour-preconditioned gradients (damping %g; P's eigenvalues %s)", cfg.sds.colour_damping,
                  ", ".join(f"{v:.2f}" for v in torch.linalg.eigvalsh(p.double().cpu()).tolist()))  # fmt: skip
-    return Frozen(model, predictor, latent_map, inputs)
+    return Frozen(model, predictor, latent_map, inputs, max(1, max_prompts))
 
 
 def rgb_encoding(model: DiffusionModel, cfg: RunConfig, encoder: ImageEncoder, encode_size: int,
@@ -124,6 +138,13 @@ def rgb_encoding(model: DiffusionModel, cfg: RunConfig, encoder: ImageEncoder, e
     when asked for or, with auto, on CUDA when its recorded parity passes, compiled where
     ``train.compile_rgb_encoder`` says (auto: on CUDA); else the VAE."""
     choice, render_size = cfg.train.rgb_encoder, cfg.camera.render_size
+    if os.environ.get(STAND_IN_ENCODER_ENV) == "1":
+        from ..guidance.render_encoder import untrained_render_encoder
+
+        log.warning("RGB phase: a stand-in render encoder with random weights (%s=1, for benchmarks): its latents mean "
+                    "nothing, only its speed is real", STAND_IN_ENCODER_ENV)  # fmt: skip
+        stand_in = untrained_render_encoder(model.vae, render_size, encode_size, model.device)
+        return DistilledEncoding(compiled_render_encoder(stand_in, cfg, model.device), render_size, latent_shape)
     if choice == "distilled" or (choice == "auto" and model.device.type == "cuda"):
         from ..guidance.render_encoder import BelowThresholdError, load_or_fit
 
@@ -146,13 +167,18 @@ def rgb_encoding(model: DiffusionModel, cfg: RunConfig, encoder: ImageEncoder, e
     return VAEEncoding(encoder, encode_size, render_size, latent_shape)
 
 
-def new_trainer(frozen: Frozen, cfg: RunConfig, num_slots: int, device: torch.device) -> Trainer:
-    """A trainer of `num_slots` empty slots over a fresh K-prompt scene (fill them with `assign`)."""
+def new_trainer(frozen: Frozen, cfg: RunConfig, num_slots: int, device: torch.device, step_graph: bool | None = None) -> Trainer:
+    """A trainer of `num_slots` empty slots over a fresh K-prompt scene (fill them with `assign`).
+    `step_graph` None: as `step_graph_choice` decides for the predictor's prompts per step."""
     renderer = build_scene(cfg, num_prompts=num_slots, device=device)
     guidance = SDSGuidance(frozen.predictor, frozen.model.alphas_cumprod, cfg.sds, frozen.inputs)
     model = frozen.model
+    # Decided for the run's largest step, as the predictor was: a batch's last prompts, trained
+    # in a smaller trainer, keep the run's renderer.
+    graphed, why = step_graph_choice(cfg, frozen.max_prompts, device) if step_graph is None else (step_graph, "asked for")
+    log.debug("train.cuda_graph: %s (%s)", "the whole step as CUDA graphs, torch sampler" if graphed else "eager steps", why)
     return Trainer(cfg, renderer, guidance, device, text_shape=(model.max_length, model.text_dim), text_dtype=model.dtype,
-                   colour_state=frozen.latent_map)  # fmt: skip
+                   colour_state=frozen.latent_map, step_graph=graphed)  # fmt: skip
 
 
 def compiled_render_encoder(encoder: torch.nn.Module, cfg: RunConfig, device: torch.device) -> Any:

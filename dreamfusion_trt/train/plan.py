@@ -176,3 +176,30 @@ def plan_rays(plan: StepPlan, pad_ray: torch.Tensor, num_samples: int) -> tuple[
         for k, draw in enumerate(plan.jitter):
             jitter[k, : draw.shape[1]] = draw[0]
     return rays_o, rays_d, jitter
+
+
+_PLAN_TENSORS = ("view_row", "shading", "ray_count", "inv_ray_count", "order", "t")
+
+
+def plan_tensors(plan: StepPlan) -> list[torch.Tensor]:
+    """Every device tensor of a plan, in a fixed order: the cameras' fields, the named tensors,
+    then the jitter draws, the background and the noise draws (those present)."""
+    out = [getattr(plan.cameras, f.name) for f in dataclasses.fields(CameraBatch)]
+    out += [getattr(plan, name) for name in _PLAN_TENSORS]
+    out += list(plan.jitter or [])
+    out += [plan.background] if plan.background is not None else []
+    return out + list(plan.noise)
+
+
+def with_tensors(plan: StepPlan, tensors: Sequence[torch.Tensor]) -> StepPlan:
+    """`plan` with its device tensors replaced by `tensors` (in `plan_tensors`' order); the
+    host side (phases, shadings, groups, rays) stays."""
+    it = iter(tensors)
+    cameras = CameraBatch(*(next(it) for _ in dataclasses.fields(CameraBatch)))
+    named = {name: next(it) for name in _PLAN_TENSORS}
+    jitter = [next(it) for _ in plan.jitter] if plan.jitter is not None else None
+    background = next(it) if plan.background is not None else None
+    noise = [next(it) for _ in plan.noise]
+    if next(it, None) is not None:
+        raise ValueError(f"expected {len(plan_tensors(plan))} plan tensors, got {len(tensors)}")
+    return dataclasses.replace(plan, cameras=cameras, jitter=jitter, background=background, noise=noise, **named)

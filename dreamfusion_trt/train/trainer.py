@@ -38,6 +38,7 @@ from . import regularizers as reg
 from .monitor import NO_TIMER, StageTimer
 from .optim import SlotAdam, SlotGradScaler, SlotParamGroup
 from .slots import Slot, SlotTable, fresh_slot_state
+from .step_graph import StepGraphs
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -94,10 +95,13 @@ def compiled_or_eager(compiled: Callable[..., Any], eager: Callable[..., Any], w
 
 class Trainer(SlotTable):
     def __init__(self, cfg: RunConfig, renderer: Renderer, guidance: SDSGuidance, device: torch.device,
-                 text_shape: tuple[int, int], text_dtype: torch.dtype = torch.float32, colour_state: Any = None) -> None:  # fmt: skip
+                 text_shape: tuple[int, int], text_dtype: torch.dtype = torch.float32, colour_state: Any = None,
+                 step_graph: bool = False) -> None:  # fmt: skip
         """`cfg` holds what all slots share (field, renderer, SDS, optimiser settings); each
         slot's own prompt, seed and iterations come with `assign`. `guidance` has one render
-        strategy per phase; each phase renders at its strategy's `render_size`."""
+        strategy per phase; each phase renders at its strategy's `render_size`. `step_graph`
+        (see `step_graph_choice`) replays each step shape as a CUDA graph; it renders with the
+        torch sampler and chooses the shading on the device."""
         amp = autocast_dtype(cfg.train.precision, device)
         k = renderer.num_prompts
         super().__init__(cfg, renderer, make_optimizer(renderer, cfg), SlotGradScaler(k, device, enabled=amp == torch.float16),
@@ -107,9 +111,15 @@ class Trainer(SlotTable):
         self.amp_dtype = amp
         self.phase_override: str | None = None  # "latent"/"rgb" forces every slot's phase (probe, benchmarks)
         self.step_sync: DataParallel | None = None  # ranks training the same prompts together (data_parallel.py)
+        self.step_graphs: StepGraphs | None = None
+        if step_graph:
+            if renderer.cfg.backend == "nerfacc":
+                raise ValueError("a step graph needs the torch sampler's static shapes, not render.backend nerfacc")
+            renderer.sampler = "torch"
+            self.step_graphs = StepGraphs()
         self._torch_sampler = renderer.backend_for(device) == "torch"
         self._render = renderer.render
-        self._shading_tensor = False
+        self._shading_tensor = step_graph  # one graph for every shading
         self._pad_ray = torch.tensor([[0.0, 0.0, 3.0 * renderer.bound], [0.0, 0.0, 1.0]], device=device)  # misses the box
         self._arange: dict[int, torch.Tensor] = {}
         if cfg.train.compile:
@@ -169,18 +179,47 @@ class Trainer(SlotTable):
         )  # fmt: skip
 
     def train_step(self, timer: StageTimer | None = None) -> None:
-        """One SDS step for every busy slot (empty slots render placeholders and never update)."""
+        """One SDS step for every busy slot (empty slots render placeholders and never update).
+        With step graphs, the device side of the step (`_device_step`) is a replayed CUDA
+        graph of the plan's shape; its timer stage is then "graph"."""
         cfg, timer = self.cfg, timer or NO_TIMER
         timer.start()
         plan = self.plan()
-        rays_o, rays_d, jitter = step_plan.plan_rays(plan, self._pad_ray, cfg.render.num_samples)
-        shading: Any = plan.shading if self._shading_tensor else (plan.shadings[0] if len(set(plan.shadings)) == 1 else plan.shadings)
-        need_normals = cfg.reg.orientation > 0 or any(s != "albedo" for s in plan.shadings)
         if cfg.field.coarse_to_fine > 0:
             self.renderer.field.set_level_weights(self._level_weights())
         if cfg.field.blob_fade > 0:
             self.renderer.field.set_blob_scales(self._blob_scales())
         timer.mark("plan")
+        if self.step_graphs is not None and self.step_sync is None:
+            nonfinite, metrics = self.step_graphs.run(self._graph_key(plan), step_plan.plan_tensors(plan),
+                                                      lambda xs: self._device_step(step_plan.with_tensors(plan, xs), NO_TIMER))  # fmt: skip
+            timer.mark("graph")
+        else:
+            nonfinite, metrics = self._device_step(plan, timer)
+        steps = [s.step if s is not None else None for s in self.slots]
+        self.renderer.update_occupancy(steps)
+        timer.mark("optimizer")
+        self.nonfinite |= nonfinite
+        self.metrics = metrics
+        for k, slot in enumerate(self.slots):
+            if slot is not None:
+                slot.step += 1
+                slot.phase, slot.shading = plan.phases[k], plan.shadings[k]
+        if self.step_sync is not None:  # rank 0's occupancy grids; now and then, a check that the ranks agree
+            self.step_sync.after_step(self, steps)
+
+    def _device_step(self, plan: step_plan.StepPlan, timer: StageTimer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's device work for a plan: render, guidance, regularisers, backward, Adam and
+        the loss scales. Returns the new non-finite flags [K] and the metrics [K, M]. Reads the
+        host only through the plan's host side (the step graph's key), so a CUDA graph of it
+        replays any plan of that key."""
+        cfg = self.cfg
+        rays_o, rays_d, jitter = step_plan.plan_rays(plan, self._pad_ray, cfg.render.num_samples)
+        if self._shading_tensor:
+            shading: Any = plan.shading
+        else:
+            shading = plan.shadings[0] if len(set(plan.shadings)) == 1 else plan.shadings
+        need_normals = cfg.reg.orientation > 0 or any(s != "albedo" for s in plan.shadings)
         with self._autocast():
             out = self._render(rays_o, rays_d, plan.cameras.light_dir, shading=shading, ambient_ratio=cfg.render.ambient_ratio,
                                need_normals=need_normals, jitter=jitter, background=plan.background)  # fmt: skip
@@ -208,17 +247,17 @@ class Trainer(SlotTable):
             timer.mark("grad_sync")
         updated, _ = self.optimizer.step(self.active, self.scaler.inv_scale(), cfg.train.grad_clip)
         self.scaler.update(self.active, updated)
-        steps = [s.step if s is not None else None for s in self.slots]
-        self.renderer.update_occupancy(steps)
-        timer.mark("optimizer")
-        self.nonfinite |= nonfinite
-        self.metrics = metrics
-        for k, slot in enumerate(self.slots):
-            if slot is not None:
-                slot.step += 1
-                slot.phase, slot.shading = plan.phases[k], plan.shadings[k]
-        if self.step_sync is not None:  # rank 0's occupancy grids; now and then, a check that the ranks agree
-            self.step_sync.after_step(self, steps)
+        return nonfinite, metrics
+
+    def _graph_key(self, plan: step_plan.StepPlan) -> tuple:
+        """What shapes a step's device work besides its plan's tensors: the phases and render
+        groups, the render strategy of each group (benchmarks swap them), the need for normals
+        and the plan tensors' shapes and dtypes."""
+        groups = tuple((g.phase, g.size, g.start, g.stop, tuple(g.members), id(self.guidance.inputs[g.phase])) for g in plan.groups)
+        need_normals = self.cfg.reg.orientation > 0 or any(s != "albedo" for s in plan.shadings)
+        shading = None if self._shading_tensor else tuple(plan.shadings)
+        shapes = tuple((tuple(x.shape), x.dtype) for x in step_plan.plan_tensors(plan))
+        return (tuple(plan.phases), groups, plan.rays, need_normals, shading, shapes)
 
     def _blob_scales(self) -> list[float]:
         """Per slot, the share of the density blob left this step (field.blob_fade), falling
@@ -251,7 +290,9 @@ class Trainer(SlotTable):
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # A CUDA graph must not keep casts cached outside its capture; the eager steps of a
+        # graphed trainer cast the same way, so both compute the same numbers.
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=self.step_graphs is None)
 
     def _arange_row(self, n: int) -> torch.Tensor:
         if n not in self._arange:
