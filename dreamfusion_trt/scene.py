@@ -39,10 +39,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def scene_from_checkpoint(ckpt: Checkpoint, device: torch.device | str) -> Renderer:
-    """The scene a checkpoint holds, in eval mode. ValueError when its tensors do not fit the
-    scene its own config describes."""
+def scene_from_checkpoint(ckpt: Checkpoint, device: torch.device | str, sampler: str | None = None) -> Renderer:
+    """The scene a checkpoint holds, in eval mode; `sampler` "torch" renders it with the torch
+    sampler whatever render.backend auto would pick (`Renderer.sampler`: a run trained with step
+    graphs renders its outputs as it trained, and never needs nerfacc's kernels). ValueError
+    when its tensors do not fit the scene its own config describes."""
     renderer = build_scene(ckpt.config, num_prompts=int(ckpt.state.get("num_prompts", 1)), device=device)
+    renderer.sampler = sampler
     try:
         renderer.load_state_dict(ckpt.model)
     except RuntimeError as exc:

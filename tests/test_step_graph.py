@@ -175,7 +175,8 @@ def test_cuda_graph_steps_match_eager_steps_on_the_gpu(tmp_path, tiny_sd_paths):
     from dreamfusion_trt.train import frozen as frozen_mod
 
     device = CUDA
-    data = {"model": {"model": str(tiny_sd_paths.folder), "cache_dir": str(tmp_path / "cache"), "backend": "eager"},
+    data = {"prompt": {"text": "a cat"},
+            "model": {"model": str(tiny_sd_paths.folder), "cache_dir": str(tmp_path / "cache"), "backend": "eager"},
             "field": {"num_levels": 4, "log2_hashmap_size": 12, "max_resolution": 64, "hidden_dim": 16},
             "render": {"num_samples": 12, "albedo_iters": 1}, "camera": {"render_size": 16},
             "train": {"latent_fraction": 0.5, "device": "cuda", "iters": 8, "rgb_encoder": "vae"}}  # fmt: skip
@@ -198,3 +199,34 @@ def test_cuda_graph_steps_match_eager_steps_on_the_gpu(tmp_path, tiny_sd_paths):
     for (name, a), (_, b) in zip(eager.renderer.named_parameters(), graphed.renderer.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
     torch.testing.assert_close(graphed.metrics, eager.metrics, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_graphed_generate_trains_and_renders_its_outputs_with_the_torch_sampler(tmp_path, tiny_sd_paths, monkeypatch, caplog):  # noqa: F811
+    """`generate` with step graphs (forced on the CPU, replayed through `BufferReplay`): every
+    output is written, from a scene that renders with the sampler the prompt trained with (a
+    graphed run never needs nerfacc's kernels, whose first build takes minutes)."""
+    import logging
+
+    from dreamfusion_trt.train import driver as driver_mod
+    from dreamfusion_trt.train import frozen as frozen_mod
+    from dreamfusion_trt.train import step_graph as step_graph_mod
+    from test_generate import _generate
+
+    monkeypatch.setattr(frozen_mod, "step_graph_choice", lambda cfg, k, device: (True, "forced by the test"))
+    monkeypatch.setattr(step_graph_mod, "CudaGraphCapture", BufferReplay)
+    samplers = []
+    real = driver_mod.write_outputs
+
+    def recording(scene, *args, **kwargs):
+        samplers.append(scene.sampler)
+        return real(scene, *args, **kwargs)
+
+    monkeypatch.setattr(driver_mod, "write_outputs", recording)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="dreamfusion_trt"):
+        assert _generate(tmp_path, tiny_sd_paths, out, "--iters", "6") == 0
+    assert samplers == ["torch"]
+    assert "captured step graph 2" in caplog.text and "could not be captured" not in caplog.text  # latent and RGB
+    for name in ("checkpoint.safetensors", "turntable.mp4", "validation.png", "mesh.glb", "metrics.csv"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name

@@ -129,6 +129,7 @@ class Driver:
         self.device = torch.device("cpu")
         self.frozen: Frozen | None = None
         self.trainer: Trainer | None = None
+        self._output_sampler: str | None = None  # the trainers' `Renderer.sampler`: outputs render as the prompts trained
         self.bar: Any = None
         self.tick = 0
         self._stop: int | None = None  # a stop signal that arrived
@@ -348,6 +349,7 @@ class Driver:
                 trainer.probe()
                 trainer.step_sync = self.data_parallel  # after the probe, which each rank runs alone
                 self.trainer = trainer
+                self._output_sampler = trainer.renderer.sampler
                 return trainer, k
             except torch.OutOfMemoryError as exc:
                 del trainer
@@ -411,7 +413,7 @@ class Driver:
             if ckpt is not None and ckpt.config.prompt.text != job.cfg.prompt.text:
                 raise ValueError(f"'{job.folder}' holds a run of {ckpt.config.prompt.text!r}, not {job.cfg.prompt.text!r}")
             if ckpt is not None and ckpt.step >= job.cfg.train.iters:  # trained, its outputs not written (stopped first)
-                scene = None if self._writer_busy else scene_from_checkpoint(ckpt, self.device)
+                scene = None if self._writer_busy else self._scene(ckpt)
                 self._write(job, scene, float(ckpt.state.get("elapsed_s", 0.0)))
                 return
             if self.writes:
@@ -490,7 +492,7 @@ class Driver:
             self._retry_or_fail(trainer, k, f"final checkpoint could not be written: {exc}")
             return
         # A copy (the slot is refilled next) when the writer has room; else its checkpoint waits.
-        scene = None if self._writer_busy or not self.writes else scene_from_checkpoint(trainer.slot_checkpoint(k), self.device)
+        scene = None if self._writer_busy or not self.writes else self._scene(trainer.slot_checkpoint(k))
         trainer.release(k)
         if job.metrics is not None:
             job.metrics.close()
@@ -509,10 +511,14 @@ class Driver:
         """A newly finished prompt's scene would have to wait: do not hold it in memory."""
         return self.writer.full or bool(self._unwritten)
 
+    def _scene(self, ckpt: Any) -> Any:
+        """A finished prompt's scene for its outputs, rendered with the sampler it trained with."""
+        return scene_from_checkpoint(ckpt, self.device, sampler=self._output_sampler)
+
     def _reload(self, job: Job) -> Any:
         start = time.perf_counter()
         try:
-            return scene_from_checkpoint(load_checkpoint(job.folder, map_location=self.device), self.device)
+            return self._scene(load_checkpoint(job.folder, map_location=self.device))
         finally:
             self._write_totals["reload_s"] += time.perf_counter() - start
 
