@@ -341,7 +341,12 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     use_compile_cache(opts.cache_dir, device)  # AOTInductor and the in-process compile both fill it
-    model = load_diffusion(opts.model, device=device, dtype=dtype, revision=opts.revision, local_files_only=opts.local_files_only)
+    source = opts.model
+    if source == "builtin":  # what generate and batch run without --model: the package's prior
+        from .prior import WEIGHTS_DIR
+
+        source = str(WEIGHTS_DIR)
+    model = load_diffusion(source, device=device, dtype=dtype, revision=opts.revision, local_files_only=opts.local_files_only)
     report = build_engines(
         model, opts.out, batch_sizes=batch_sizes, networks=_csv(opts.networks), backends=backends,
         vae_dtype=resolve_dtype(opts.vae_dtype, device) if opts.vae_dtype else None, opset=opts.opset,

@@ -225,3 +225,17 @@ def test_build_script_cpu_path_end_to_end(folder, model, tmp_path, caplog):
 def test_build_engines_rejects_a_malformed_render_encoder_size(capsys):
     assert cli.main(["build-engines", "--render-encoder", "64by512"]) == 2
     assert "--render-encoder takes RENDERxENCODE, e.g. 64x512; got '64by512'" in capsys.readouterr().err
+
+
+def test_build_engines_without_a_model_builds_for_the_builtin_prior(tmp_path, caplog):
+    """The default --model is the built-in prior, as for generate: no hub lookup, and the files
+    land under the model key generate computes for it."""
+    from dreamfusion_trt.prior import WEIGHTS_DIR
+    from dreamfusion_trt.sdmodel import load_diffusion
+
+    key = load_diffusion(str(WEIGHTS_DIR), device="cpu", dtype="float32").key
+    with caplog.at_level(logging.INFO):
+        assert cli.main(["build-engines", "--device", "cpu", "--backends", "onnx", "--networks", "vae_decoder",
+                         "--no-parity", "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert (model_folder(tmp_path, key) / "vae_decoder.fp32.onnx").is_file()
+    assert "huggingface.co" not in caplog.text

@@ -94,7 +94,8 @@ class BufferReplay:
     """`CudaGraphCapture`'s twin on any device: the same static input buffers and copies, with
     `fn` re-run on the buffers at each replay instead of a recorded graph. A step that takes
     some per-step value other than through its inputs computes with the capture's value here,
-    as a graph would, so a trainer replayed this way parts from its eager twin."""
+    as a graph would, so a trainer replayed this way stops matching its eager twin (the twin
+    test shows it)."""
 
     def __call__(self, fn: StepFn, inputs: Sequence[torch.Tensor]) -> Captured:
         static_in = [x.detach().clone() for x in inputs]
