@@ -367,6 +367,17 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
         load_network("unet", model, "inductor", Path(opts.out), batch_sizes=tuple(sorted(set(batch_sizes))))
         log.info("inductor unet: compiled for batch %s in %.0f s; runs on this machine find it in the compile cache",
                  ",".join(map(str, sorted(set(batch_sizes)))), time.perf_counter() - start)  # fmt: skip
+    if device.type == "cuda":
+        from .render.renderer import _nerfacc
+
+        if _nerfacc() is not None:  # its first build takes minutes: here, not in the first run
+            from .render.nerfacc_kernels import load_kernels
+
+            try:
+                load_kernels()
+                log.info("nerfacc: CUDA kernels ready")
+            except ValueError as exc:
+                log.warning("%s", exc)
     if sizes:
         from .guidance.render_encoder import BelowThresholdError, load_or_fit
 

@@ -40,6 +40,7 @@ from ..config import RenderConfig
 from ..field.background import Background
 from ..field.nerf import FieldOutput, NeRFField
 from . import volrend
+from .nerfacc_kernels import load_kernels
 from .occupancy import DERIVED_GRID_BUFFERS, OccupancyGrid, upgrade_scene_state
 from .sampling import ray_aabb_intersect, stratified_intervals
 from .shading import NEEDS_NORMALS, SHADING_MODES, shade, shade_per_prompt
@@ -176,8 +177,17 @@ class Renderer(nn.Module):
         if self.cfg.backend == "nerfacc":
             if device.type != "cuda":
                 raise ValueError(f"render.backend='nerfacc' needs CUDA tensors, got rays on {str(device)!r}")
+            load_kernels()
             return "nerfacc"
-        return "nerfacc" if device.type == "cuda" and self._marcher else "torch"
+        if device.type == "cuda" and self._marcher:
+            try:
+                load_kernels()  # once per process; the first build on a machine is logged
+            except ValueError as exc:
+                logger.warning("%s; rendering with the torch sampler", exc)
+                self._marcher = False
+                return "torch"
+            return "nerfacc"
+        return "torch"
 
     def _device(self) -> torch.device:
         return next(self.field.parameters()).device
