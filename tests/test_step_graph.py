@@ -160,10 +160,11 @@ def test_swapping_the_render_strategy_is_a_new_key(tmp_path, tiny_sd_paths):  # 
     trainer = two_prompt_trainer(tmp_path, tiny_sd_paths.folder, step_graph=True)
     trainer.step_graphs = StepGraphs(BufferReplay(), warmup=1)
     trainer.phase_override = "latent"
-    key = trainer._graph_key(trainer.plan())
+    plan = trainer.plan()
+    key = trainer._graph_key(plan, step_plan.plan_tensors(plan))
     inputs = trainer.guidance.inputs
     inputs["latent"] = type(inputs["latent"])(inputs["latent"].latent_map, inputs["latent"].render_size)
-    assert trainer._graph_key(trainer.plan()) != key
+    assert trainer._graph_key(plan, step_plan.plan_tensors(plan)) != key
 
 
 @pytest.mark.gpu

@@ -333,7 +333,8 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
                     result["results"].append(row)
                     atomic_write_text(out, json.dumps(result, indent=2) + "\n")  # a run cut short keeps its rows
                     log.info("%s%s K=%d %s%s: %.2f it/s (%.1f prompt-it/s), step %.1f ms (GPU busy %s ms), peak %s", backend,
-                             " (cuda graph)" if graphed else "", k, phase, f" ({encoder})" if encoder else "", row["it_per_s"], row["prompt_it_per_s"], row["step_ms"],
+                             " (cuda graph)" if graphed else "", k, phase, f" ({encoder})" if encoder else "", row["it_per_s"],
+                             row["prompt_it_per_s"], row["step_ms"],
                              f"{row['device_busy_ms']:.1f}" if row["device_busy_ms"] is not None else "-",
                              row["peak_memory_bytes"])  # fmt: skip
             except torch.OutOfMemoryError:

@@ -34,10 +34,10 @@ from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-LATENT_MAP_SEED = 0
+LATENT_MAP_SEED = 0  # the colour -> latent fit is a property of the VAE, not of a prompt's seed
 # Benchmarks of random-weight models, whose own render-encoder fit never passes parity: "1" runs
 # the RGB phase through the distilled architecture with random weights, for its speed.
-STAND_IN_ENCODER_ENV = "DREAMFUSION_TRT_STAND_IN_RENDER_ENCODER"  # the colour -> latent fit is a property of the VAE, not of a prompt's seed
+STAND_IN_ENCODER_ENV = "DREAMFUSION_TRT_STAND_IN_RENDER_ENCODER"
 
 
 @dataclass

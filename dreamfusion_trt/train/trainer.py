@@ -191,7 +191,8 @@ class Trainer(SlotTable):
             self.renderer.field.set_blob_scales(self._blob_scales())
         timer.mark("plan")
         if self.step_graphs is not None and self.step_sync is None:
-            nonfinite, metrics = self.step_graphs.run(self._graph_key(plan), step_plan.plan_tensors(plan),
+            tensors = step_plan.plan_tensors(plan)
+            nonfinite, metrics = self.step_graphs.run(self._graph_key(plan, tensors), tensors,
                                                       lambda xs: self._device_step(step_plan.with_tensors(plan, xs), NO_TIMER))  # fmt: skip
             timer.mark("graph")
         else:
@@ -219,7 +220,7 @@ class Trainer(SlotTable):
             shading: Any = plan.shading
         else:
             shading = plan.shadings[0] if len(set(plan.shadings)) == 1 else plan.shadings
-        need_normals = cfg.reg.orientation > 0 or any(s != "albedo" for s in plan.shadings)
+        need_normals = self._need_normals(plan)
         with self._autocast():
             out = self._render(rays_o, rays_d, plan.cameras.light_dir, shading=shading, ambient_ratio=cfg.render.ambient_ratio,
                                need_normals=need_normals, jitter=jitter, background=plan.background)  # fmt: skip
@@ -249,15 +250,17 @@ class Trainer(SlotTable):
         self.scaler.update(self.active, updated)
         return nonfinite, metrics
 
-    def _graph_key(self, plan: step_plan.StepPlan) -> tuple:
-        """What shapes a step's device work besides its plan's tensors: the phases and render
+    def _need_normals(self, plan: step_plan.StepPlan) -> bool:
+        return self.cfg.reg.orientation > 0 or any(s != "albedo" for s in plan.shadings)
+
+    def _graph_key(self, plan: step_plan.StepPlan, tensors: list[torch.Tensor]) -> tuple:
+        """What shapes a step's device work besides its plan's `tensors`: the phases and render
         groups, the render strategy of each group (benchmarks swap them), the need for normals
-        and the plan tensors' shapes and dtypes."""
+        and the tensors' shapes and dtypes."""
         groups = tuple((g.phase, g.size, g.start, g.stop, tuple(g.members), id(self.guidance.inputs[g.phase])) for g in plan.groups)
-        need_normals = self.cfg.reg.orientation > 0 or any(s != "albedo" for s in plan.shadings)
         shading = None if self._shading_tensor else tuple(plan.shadings)
-        shapes = tuple((tuple(x.shape), x.dtype) for x in step_plan.plan_tensors(plan))
-        return (tuple(plan.phases), groups, plan.rays, need_normals, shading, shapes)
+        shapes = tuple((tuple(x.shape), x.dtype) for x in tensors)
+        return (tuple(plan.phases), groups, plan.rays, self._need_normals(plan), shading, shapes)
 
     def _blob_scales(self) -> list[float]:
         """Per slot, the share of the density blob left this step (field.blob_fade), falling
