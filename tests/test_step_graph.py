@@ -11,6 +11,7 @@ import pytest
 import torch
 from tiny_sd import tiny_sd_paths  # noqa: F401  (session fixture)
 
+from dreamfusion_trt.cameras import CameraBatch
 from dreamfusion_trt.config import from_dict
 from dreamfusion_trt.train import plan as step_plan
 from dreamfusion_trt.train.step_graph import BufferReplay, StepGraphs, step_graph_choice
@@ -140,8 +141,10 @@ def test_a_value_baked_into_the_capture_shows_against_the_eager_twin(tmp_path, t
     def without_t(plan):  # the timesteps stay the captured plan's
         return [x for x in real(plan) if x is not plan.t]
 
+    at = len(dataclasses.fields(CameraBatch)) + step_plan._PLAN_TENSORS.index("t")  # where plan_tensors puts t
+
     def with_captured_t(plan, xs, _real=step_plan.with_tensors):
-        return _real(plan, [*xs[:11], plan.t, *xs[11:]])
+        return _real(plan, [*xs[:at], plan.t, *xs[at:]])
 
     eager.phase_override = graphed.phase_override = "latent"  # one key: replays from the second step on
     diverged = False
