@@ -122,6 +122,28 @@ def test_training_images_cover_renders_and_procedural_pictures():
         make_images(2, 16, seed=0, device="cpu", source="photos")
 
 
+def test_fit_schedule_and_draws_are_the_recipe_s():
+    """The fit's own learning-rate schedule is the warm-up + cosine LambdaLR it replaced, step by
+    step, and its up-front draws are the per-step draws of one generator in the same order."""
+    steps, base = 200, 2e-3
+    opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=base)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: re_.lr_factor(s, steps))
+    for s in range(steps):
+        assert opt.param_groups[0]["lr"] == base * re_.lr_factor(s, steps)
+        opt.step()
+        sched.step()
+    assert re_.lr_factor(0, steps) == pytest.approx(0.1) and re_.lr_factor(steps, steps) == pytest.approx(0.0)
+    options = FitOptions(steps=5, batch=3, cotangents_per_image=2)
+    idx, coeff = re_.fit_draws(options, 50, torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    for s in range(5):
+        assert torch.equal(idx[s], torch.randint(0, 50, (3,), generator=gen))
+        assert torch.equal(coeff[s], torch.randn(3, 2, generator=gen) / 2**0.5)
+    assert re_.fit_graph_choice(FitOptions(), torch.device("cpu")) is False
+    with pytest.raises(ValueError, match="cuda_graph='on' needs CUDA, got cpu"):
+        re_.fit_graph_choice(FitOptions(cuda_graph="on"), torch.device("cpu"))
+
+
 def test_fit_reaches_parity_with_the_trained_vae(trained_vae, fitted):
     encoder, report = fitted
     p = report.parity
@@ -274,3 +296,29 @@ def test_compiled_vae_encoder_fp16_matches_the_eager_one_on_gpu():
     # fp16 activations: a few units in the last place of the largest values
     torch.testing.assert_close(z, ref_z, rtol=0, atol=2e-2 * float(ref_z.abs().max()))
     torch.testing.assert_close(v, ref_v, rtol=0, atol=2e-2 * float(ref_v.abs().max()))
+
+
+@pytest.mark.gpu
+def test_graphed_fit_steps_match_eager_fit_steps_on_gpu():
+    """The fit's CUDA graph (3 warm-up steps, a capture, replays) against eager steps from the same
+    student and draws: same parameters after 8 steps, up to cuDNN's choice of algorithms."""
+    gen = torch.Generator().manual_seed(0)
+    n, m, options = 24, 2, replace(TINY_OPTIONS, steps=8, batch=6, width=16, blocks=1)
+    train = re_.TeacherTargets(torch.rand(n, 3, RENDER, RENDER, generator=gen).cuda(), torch.randn(n, 4, 8, 8, generator=gen).cuda(),
+                               torch.randn(n, m, 4, 8, 8, generator=gen).cuda(),
+                               torch.randn(n, m, 3, RENDER, RENDER, generator=gen).cuda())  # fmt: skip
+    idx, coeff = (t.cuda() for t in re_.fit_draws(options, n, gen))
+    params = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        student = DistilledRenderEncoder(EncoderArch(RENDER, ENCODE, width=16, blocks=1)).cuda()
+        fit = re_.FitStep(student, train, options, capturable=graphed)
+        runner = re_.GraphedFitStep(fit) if graphed else fit
+        for s in range(options.steps):
+            runner(s, idx[s], coeff[s])
+        if graphed:
+            assert runner.graph is not None and not runner.failed
+        torch.cuda.synchronize()
+        params.append([p.detach().clone() for p in student.parameters()])
+    for eager, graph in zip(*params):
+        torch.testing.assert_close(graph, eager, rtol=1e-3, atol=1e-5)

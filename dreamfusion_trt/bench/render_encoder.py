@@ -22,6 +22,7 @@ cost of the three ways from a render to latents.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -36,7 +37,17 @@ import torch
 from ..atomic import atomic_write_text
 from ..engines.eager import EagerImageEncoder
 from ..guidance.latents import encode_rgb
-from ..guidance.render_encoder import DEFAULT_THRESHOLD, FitOptions, fit_render_encoder
+from ..guidance.render_encoder import (
+    DEFAULT_THRESHOLD,
+    DistilledRenderEncoder,
+    EncoderArch,
+    FitOptions,
+    FitStep,
+    GraphedFitStep,
+    TeacherTargets,
+    cudnn_benchmark,
+    fit_render_encoder,
+)
 from ..guidance.vae_encode import CompiledImageEncoder
 from ..scene import resolve_device
 from .train import VAE_CONFIGS
@@ -126,6 +137,66 @@ def time_fwd_bwd(
     }
 
 
+STEP_VARIANTS = ("eager", "eagercudnn_benchmark", "graph")
+
+
+def time_fit_steps(render: int, encode: int, options: FitOptions, device: torch.device, variants: Sequence[str] = STEP_VARIANTS,
+                   warmup: int = 10, steps: int = 40, profile: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Milliseconds per student step of the fit, each way it can run, on random targets of the
+    fit's shapes (a step's cost does not depend on the values), a fresh student each; with
+    `profile`, the eager step's heaviest kernels (torch.profiler, self CUDA time)."""
+    arch = EncoderArch(render, encode, 4, 8, options.width, options.blocks)
+    n, m, h = options.train_images, options.cotangents_per_image, arch.latent_size
+    gen = torch.Generator().manual_seed(0)
+    train = TeacherTargets(torch.rand(n, 3, render, render, generator=gen).to(device), torch.randn(n, 4, h, h, generator=gen).to(device),
+                           torch.randn(n, m, 4, h, h, generator=gen).to(device),
+                           torch.randn(n, m, 3, render, render, generator=gen).to(device))  # fmt: skip
+    idx = torch.randint(0, n, (warmup + steps, options.batch), generator=gen).to(device)
+    coeff = torch.randn(warmup + steps, options.batch, m, generator=gen).to(device)
+    cuda = device.type == "cuda"
+    out: dict[str, Any] = {"warmup": warmup, "steps": steps, "batch": options.batch}
+    for name in variants:
+        if name != "eager" and not cuda:
+            continue
+        torch.manual_seed(0)
+        student = DistilledRenderEncoder(arch).to(device)
+        fit = FitStep(student, train, replace(options, steps=warmup + steps), capturable=name == "graph")
+        runner = GraphedFitStep(fit) if name == "graph" else fit
+        bench = cudnn_benchmark(device) if name != "eager" else contextlib.nullcontext()
+        with bench:
+            for s in range(warmup):
+                runner(s, idx[s], coeff[s])
+            _sync(device)
+            t0 = time.perf_counter()
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            for s in range(warmup, warmup + steps):
+                runner(s, idx[s], coeff[s])
+            if cuda:
+                end.record()
+            _sync(device)
+            wall = (time.perf_counter() - t0) * 1e3 / steps
+            row = {"wall_ms_per_step": wall, "gpu_ms_per_step": start.elapsed_time(end) / steps if cuda else None,
+                   "final_loss": float(fit.out_loss + fit.vjp_loss)}  # fmt: skip
+            if name == "graph":
+                row["captured"] = runner.graph is not None
+        out[name] = row
+        log.info("fit step (%s): %s", name, json.dumps(row))
+        if profile and cuda and name == "eager":
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for s in range(5):
+                    runner(s, idx[s], coeff[s])
+                _sync(device)
+            events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:15]
+            out["eager_profile_top_kernels_ms_per_step"] = {e.key: e.self_device_time_total / 1e3 / 5 for e in events}
+            log.info("eager fit step, heaviest ops:\n%s", prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
+        del runner, fit, student
+    return out
+
+
 def fit_and_report(vae: Any, scaling: float, render: int, encode: int, options: FitOptions, device: torch.device) -> tuple[Any, dict]:
     start = time.perf_counter()
     encoder, report = fit_render_encoder(vae, scaling, render, encode, options=options, device=device, progress=True)
@@ -156,8 +227,13 @@ def run_bench(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] 
         "torch": torch.__version__, "arch": setup["arch"], "dtype": str(dtype).removeprefix("torch."),
         "threshold": asdict(DEFAULT_THRESHOLD), "compile_backend": args.compile_backend, "compile_mode": args.compile_mode,
     }  # fmt: skip
-    vae, scaling = build_vae(setup["arch"], device, dtype)
     render, encode = setup["render"], setup["encode"]
+    if args.step_variants:
+        result["fit_steps"] = time_fit_steps(render, encode, options, device, args.step_variants)
+        write(result)
+    if args.no_fit:
+        return result
+    vae, scaling = build_vae(setup["arch"], device, dtype)
     encoder, result["fit"] = fit_and_report(vae, scaling, render, encode, options, device)
     write(result)
 
@@ -204,7 +280,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench render_encoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny VAE, render 16 / encode 64, a few fit steps (CPU smoke check)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",")], default=[1, 16], help="batch sizes K (default: 1,16)")
+    p.add_argument("--ks", type=lambda s: [int(v) for v in s.split(",") if v], default=[1, 16],
+                   help="batch sizes K of the forward+backward timings (default: 1,16; empty: none)")
+    p.add_argument("--step-variants", type=lambda s: [v for v in s.split(",") if v], default=[],
+                   help=f"first time the fit's student steps each of these ways (of {','.join(STEP_VARIANTS)}) on random targets")
+    p.add_argument("--no-fit", action="store_true", help="stop after --step-variants (no VAE, no fit)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--steps", type=int, default=None, help="fit steps (default: the recipe's)")

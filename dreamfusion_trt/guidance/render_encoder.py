@@ -25,15 +25,16 @@ intact, passing encoder, or fits and stores one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -323,6 +324,141 @@ class FitOptions:
     teacher_batch: int = 16
     render_samples: int = 48  # ray samples of the training renders
     seed: int = 0
+    # How the student's steps run, not what they compute: "auto" replays each step as one CUDA
+    # graph on CUDA (the step is thousands of small kernels; eager steps are the graph's twin).
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
+
+
+def fit_draws(options: FitOptions, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every step's training rows [steps, batch] and cotangent mixing coefficients
+    [steps, batch, M], drawn from `gen` step by step, up front: one upload, no host sync per step."""
+    m = options.cotangents_per_image
+    idx, coeff = [], []
+    for _ in range(options.steps):
+        idx.append(torch.randint(0, n, (options.batch,), generator=gen))
+        coeff.append(torch.randn(options.batch, m, generator=gen) / math.sqrt(m))
+    if not idx:
+        return torch.zeros(0, options.batch, dtype=torch.long), torch.zeros(0, options.batch, m)
+    return torch.stack(idx), torch.stack(coeff)
+
+
+def fit_graph_choice(options: FitOptions, device: torch.device) -> bool:
+    """Whether the fit replays its steps as a CUDA graph (``FitOptions.cuda_graph``)."""
+    if options.cuda_graph == "on" and device.type != "cuda":
+        raise ValueError(f"the render encoder fit's cuda_graph='on' needs CUDA, got {device}")
+    return options.cuda_graph == "on" or (options.cuda_graph == "auto" and device.type == "cuda")
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """The fit's schedule: linear warm-up over the first 5% of the steps, then cosine to zero."""
+    warmup = max(1, steps // 20)
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+class FitStep:
+    """One step of the student's fit: latents and VJPs of rows `idx` of the teacher's targets
+    against the student's (double backward), then Adam. Reads nothing from the host, so the same
+    call can be captured as a CUDA graph (`GraphedFitStep`); `capturable` keeps Adam's state and
+    learning rate on the device for that. The last losses stay in `out_loss` / `vjp_loss`."""
+
+    def __init__(self, student: DistilledRenderEncoder, train: TeacherTargets, options: FitOptions, capturable: bool = False) -> None:
+        self.student, self.train, self.options = student, train, options
+        self.z_var = float(train.latents.var())
+        device = train.images.device
+        lr: float | torch.Tensor = torch.tensor(options.lr, device=device) if capturable else options.lr
+        self.opt = torch.optim.Adam(student.parameters(), lr=lr, capturable=capturable)
+        self.out_loss = self.vjp_loss = torch.zeros((), device=device)
+
+    def set_lr(self, step: int) -> None:
+        lr = self.options.lr * lr_factor(step, self.options.steps)
+        for group in self.opt.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def update(self, idx: torch.Tensor, coeff: torch.Tensor) -> None:
+        """The device side of a step (what a graph captures)."""
+        train = self.train
+        x = train.images[idx].requires_grad_(True)
+        z = self.student(x)
+        g = torch.einsum("bm,bm...->b...", coeff, train.cotangents[idx])
+        v_t = torch.einsum("bm,bm...->b...", coeff, train.vjps[idx])
+        (v_s,) = torch.autograd.grad(z, x, g, create_graph=True)
+        out_loss = (z - train.latents[idx]).square().mean() / self.z_var
+        vjp_loss = ((v_s - v_t).square().flatten(1).sum(1) / v_t.square().flatten(1).sum(1).clamp_min(1e-30)).mean()
+        self.opt.zero_grad(set_to_none=True)
+        (out_loss + self.options.vjp_weight * vjp_loss).backward()
+        self.opt.step()
+        self.out_loss, self.vjp_loss = out_loss.detach(), vjp_loss.detach()
+
+    def __call__(self, step: int, idx: torch.Tensor, coeff: torch.Tensor) -> None:
+        self.set_lr(step)
+        self.update(idx, coeff)
+
+
+class GraphedFitStep:
+    """`FitStep` replayed as one CUDA graph: `WARMUP` eager steps on a side stream, then a
+    capture that reads the rows and coefficients from static buffers. A failed capture logs one
+    warning and the remaining steps run eagerly (the same `FitStep`, so nothing is lost)."""
+
+    WARMUP = 3
+
+    def __init__(self, fit: FitStep) -> None:
+        self.fit = fit
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = False
+        self._calls = 0
+        self._idx: torch.Tensor | None = None
+        self._coeff: torch.Tensor | None = None
+
+    def __call__(self, step: int, idx: torch.Tensor, coeff: torch.Tensor) -> None:
+        fit = self.fit
+        fit.set_lr(step)  # a device tensor the graph reads
+        if self.failed or self._calls < self.WARMUP:
+            self._calls += 1
+            if self.failed:
+                fit.update(idx, coeff)
+                return
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fit.update(idx, coeff)
+            torch.cuda.current_stream().wait_stream(side)
+            return
+        if self.graph is None:
+            self._idx, self._coeff = idx.clone(), coeff.clone()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                fit.opt.zero_grad(set_to_none=True)
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    fit.update(self._idx, self._coeff)
+            except Exception as exc:  # noqa: BLE001 -- any capture failure: eager steps from here
+                logger.warning("render encoder fit: CUDA graph capture failed (%s); fitting with eager steps",
+                               str(exc).splitlines()[0] if str(exc) else type(exc).__name__)  # fmt: skip
+                self.failed = True
+                torch.cuda.synchronize()
+                fit.update(idx, coeff)
+                return
+            self.graph = graph
+        else:
+            self._idx.copy_(idx)
+            self._coeff.copy_(coeff)
+        self.graph.replay()
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(device: torch.device) -> Iterator[None]:
+    """cuDNN's autotuner for the fit's fixed shapes on CUDA (restored afterwards)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 @dataclass
@@ -372,29 +508,16 @@ def fit_render_encoder(
         torch.manual_seed(options.seed)
         student = DistilledRenderEncoder(arch).to(device)
     _init_colour_path(student, train)
-    opt = torch.optim.Adam(student.parameters(), lr=options.lr)
-    warmup = max(1, options.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, options.steps) / options.steps))
-    )
-    z_var = float(train.latents.var())
-    n, m = len(train.images), options.cotangents_per_image
+    idx_all, coeff_all = fit_draws(options, len(train.images), gen)
+    idx_all, coeff_all = idx_all.to(device), coeff_all.to(device)  # one upload: no host sync per step
+    graphed = fit_graph_choice(options, device)
+    fit = FitStep(student, train, options, capturable=graphed)
     start = time.perf_counter()
-    out_loss = vjp_loss = torch.zeros((), device=device)
-    for _ in tqdm(range(options.steps), disable=not progress, desc="render encoder", unit="step", dynamic_ncols=True):
-        idx = torch.randint(0, n, (options.batch,), generator=gen).to(device)
-        coeff = (torch.randn(options.batch, m, generator=gen) / math.sqrt(m)).to(device)
-        x = train.images[idx].requires_grad_(True)
-        z = student(x)
-        g = torch.einsum("bm,bm...->b...", coeff, train.cotangents[idx])
-        v_t = torch.einsum("bm,bm...->b...", coeff, train.vjps[idx])
-        (v_s,) = torch.autograd.grad(z, x, g, create_graph=True)
-        out_loss = (z - train.latents[idx]).square().mean() / z_var
-        vjp_loss = ((v_s - v_t).square().flatten(1).sum(1) / v_t.square().flatten(1).sum(1).clamp_min(1e-30)).mean()
-        opt.zero_grad(set_to_none=True)
-        (out_loss + options.vjp_weight * vjp_loss).backward()
-        opt.step()
-        sched.step()
+    with cudnn_benchmark(device):
+        runner = GraphedFitStep(fit) if graphed else fit
+        for s in tqdm(range(options.steps), disable=not progress, desc="render encoder", unit="step", dynamic_ncols=True):
+            runner(s, idx_all[s], coeff_all[s])
+    out_loss, vjp_loss = fit.out_loss, fit.vjp_loss
     _sync(device)
     seconds["train"] = time.perf_counter() - start
     student.eval().requires_grad_(False)
