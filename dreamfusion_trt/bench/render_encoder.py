@@ -137,7 +137,8 @@ def time_fwd_bwd(
     }
 
 
-STEP_VARIANTS = ("eager", "eagercudnn_benchmark", "graph")
+STEP_VARIANTS = ("eager", "graph", "bf16", "nhwc", "bf16_nhwc", "graph_bf16", "graph_bf16_nhwc")
+STEP_TOKENS = {"eager", "graph", "bf16", "nhwc", "nobench"}  # a variant: tokens joined by "_"
 
 
 def time_fit_steps(render: int, encode: int, options: FitOptions, device: torch.device, variants: Sequence[str] = STEP_VARIANTS,
@@ -156,13 +157,18 @@ def time_fit_steps(render: int, encode: int, options: FitOptions, device: torch.
     cuda = device.type == "cuda"
     out: dict[str, Any] = {"warmup": warmup, "steps": steps, "batch": options.batch}
     for name in variants:
-        if name != "eager" and not cuda:
+        tokens = set(name.split("_"))
+        if tokens - STEP_TOKENS:
+            raise ValueError(f"unknown fit step variant {name!r}: join tokens of {sorted(STEP_TOKENS)} with '_'")
+        if tokens & {"graph", "bf16", "nhwc"} and not cuda:
             continue
+        graphed = "graph" in tokens
         torch.manual_seed(0)
         student = DistilledRenderEncoder(arch).to(device)
-        fit = FitStep(student, train, replace(options, steps=warmup + steps), capturable=name == "graph")
-        runner = GraphedFitStep(fit) if name == "graph" else fit
-        bench = cudnn_benchmark(device) if name != "eager" else contextlib.nullcontext()
+        opts = replace(options, steps=warmup + steps, precision="bf16" if "bf16" in tokens else "fp32", channels_last="nhwc" in tokens)
+        fit = FitStep(student, train, opts, capturable=graphed)
+        runner = GraphedFitStep(fit) if graphed else fit
+        bench = contextlib.nullcontext() if "nobench" in tokens else cudnn_benchmark(device)  # the fit autotunes on CUDA
         with bench:
             for s in range(warmup):
                 runner(s, idx[s], coeff[s])
@@ -179,7 +185,7 @@ def time_fit_steps(render: int, encode: int, options: FitOptions, device: torch.
             wall = (time.perf_counter() - t0) * 1e3 / steps
             row = {"wall_ms_per_step": wall, "gpu_ms_per_step": start.elapsed_time(end) / steps if cuda else None,
                    "final_loss": float(fit.out_loss + fit.vjp_loss)}  # fmt: skip
-            if name == "graph":
+            if graphed:
                 row["captured"] = runner.graph is not None
         out[name] = row
         log.info("fit step (%s): %s", name, json.dumps(row))
@@ -222,6 +228,7 @@ def run_bench(args: argparse.Namespace, write: Callable[[dict[str, Any]], None] 
         options = replace(options, steps=args.steps)
     if args.train_images is not None:
         options = replace(options, train_images=args.train_images)
+    options = replace(options, precision=args.fit_precision, cuda_graph=args.fit_cuda_graph, channels_last=args.fit_channels_last)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "arch": setup["arch"], "dtype": str(dtype).removeprefix("torch."),
@@ -285,6 +292,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-variants", type=lambda s: [v for v in s.split(",") if v], default=[],
                    help=f"first time the fit's student steps each of these ways (of {','.join(STEP_VARIANTS)}) on random targets")
     p.add_argument("--no-fit", action="store_true", help="stop after --step-variants (no VAE, no fit)")
+    p.add_argument("--fit-precision", default="fp32", choices=("auto", "fp32", "bf16"), help="FitOptions.precision of the fits")
+    p.add_argument("--fit-cuda-graph", default="auto", choices=("auto", "on", "off"), help="FitOptions.cuda_graph of the fits")
+    p.add_argument("--fit-channels-last", action="store_true", help="FitOptions.channels_last of the fits")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--steps", type=int, default=None, help="fit steps (default: the recipe's)")

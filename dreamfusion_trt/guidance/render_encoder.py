@@ -327,6 +327,10 @@ class FitOptions:
     # How the student's steps run, not what they compute: "auto" replays each step as one CUDA
     # graph on CUDA (the step is thousands of small kernels; eager steps are the graph's twin).
     cuda_graph: Literal["auto", "on", "off"] = "auto"
+    # The student's arithmetic during the fit: "bf16" runs its forward and double backward under
+    # bfloat16 autocast (weights, Adam and losses stay fp32); "auto" is bf16 on CUDA, fp32 elsewhere.
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    channels_last: bool = False  # the student's convolutions in NHWC
 
 
 def fit_draws(options: FitOptions, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,6 +353,13 @@ def fit_graph_choice(options: FitOptions, device: torch.device) -> bool:
     return options.cuda_graph == "on" or (options.cuda_graph == "auto" and device.type == "cuda")
 
 
+def fit_precision(options: FitOptions, device: torch.device) -> str:
+    """"fp32" or "bf16": the student's arithmetic during the fit (``FitOptions.precision``)."""
+    if options.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return options.precision
+
+
 def lr_factor(step: int, steps: int) -> float:
     """The fit's schedule: linear warm-up over the first 5% of the steps, then cosine to zero."""
     warmup = max(1, steps // 20)
@@ -365,6 +376,10 @@ class FitStep:
         self.student, self.train, self.options = student, train, options
         self.z_var = float(train.latents.var())
         device = train.images.device
+        self.device_type = device.type
+        self.amp = fit_precision(options, device) == "bf16"
+        if options.channels_last:
+            student.to(memory_format=torch.channels_last)
         lr: float | torch.Tensor = torch.tensor(options.lr, device=device) if capturable else options.lr
         self.opt = torch.optim.Adam(student.parameters(), lr=lr, capturable=capturable)
         self.out_loss = self.vjp_loss = torch.zeros((), device=device)
@@ -380,11 +395,16 @@ class FitStep:
     def update(self, idx: torch.Tensor, coeff: torch.Tensor) -> None:
         """The device side of a step (what a graph captures)."""
         train = self.train
-        x = train.images[idx].requires_grad_(True)
-        z = self.student(x)
+        x = train.images[idx]
+        if self.options.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
         g = torch.einsum("bm,bm...->b...", coeff, train.cotangents[idx])
         v_t = torch.einsum("bm,bm...->b...", coeff, train.vjps[idx])
-        (v_s,) = torch.autograd.grad(z, x, g, create_graph=True)
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):  # capturable
+            z = self.student(x)
+            (v_s,) = torch.autograd.grad(z, x, g.to(z.dtype), create_graph=True)
+        z, v_s = z.float(), v_s.float()
         out_loss = (z - train.latents[idx]).square().mean() / self.z_var
         vjp_loss = ((v_s - v_t).square().flatten(1).sum(1) / v_t.square().flatten(1).sum(1).clamp_min(1e-30)).mean()
         self.opt.zero_grad(set_to_none=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -319,11 +320,16 @@ class Trainer(SlotTable):
         try:
             for k in range(self.num_slots):
                 self.assign(k, probe_cfg, dummy, init_state=state)
+            seconds = {}
             for phase in ("rgb", "latent"):
+                start = time.perf_counter()
                 self.phase_override = phase
                 self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                seconds[phase] = time.perf_counter() - start
+            log.info("probe: the first RGB-phase step took %.1f s, the first latent-phase step %.1f s (first calls: kernels "
+                     "loaded or compiled)", seconds["rgb"], seconds["latent"])  # fmt: skip
         finally:
             self.phase_override = None
             for k in range(self.num_slots):
