@@ -165,7 +165,8 @@ def test_bf16_nhwc_fit_steps_track_the_fp32_ones():
         losses[name] = (first, float(fit.out_loss + fit.vjp_loss))
     assert losses["fp32"][1] < 0.9 * losses["fp32"][0]  # the steps fit something
     assert losses["bf16"][1] == pytest.approx(losses["fp32"][1], rel=0.05), losses
-    assert re_.fit_precision(FitOptions(precision="auto"), torch.device("cpu")) == "fp32"
+    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
+        re_.FitStep(DistilledRenderEncoder(EncoderArch(RENDER, ENCODE, width=16, blocks=1)), train, replace(base, precision="fp16"))
 
 
 def test_fit_reaches_parity_with_the_trained_vae(trained_vae, fitted):

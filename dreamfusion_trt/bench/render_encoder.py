@@ -155,7 +155,7 @@ def time_fit_steps(render: int, encode: int, options: FitOptions, device: torch.
     idx = torch.randint(0, n, (warmup + steps, options.batch), generator=gen).to(device)
     coeff = torch.randn(warmup + steps, options.batch, m, generator=gen).to(device)
     cuda = device.type == "cuda"
-    out: dict[str, Any] = {"warmup": warmup, "steps": steps, "batch": options.batch}
+    out: dict[str, Any] = {"warmup": warmup, "steps": steps, "batch": options.batch, "variants": {}}
     for name in variants:
         tokens = set(name.split("_"))
         if tokens - STEP_TOKENS:
@@ -187,7 +187,7 @@ def time_fit_steps(render: int, encode: int, options: FitOptions, device: torch.
                    "final_loss": float(fit.out_loss + fit.vjp_loss)}  # fmt: skip
             if graphed:
                 row["captured"] = runner.graph is not None
-        out[name] = row
+        out["variants"][name] = row
         log.info("fit step (%s): %s", name, json.dumps(row))
         if profile and cuda and name == "eager":
             from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -292,7 +292,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-variants", type=lambda s: [v for v in s.split(",") if v], default=[],
                    help=f"first time the fit's student steps each of these ways (of {','.join(STEP_VARIANTS)}) on random targets")
     p.add_argument("--no-fit", action="store_true", help="stop after --step-variants (no VAE, no fit)")
-    p.add_argument("--fit-precision", default="fp32", choices=("auto", "fp32", "bf16"), help="FitOptions.precision of the fits")
+    p.add_argument("--fit-precision", default="fp32", choices=("fp32", "bf16"), help="FitOptions.precision of the fits")
     p.add_argument("--fit-cuda-graph", default="auto", choices=("auto", "on", "off"), help="FitOptions.cuda_graph of the fits")
     p.add_argument("--fit-channels-last", action="store_true", help="FitOptions.channels_last of the fits")
     p.add_argument("--warmup", type=int, default=3)

@@ -328,9 +328,11 @@ class FitOptions:
     # graph on CUDA (the step is thousands of small kernels; eager steps are the graph's twin).
     cuda_graph: Literal["auto", "on", "off"] = "auto"
     # The student's arithmetic during the fit: "bf16" runs its forward and double backward under
-    # bfloat16 autocast (weights, Adam and losses stay fp32); "auto" is bf16 on CUDA, fp32 elsewhere.
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    channels_last: bool = False  # the student's convolutions in NHWC
+    # bfloat16 autocast (weights, Adam and losses stay fp32); `channels_last` runs its convolutions
+    # in NHWC. Both are slower on the H200 (cuDNN's double-backward kernels: 47 and 43 ms per
+    # step against 35 ms in fp32/TF32, BENCHMARKS.md, eighth session), so fp32 NCHW is the default.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
 
 
 def fit_draws(options: FitOptions, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,13 +355,6 @@ def fit_graph_choice(options: FitOptions, device: torch.device) -> bool:
     return options.cuda_graph == "on" or (options.cuda_graph == "auto" and device.type == "cuda")
 
 
-def fit_precision(options: FitOptions, device: torch.device) -> str:
-    """"fp32" or "bf16": the student's arithmetic during the fit (``FitOptions.precision``)."""
-    if options.precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return options.precision
-
-
 def lr_factor(step: int, steps: int) -> float:
     """The fit's schedule: linear warm-up over the first 5% of the steps, then cosine to zero."""
     warmup = max(1, steps // 20)
@@ -377,7 +372,9 @@ class FitStep:
         self.z_var = float(train.latents.var())
         device = train.images.device
         self.device_type = device.type
-        self.amp = fit_precision(options, device) == "bf16"
+        if options.precision not in ("fp32", "bf16"):
+            raise ValueError(f"render encoder fit precision must be 'fp32' or 'bf16', got {options.precision!r}")
+        self.amp = options.precision == "bf16"
         if options.channels_last:
             student.to(memory_format=torch.channels_last)
         lr: float | torch.Tensor = torch.tensor(options.lr, device=device) if capturable else options.lr
