@@ -26,7 +26,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -50,7 +50,7 @@ class DiffusionModel:
     """The frozen networks plus what SDS needs from the noise schedule."""
 
     tokenizer: Any  # transformers CLIPTokenizer
-    text_encoder: Any  # CLIPTextModel, None after free_text_encoder()
+    text_encoder: Any  # CLIPTextModel; None after free_text_encoder(), or until `require_text_encoder` (lazy load)
     unet: Any  # diffusers UNet2DConditionModel
     vae: Any  # diffusers AutoencoderKL
     alphas_cumprod: torch.Tensor  # [T] float32, on `device`
@@ -62,9 +62,21 @@ class DiffusionModel:
     source: str
     device: torch.device
     dtype: torch.dtype
+    text_encoder_loader: Callable[[], Any] | None = None  # a lazy load's pending text encoder
+
+    def require_text_encoder(self) -> Any:
+        """The text encoder, loaded now if its load was deferred (`load_diffusion(...,
+        lazy_text_encoder=True)`). ValueError once it was freed."""
+        if self.text_encoder is None and self.text_encoder_loader is not None:
+            logger.info("reading the text encoder of %s", self.source)
+            self.text_encoder, self.text_encoder_loader = self.text_encoder_loader(), None
+        if self.text_encoder is None:
+            raise ValueError("the model's text encoder was freed (free_text_encoder())")
+        return self.text_encoder
 
     def free_text_encoder(self) -> None:
-        """Drop the text encoder once every prompt is embedded (and cached)."""
+        """Drop the text encoder (or its pending load) once every prompt is embedded (and cached)."""
+        self.text_encoder_loader = None
         if self.text_encoder is None:
             return
         self.text_encoder = None
@@ -91,9 +103,13 @@ def load_diffusion(
     revision: str | None = None,
     local_files_only: bool = False,
     config: str | None = None,
+    lazy_text_encoder: bool = False,
 ) -> DiffusionModel:
     """Load and freeze tokenizer, text encoder, UNet and VAE from `source` (hub id, diffusers
-    folder or single checkpoint file; `config` only applies to single files)."""
+    folder or single checkpoint file; `config` only applies to single files). With
+    `lazy_text_encoder`, a folder's or hub model's text encoder is read only when
+    `require_text_encoder` asks for it (its config now): a run whose prompts are all cached never
+    loads it. A single file loads everything at once."""
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
     offline = local_files_only or _env_offline()
@@ -104,16 +120,18 @@ def load_diffusion(
     elif path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"'{source}' is a folder but not a diffusers model (no model_index.json)")
-        parts = _load_components(str(path), path, revision=None, dtype=dtype, offline=True)
+        parts = _load_components(str(path), path, revision=None, dtype=dtype, offline=True, lazy_text_encoder=lazy_text_encoder)
         key = _key(path.name, _fingerprint(path, [path / "model_index.json", *_component_files(path)]))
     elif _looks_like_path(source):
         raise FileNotFoundError(f"model path does not exist: '{source}'")
     else:
         commit = _resolve_hub(source, revision, offline)
-        parts = _load_components(source, source, revision=commit, dtype=dtype, offline=offline)
+        parts = _load_components(source, source, revision=commit, dtype=dtype, offline=offline, lazy_text_encoder=lazy_text_encoder)
         key = _key(source.replace("/", "--"), hashlib.sha256(f"hub:{source}@{commit}".encode()).hexdigest())
 
     tokenizer, text_encoder, unet, vae, scheduler = (parts[n] for n in COMPONENTS)
+    loader = parts.get("text_encoder_loader")
+    text_config = text_encoder.config if text_encoder is not None else parts["text_encoder_config"]
     prediction = scheduler.config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
         # SDS subtracts the sampled noise from the UNet output, so the output must be a noise estimate.
@@ -122,14 +140,15 @@ def load_diffusion(
             "(for example stabilityai/stable-diffusion-2-1-base)"
         )
     for module in (text_encoder, unet, vae):  # already in `dtype`: loaded with it
-        module.requires_grad_(False).eval().to(device)
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
     text_dim = int(unet.config.cross_attention_dim)
-    if text_encoder.config.hidden_size != text_dim:
+    if text_config.hidden_size != text_dim:
         raise ValueError(
-            f"'{source}': text encoder width {text_encoder.config.hidden_size} does not match the UNet's "
+            f"'{source}': text encoder width {text_config.hidden_size} does not match the UNet's "
             f"cross_attention_dim {text_dim} (only SD 1.x/2.x layouts are supported)"
         )
-    max_length = min(int(tokenizer.model_max_length), int(text_encoder.config.max_position_embeddings))
+    max_length = min(int(tokenizer.model_max_length), int(text_config.max_position_embeddings))
     model = DiffusionModel(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -144,8 +163,10 @@ def load_diffusion(
         source=source,
         device=device,
         dtype=dtype,
+        text_encoder_loader=None if loader is None else lambda: loader().requires_grad_(False).eval().to(device),
     )
-    logger.info("loaded %s as %s on %s (%s)", source, key, device, str(dtype).removeprefix("torch."))
+    logger.info("loaded %s as %s on %s (%s)%s", source, key, device, str(dtype).removeprefix("torch."),
+                "; the text encoder is read only for a prompt not in the cache" if loader is not None else "")  # fmt: skip
     return model
 
 
@@ -210,9 +231,9 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _load_components(src: str, where: Path | str, *, revision, dtype, offline) -> dict[str, Any]:
+def _load_components(src: str, where: Path | str, *, revision, dtype, offline, lazy_text_encoder: bool = False) -> dict[str, Any]:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     common = {"revision": revision, "local_files_only": offline}
     # Without accelerate, diffusers warns once per model that it falls back to this; say it once.
@@ -224,13 +245,23 @@ def _load_components(src: str, where: Path | str, *, revision, dtype, offline) -
         "vae": lambda: AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype, **common, **lean),
         "scheduler": lambda: DDPMScheduler.from_pretrained(src, subfolder="scheduler", **common),
     }
-    parts = {}
+    if lazy_text_encoder:
+        text_encoder = loaders.pop("text_encoder")
+        loaders["text_encoder_config"] = lambda: CLIPTextConfig.from_pretrained(src, subfolder="text_encoder", **common)
+    parts: dict[str, Any] = {}
     for name, load in loaders.items():
-        try:
-            parts[name] = load()
-        except Exception as exc:  # noqa: BLE001 -- every loader failure becomes one line naming the source
-            raise ValueError(f"could not load the {name} of '{where}': {_first_line(exc)}") from exc
+        parts[name] = _load_part(name, load, where)
+    if lazy_text_encoder:
+        parts["text_encoder"] = None
+        parts["text_encoder_loader"] = lambda: _load_part("text_encoder", text_encoder, where)
     return parts
+
+
+def _load_part(name: str, load: Callable[[], Any], where: Path | str) -> Any:
+    try:
+        return load()
+    except Exception as exc:  # noqa: BLE001 -- every loader failure becomes one line naming the source
+        raise ValueError(f"could not load the {name} of '{where}': {_first_line(exc)}") from exc
 
 
 def _load_single_file(path: Path, config: str | None, dtype: torch.dtype, offline: bool) -> tuple[dict[str, Any], str]:

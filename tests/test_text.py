@@ -113,6 +113,37 @@ def test_cache_hit_needs_no_text_encoder(model, tmp_path):
         encode_prompt(model, PromptConfig(text="a blue chair"), tmp_path)
 
 
+def test_a_lazy_text_encoder_is_read_only_for_uncached_prompts(model, tiny_sd_paths, tmp_path, monkeypatch):
+    """`lazy_text_encoder`: the model loads without its text encoder (its config gives the
+    token window and width), a cached prompt never reads it, the first uncached prompt does,
+    and its embeddings are the eagerly loaded model's."""
+    from dreamfusion_trt import sdmodel
+
+    reads = []
+    real = sdmodel._load_part
+    monkeypatch.setattr(sdmodel, "_load_part", lambda name, load, where: (reads.append(name), real(name, load, where))[1])
+    lazy = load_diffusion(str(tiny_sd_paths.folder), device="cpu", dtype="auto", lazy_text_encoder=True)
+    assert "text_encoder" not in reads and "text_encoder_config" in reads
+    assert lazy.text_encoder is None and lazy.text_encoder_loader is not None
+    assert (lazy.key, lazy.max_length, lazy.text_dim) == (model.key, model.max_length, model.text_dim)
+    cached = encode_prompt(model, PromptConfig(text="a red chair"), tmp_path)  # the eager model fills the cache
+    again = encode_prompt(lazy, PromptConfig(text="a red chair"), tmp_path)
+    assert torch.equal(again.cond, cached.cond) and lazy.text_encoder is None and "text_encoder" not in reads
+    fresh = encode_prompt(lazy, PromptConfig(text="a blue chair"), tmp_path / "other")
+    assert reads.count("text_encoder") == 1 and lazy.text_encoder is not None and not lazy.text_encoder.training
+    assert not any(p.requires_grad for p in lazy.text_encoder.parameters())
+    twin = encode_prompt(model, PromptConfig(text="a blue chair"), tmp_path / "eager")
+    assert torch.equal(fresh.cond, twin.cond) and torch.equal(fresh.uncond, twin.uncond)
+    lazy.free_text_encoder()
+    with pytest.raises(ValueError, match="text encoder was freed"):
+        lazy.require_text_encoder()
+    never = load_diffusion(str(tiny_sd_paths.folder), device="cpu", dtype="auto", lazy_text_encoder=True)
+    never.free_text_encoder()  # freed before it was ever read: nothing is read
+    assert reads.count("text_encoder") == 1 and never.text_encoder_loader is None
+    with pytest.raises(ValueError, match="'a green chair' and the text encoder was freed"):
+        encode_prompt(never, PromptConfig(text="a green chair"), tmp_path)
+
+
 def test_cache_key_follows_negative_and_views(model, tmp_path):
     counter = CountingEncoder(model.text_encoder)
     model.text_encoder = counter

@@ -319,9 +319,11 @@ def make_spec(
             inputs = (TensorSpec("latents", dtype, (BATCH, c, h, w)),)  # scaled
             outputs = (TensorSpec("images", dtype, (BATCH, int(cfg.out_channels), h * s, w * s)),)
     else:
-        if model.text_encoder is None:
-            raise ValueError("text_encoder spec: the model's text encoder was freed (free_text_encoder())")
-        vocab = int(model.text_encoder.config.vocab_size)
+        try:
+            text_encoder = model.require_text_encoder()  # loads a deferred one
+        except ValueError:
+            raise ValueError("text_encoder spec: the model's text encoder was freed (free_text_encoder())") from None
+        vocab = int(text_encoder.config.vocab_size)
         inputs = (TensorSpec("input_ids", torch.int64, (BATCH, int(model.max_length)), sample_range=(0, vocab)),)
         outputs = (TensorSpec("last_hidden_state", dtype, (BATCH, int(model.max_length), int(model.text_dim))),)
     return NetworkSpec(network=network, inputs=inputs, outputs=outputs, axes=axes, precision=dtype, sizes=sizes)

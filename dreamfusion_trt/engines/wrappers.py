@@ -79,9 +79,11 @@ def wrap_network(model: Any, network: str) -> nn.Module:
     if network == "vae_decoder":
         return VaeDecoderWrapper(model.vae, model.vae_scaling_factor).eval()
     if network == "text_encoder":
-        if model.text_encoder is None:
-            raise ValueError("text_encoder: the model's text encoder was freed (free_text_encoder())")
-        return TextEncoderWrapper(model.text_encoder).eval()
+        try:
+            text_encoder = model.require_text_encoder()  # loads a deferred one
+        except ValueError:
+            raise ValueError("text_encoder: the model's text encoder was freed (free_text_encoder())") from None
+        return TextEncoderWrapper(text_encoder).eval()
     raise ValueError(f"unknown network {network!r} (expected unet, vae_encoder, vae_decoder, text_encoder)")
 
 

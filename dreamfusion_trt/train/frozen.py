@@ -91,7 +91,7 @@ def load_frozen(
         dtype = resolve_dtype(cfg.model.dtype, device)
         model = load_diffusion(
             cfg.model.model, device=device, dtype=dtype, revision=cfg.model.revision,
-            local_files_only=cfg.model.local_files_only,
+            local_files_only=cfg.model.local_files_only, lazy_text_encoder=True,  # cached prompts never load it
         )  # fmt: skip
     clock.mark("model")
     embeddings = encode_prompts(model, list(prompts), Path(cfg.model.cache_dir).expanduser()) if prompts else []
