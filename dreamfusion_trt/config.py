@@ -99,6 +99,7 @@ class RenderConfig:
     num_samples: int = 96  # samples per ray for the torch renderer
     grid_resolution: int = 128  # nerfacc occupancy grid
     grid_update_every: int = 16
+    grid_warmup: int = 0  # nerfacc: steps of each prompt before its grid's first refresh (the grid stays fully occupied, every cell of the box sampled); nerfacc's own schedule starts after them. 0 as before: at init only a ball of ~blob_radius is occupied (bench.initial_occupancy)
     occupancy_threshold: float = 0.01
     render_step_size: float = 0.0  # nerfacc march step; 0 = derive from bound and num_samples
     batched_marching: bool = True  # nerfacc: one march for all K prompts (their boxes side by side in one grid), a few host syncs per step instead of ~3 per prompt; false marches each prompt's grid alone (the twin)

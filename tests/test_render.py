@@ -419,6 +419,39 @@ def test_scenes_saved_by_older_versions_still_load(monkeypatch):
         renderer.load_state_dict({k: v for k, v in state.items() if k != "estimators.0.occs"})
 
 
+class _RecordingGrid(torch.nn.Module):
+    """Stands in for a nerfacc estimator: records the steps its refresh is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def update_every_n_steps(self, step, occ_eval_fn, occ_thre, n):
+        self.steps.append(step)
+
+
+def test_grid_warmup_delays_each_prompt_s_first_occupancy_refresh(monkeypatch):
+    """render.grid_warmup: no refresh during a prompt's first N steps (its grid stays as it is,
+    fully occupied on a fresh scene), then nerfacc's schedule from its step 0 (its all-cell
+    warm-up included); per prompt, None skipping one. Our calling code only: a recording
+    stand-in for nerfacc's estimator."""
+    renderer = _renderer(k=2, render_cfg=dataclasses.replace(RENDER, backend="auto", grid_warmup=100)).train()
+    grids = torch.nn.ModuleList([_RecordingGrid(), _RecordingGrid()])
+    monkeypatch.setattr(renderer, "estimators", grids)
+    monkeypatch.setattr(renderer, "_marcher", True)
+    monkeypatch.setattr(renderer, "backend_for", lambda device: "nerfacc")
+    for step in (0, 99, 100, 116):
+        renderer.update_occupancy(step)
+    renderer.update_occupancy([150, None])
+    renderer.update_occupancy([99, 300])
+    assert grids[0].steps == [0, 16, 50] and grids[1].steps == [0, 16, 200]
+    assert [renderer.grid_refresh_step(s) for s in (None, 0, 99, 100, 357)] == [None, None, None, 0, 257]
+    plain = _renderer(k=1, render_cfg=dataclasses.replace(RENDER, backend="auto"))
+    assert [plain.grid_refresh_step(s) for s in (0, 16)] == [0, 16]  # 0: as before
+    with pytest.raises(ValueError, match="render.grid_warmup must be >= 0 steps, got -1"):
+        _renderer(k=1, render_cfg=dataclasses.replace(RENDER, grid_warmup=-1))
+
+
 def test_backend_choice_on_cpu():
     auto = _renderer(k=1, render_cfg=dataclasses.replace(RENDER, backend="auto"))
     assert auto.backend_for(torch.device("cpu")) == "torch"

@@ -125,6 +125,8 @@ class Renderer(nn.Module):
             raise ValueError(f"render.num_samples must be at least 1, got {cfg.num_samples!r}")
         if cfg.render_step_size < 0:
             raise ValueError(f"render.render_step_size must be >= 0, got {cfg.render_step_size!r}")
+        if cfg.grid_warmup < 0:
+            raise ValueError(f"render.grid_warmup must be >= 0 steps, got {cfg.grid_warmup!r}")
         self.field = field
         self.background = background
         self.cfg = cfg
@@ -556,7 +558,8 @@ class Renderer(nn.Module):
         if len(steps) != self.num_prompts:
             raise ValueError(f"expected one step per prompt ({self.num_prompts}), got {len(steps)}")
         for i, est in enumerate(self.estimators):
-            if steps[i] is None:
+            grid_step = self.grid_refresh_step(steps[i])
+            if grid_step is None:
                 continue
 
             def occ_eval_fn(x: torch.Tensor, i: int = i) -> torch.Tensor:  # [N, 3] -> [N]
@@ -569,11 +572,19 @@ class Renderer(nn.Module):
                 return sigma * self.step_size
 
             est.update_every_n_steps(
-                step=steps[i],
+                step=grid_step,
                 occ_eval_fn=occ_eval_fn,
                 occ_thre=self.cfg.occupancy_threshold,
                 n=max(self.cfg.grid_update_every, 1),
             )
+
+    def grid_refresh_step(self, step: int | None) -> int | None:
+        """The step nerfacc's refresh schedule sees for a prompt at training `step`: None while
+        ``render.grid_warmup`` keeps its grid untouched (or for no prompt), else ``step - grid_warmup``
+        (nerfacc refreshes on multiples of ``grid_update_every`` and samples every cell for its first 256)."""
+        if step is None or step < self.cfg.grid_warmup:
+            return None
+        return step - self.cfg.grid_warmup
 
     def occupied_fraction(self) -> list[float]:
         """Share of occupied cells in each prompt's grid (for logs); empty for the torch sampler."""

@@ -234,7 +234,8 @@ class DataParallel:
         if renderer.training and renderer.backend_for(trainer.device) == "nerfacc":
             every = max(renderer.cfg.grid_update_every, 1)
             for i, step in enumerate(steps):
-                if step is not None and step % every == 0:  # the steps nerfacc's update_every_n_steps updates on
+                grid_step = renderer.grid_refresh_step(step)
+                if grid_step is not None and grid_step % every == 0:  # the steps nerfacc's update_every_n_steps updates on
                     broadcast_grid(self.comm, renderer, i)
         slots = [s for s in trainer.slots if s is not None]
         if any(s.done or (self.check_every > 0 and s.step % self.check_every == 0) for s in slots):
