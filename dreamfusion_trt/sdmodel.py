@@ -246,14 +246,14 @@ def _load_components(src: str, where: Path | str, *, revision, dtype, offline, l
         "scheduler": lambda: DDPMScheduler.from_pretrained(src, subfolder="scheduler", **common),
     }
     if lazy_text_encoder:
-        text_encoder = loaders.pop("text_encoder")
+        load_text_encoder = loaders.pop("text_encoder")
         loaders["text_encoder_config"] = lambda: CLIPTextConfig.from_pretrained(src, subfolder="text_encoder", **common)
     parts: dict[str, Any] = {}
     for name, load in loaders.items():
         parts[name] = _load_part(name, load, where)
     if lazy_text_encoder:
         parts["text_encoder"] = None
-        parts["text_encoder_loader"] = lambda: _load_part("text_encoder", text_encoder, where)
+        parts["text_encoder_loader"] = lambda: _load_part("text_encoder", load_text_encoder, where)
     return parts
 
 

@@ -432,11 +432,11 @@ class GraphedFitStep:
     def __call__(self, step: int, idx: torch.Tensor, coeff: torch.Tensor) -> None:
         fit = self.fit
         fit.set_lr(step)  # a device tensor the graph reads
-        if self.failed or self._calls < self.WARMUP:
+        if self.failed:
+            fit.update(idx, coeff)
+            return
+        if self._calls < self.WARMUP:  # eager, on a side stream, as a capture's warm-up must be
             self._calls += 1
-            if self.failed:
-                fit.update(idx, coeff)
-                return
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
