@@ -119,6 +119,13 @@ class TorchCollectives:
     def vote_max(self, tensor: torch.Tensor) -> None:
         self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self._votes)
 
+    def close(self) -> None:
+        """Destroy the vote group now, while the interpreter is whole: left to the interpreter's
+        exit, a gloo group's threads are torn down in whatever order finalisation runs."""
+        if self._votes is not None and self._dist.is_initialized():
+            self._dist.destroy_process_group(self._votes)
+        self._votes = None
+
 
 def _as_wire(tensor: torch.Tensor) -> torch.Tensor:
     """A view a collective can carry (bool travels as uint8: gloo has no bool)."""
