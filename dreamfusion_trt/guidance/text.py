@@ -83,12 +83,13 @@ def encode_prompts(model: DiffusionModel, cfgs: list[PromptConfig], cache_dir: s
     out: list[PromptEmbeddings | None] = [job.load(model) for job in jobs]
     todo = [i for i, emb in enumerate(out) if emb is None]
     if todo:
-        if model.text_encoder is None and model.text_encoder_loader is None:
+        try:
+            model.require_text_encoder()  # a deferred load happens here, for uncached prompts only
+        except ValueError:
             raise ValueError(
                 f"no cached embeddings for prompt {jobs[todo[0]].cfg.text.strip()!r} and the text encoder was freed; "
                 "encode every prompt before free_text_encoder()"
-            )
-        model.require_text_encoder()  # a deferred load happens here, for uncached prompts only
+            ) from None
         texts = list(dict.fromkeys(t for i in todo for t in (*jobs[i].cond_texts, jobs[i].uncond_text)))
         cut = {text: _truncated_part(model, text) for text in texts}
         table = dict(zip(texts, _encode(model, texts)))

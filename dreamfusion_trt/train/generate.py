@@ -73,9 +73,7 @@ def generate(cfg: RunConfig, resume: bool = False, progress: bool = True, scorer
         driver.run()
     finally:
         if dp is not None:
-            close = getattr(dp.comm, "close", None)
-            if close is not None:
-                close()  # the vote group first, then the default group
+            dp.close()  # the vote group first, then the default group
             destroy_distributed()
     if job.error is not None:
         raise (FloatingPointError if "non-finite" in job.error else ValueError)(job.error)
