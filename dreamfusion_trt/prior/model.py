@@ -528,6 +528,7 @@ field:
   background_color: [1, 1, 1]
 render:
   num_samples: 64
+  backend: torch  # every sample of a fixed 64 per ray: nerfacc's grid starts with only the blob's ball occupied and cost the cubes 0.03-0.14 IoU (BENCHMARKS.md, ninth session)
   grid_resolution: 64
   albedo_iters: 1000
   textureless_ratio: {cfg.data.shading_probs[2]:g}  # the prior's share of textureless renders
