@@ -1,5 +1,7 @@
-"""Device experiment (ninth session): Dynamo precompile (torch.compile(...).aot_compile) of the SD 2.1-base UNet
-wrapper vs compile_network from a warm Inductor cache, each mode in a fresh process. Needs a CUDA GPU and a
+"""Device experiment (ninth and tenth sessions): Dynamo precompile (torch.compile(...).aot_compile) of the SD 2.1-base
+UNet wrapper vs compile_network from a warm Inductor cache, and (tenth session) the Inductor artifact of
+`engines.precompiled` (modes artifact / artifact-graphed: compiled and saved when missing, else loaded), each
+mode in a fresh process. Needs a CUDA GPU and a
 random SD 2.1-base folder at /tmp/sd21-random (python -m dreamfusion_trt.bench.random_model); prints one JSON line."""
 import json, os, sys, time
 t0 = time.perf_counter()
@@ -9,6 +11,7 @@ from dreamfusion_trt.sdmodel import load_diffusion
 from dreamfusion_trt.engines.wrappers import wrap_network, use_fused_attention
 from dreamfusion_trt.engines.spec import make_spec
 mode, path = sys.argv[1], sys.argv[2]
+from dreamfusion_trt.engines.precompiled import precompiled_network
 use_compile_cache("/root/.cache/dreamfusion_trt", "cuda")
 t1 = time.perf_counter()
 model = load_diffusion("/tmp/sd21-random", device="cuda", dtype="float16")
@@ -40,6 +43,14 @@ elif mode == "load":
         aot = torch.compiler.load_compiled_function(f)
     res["load_only_s"] = time.perf_counter() - s
     fn = lambda: aot(mod, *inputs)
+elif mode in ("artifact", "artifact-graphed"):
+    from pathlib import Path
+    if path == "auto":  # where generate looks for it
+        from dreamfusion_trt.engines.compile_cache import precompiled_folder
+        path = str(precompiled_folder("~/.cache/dreamfusion_trt", "cuda", model.key))
+    res["had_artifact"] = any(Path(path).glob("unet-b2-*.bin"))
+    run = precompiled_network(mod, spec, path, mode="reduce-overhead" if mode == "artifact-graphed" else "default", batch_sizes=(2,))
+    fn = lambda: run(*inputs)
 elif mode == "compile":
     c = torch.compile(mod, mode="default", dynamic=False)
     fn = lambda: c(*inputs)

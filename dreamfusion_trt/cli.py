@@ -364,8 +364,11 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
         from .engines.backends import load_network
 
         start = time.perf_counter()
-        load_network("unet", model, "inductor", Path(opts.out), batch_sizes=tuple(sorted(set(batch_sizes))))
-        log.info("inductor unet: compiled for batch %s in %.0f s; runs on this machine find it in the compile cache",
+        from .engines.compile_cache import precompiled_folder
+
+        load_network("unet", model, "inductor", Path(opts.out), batch_sizes=tuple(sorted(set(batch_sizes))),
+                     precompiled_dir=precompiled_folder(opts.cache_dir, device, model.key))  # fmt: skip
+        log.info("inductor unet: compiled for batch %s in %.0f s; runs on this machine load it from the compile cache",
                  ",".join(map(str, sorted(set(batch_sizes)))), time.perf_counter() - start)  # fmt: skip
     if device.type == "cuda":
         from .render.renderer import _nerfacc

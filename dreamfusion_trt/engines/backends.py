@@ -81,6 +81,7 @@ class LoadOptions:
     compile_mode: str  # inductor
     cuda_graph: bool  # tensorrt
     shared_memory: Any  # tensorrt: a SharedDeviceMemory, or None
+    precompiled_dir: Path | None = None  # inductor: where compiled artifacts are kept (None: compile in-process only)
 
     def runtime_env(self, model: Any) -> RuntimeEnv:
         return self.env if self.env is not None else current_env(model.device)
@@ -100,12 +101,17 @@ def _inductor(network: str, model: Any, opts: LoadOptions) -> EngineAdapter:
     up at the sizes asked for: a run whose last prompts fill fewer slots calls it with smaller
     batches, which compile on first use instead of being refused."""
     from .inductor import compile_network
+    from .precompiled import precompile_enabled, precompiled_network
     from .wrappers import module_device, wrap_network
 
     low = min(_SMALLEST_BATCH.get(network, 1), *opts.batch_sizes)
     spec = make_spec(model, network, (low, *opts.batch_sizes))
     module = wrap_network(model, network)
-    run = compile_network(module, spec, mode=opts.compile_mode, batch_sizes=opts.batch_sizes)  # type: ignore[arg-type]
+    if opts.precompiled_dir is not None and precompile_enabled():
+        run = precompiled_network(module, spec, opts.precompiled_dir, mode=opts.compile_mode,  # type: ignore[arg-type]
+                                  batch_sizes=opts.batch_sizes)  # fmt: skip
+    else:
+        run = compile_network(module, spec, mode=opts.compile_mode, batch_sizes=opts.batch_sizes)  # type: ignore[arg-type]
     return EngineAdapter("inductor", run, spec, module_device(module))
 
 
@@ -147,20 +153,24 @@ def load_network(
     compile_mode: str = "auto",
     cuda_graph: bool = False,
     shared_memory: Any = None,
+    precompiled_dir: str | Path | None = None,
 ) -> Any:
     """`network` of a loaded `DiffusionModel` run by `backend`, behind its protocol.
 
     `batch_sizes` are the network's own batches (UNet: CFG doubling included); a built file must
     cover them. `compile_mode` applies to inductor ("auto": CUDA graphs on a GPU, the measured
     fastest on the H200 benchmark; plain compile on a CPU); `cuda_graph` and `shared_memory` (a
-    `tensorrt.SharedDeviceMemory`) to TensorRT. ValueError for an unknown backend or network or
+    `tensorrt.SharedDeviceMemory`) to TensorRT. With `precompiled_dir`, inductor keeps each
+    warmed batch's compiled artifact there and loads it in later processes without tracing
+    (`engines.precompiled`). ValueError for an unknown backend or network or
     a file that does not fit, FileNotFoundError when nothing was built."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     if network not in LOADABLE_NETWORKS:
         raise ValueError(f"no backend runs network {network!r} (expected one of {', '.join(LOADABLE_NETWORKS)})")
     batch_range(batch_sizes)  # validates
-    opts = LoadOptions(Path(engines_dir), tuple(sorted(set(batch_sizes))), env, compile_mode, cuda_graph, shared_memory)
+    opts = LoadOptions(Path(engines_dir), tuple(sorted(set(batch_sizes))), env, compile_mode, cuda_graph, shared_memory,
+                       Path(precompiled_dir) if precompiled_dir is not None else None)  # fmt: skip
     if backend != "auto":
         return LOADERS[backend](network, model, opts)
     reasons = []

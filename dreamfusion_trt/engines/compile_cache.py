@@ -75,3 +75,9 @@ def use_compile_cache(cache_root: str | Path, device: torch.device | str) -> Pat
             pass
         log.info("compile cache: %s", folder)
     return folder
+
+
+def precompiled_folder(cache_root: str | Path, device: torch.device | str, model_key: str) -> Path:
+    """Where `engines.precompiled` keeps a model's compiled artifacts:
+    ``compile_cache_folder(cache_root, device)/precompiled/<model key>``."""
+    return compile_cache_folder(cache_root, device) / "precompiled" / model_key

@@ -60,10 +60,7 @@ def compile_network(
     device = module_device(module)
     if mode == "auto":  # CUDA graphs gave 3x eager at batch 2 on an H200 (BENCHMARKS.md)
         mode = "reduce-overhead" if device.type == "cuda" else "default"
-    if device.type == "cuda":
-        use_fused_attention(module)
-    if channels_last if channels_last is not None else device.type == "cuda":
-        module.to(memory_format=torch.channels_last)
+    prepare_for_compile(module, channels_last if channels_last is not None else device.type == "cuda")
     compiled = torch.compile(module, mode=mode, dynamic=False)
     graphs = mode in _CUDAGRAPH_MODES and device.type == "cuda"
     seen: set[int] = set()
@@ -92,6 +89,15 @@ def compile_network(
                 run(*spec.sample_inputs(b, device, gen).values())
         log.info("compiled %s (%s) for batch %d in %.1f s", spec.network, mode, b, time.perf_counter() - start)
     return run
+
+
+def prepare_for_compile(module: nn.Module, channels_last: bool) -> None:
+    """What every in-process compile of a wrapper does first, in place: diffusers attention as
+    fused SDPA on CUDA, and the weights in channels_last when asked."""
+    if module_device(module).type == "cuda":
+        use_fused_attention(module)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
 
 
 def aoti_compile(

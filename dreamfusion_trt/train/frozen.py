@@ -20,7 +20,7 @@ from ..config import PromptConfig, RunConfig
 from ..engines.base import ImageEncoder, LatentDecoder, NoisePredictor
 from ..engines.eager import EagerImageEncoder, EagerNoisePredictor
 from ..engines.backends import load_network
-from ..engines.compile_cache import use_compile_cache
+from ..engines.compile_cache import precompiled_folder, use_compile_cache
 from ..guidance.inputs import ColourMap, ColourPreconditioned, DistilledEncoding, ImageSpace, RenderInput, VAEEncoding
 from ..guidance.latents import LinearLatentMap, load_or_fit_rgb_to_latent
 from ..guidance.precondition import colour_preconditioner
@@ -63,7 +63,8 @@ def make_predictor(model: DiffusionModel, cfg: RunConfig, max_prompts: int) -> N
     sizes = predictor_batch_sizes(cfg.model.backend, max_prompts)
     graphed, _ = step_graph_choice(cfg, max_prompts, model.device)
     return load_network("unet", model, cfg.model.backend, Path(cfg.model.engines_dir), batch_sizes=sizes,
-                        compile_mode=predictor_compile_mode(graphed))  # fmt: skip
+                        compile_mode=predictor_compile_mode(graphed),
+                        precompiled_dir=precompiled_folder(cfg.model.cache_dir, model.device, model.key))  # fmt: skip
 
 
 def predictor_compile_mode(step_graph: bool) -> str:
