@@ -141,9 +141,10 @@ def test_keys_and_switches(model, monkeypatch, tmp_path):
     spec = make_spec(model, "unet", [2, 4])
     stems = {artifact_stem(spec, 2, "default", False), artifact_stem(spec, 2, "reduce-overhead", False),
              artifact_stem(spec, 4, "default", False), artifact_stem(spec, 2, "max-autotune", False),
-             artifact_stem(spec, 2, "default", True)}  # fmt: skip
-    # Our CUDA graphs wrap the same artifact, so "default" and "reduce-overhead" share one.
-    assert len(stems) == 4 and artifact_stem(spec, 2, "default", False).startswith("unet-b2-float32-")
+             artifact_stem(spec, 2, "default", True), artifact_stem(spec, 2, "default", False, "cuda:1")}  # fmt: skip
+    # Our CUDA graphs wrap the same artifact, so "default" and "reduce-overhead" share one; each
+    # GPU of a data-parallel node has its own.
+    assert len(stems) == 5 and artifact_stem(spec, 2, "default", False).startswith("unet-b2-float32-")
     assert precompile_enabled({}) and not precompile_enabled({"DREAMFUSION_TRT_PRECOMPILE": "0"})
     assert precompiled_folder(tmp_path, "cpu", "m-123") == compile_cache_folder(tmp_path, "cpu") / "precompiled" / "m-123"
     with pytest.raises(ValueError, match="unknown torch.compile mode 'fastest'"):
@@ -158,3 +159,25 @@ def test_keys_and_switches(model, monkeypatch, tmp_path):
     load_network("unet", model, "inductor", batch_sizes=(2,), precompiled_dir=tmp_path)
     load_network("unet", model, "inductor", batch_sizes=(2,))
     assert seen == ["artifact", "compile", "compile"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_precompiled_fp16_matches_eager_on_gpu(tmp_path, mode):
+    """The artifact (and, with reduce-overhead, our CUDA graph around it) against the eager UNet
+    in fp16, saved by one build and loaded by the next."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    folder = make_tiny_sd_folder(tmp_path / "tiny")
+    model = load_diffusion(str(folder), device="cuda", dtype="float16")
+    eager = EagerNoisePredictor(model.unet)
+    x, t, e = (v.to("cuda", torch.float16) if v.is_floating_point() else v.cuda() for v in _inputs(4, seed=3))
+    t = t.float()
+    ref = eager(x, t, e).clone()
+    for _ in range(2):  # compiled and saved, then loaded
+        predictor = load_network("unet", model, "inductor", batch_sizes=(4,), compile_mode=mode, precompiled_dir=tmp_path / "art")
+        got = predictor(x, t, e).clone()
+        assert not got.isnan().any()
+        cos = torch.nn.functional.cosine_similarity(got.float().flatten(), ref.float().flatten(), dim=0)
+        assert float(cos) >= 0.999
+    assert len(list((tmp_path / "art").glob("unet-b4-float16-*.bin"))) == 1

@@ -24,6 +24,9 @@ Per colour (true renders from the prior's own training distribution, 64x64, whit
   object's latent pixels; and the latent distance of a flat object colour from flat white
   (encoder and map), i.e. how visible the colour is against the background in latent space.
 - ``albedo``: the logits the albedo head's sigmoid needs for the true colour.
+- ``hole`` (``--hole-scales``, a torus): at each guidance scale and t, the share of a filled
+  torus's hole that x0^ shows as background, from noised renders of the filled torus (does SDS
+  open the hole?) and of the true one (does it keep it open?).
 - ``guidance_inflation`` (``--inflation-scales``): where SDS at the true render points. At each
   guidance scale and timestep, the decoded one-step prediction x0^ (classifier-free guidance at
   that scale, averaged over noise draws) from noised latents of the true renders; its silhouette
@@ -243,6 +246,62 @@ def measure_guidance_inflation(prior: _Prior, caption: str, scales: Sequence[flo
     return out
 
 
+def sd_filled_torus(x: torch.Tensor, major: float, minor: float) -> torch.Tensor:
+    """The torus of `sd_torus` with its hole filled: points within `minor` of the disc of radius
+    `major` in the xy-plane (a rounded disc), the shape the torus runs come out as."""
+    from ..prior.scenes import _radial
+
+    q = torch.stack([(_radial(x) - major).clamp_min(0.0), x[..., 2]], dim=-1)
+    return q.norm(dim=-1) - minor
+
+
+def measure_hole(prior: _Prior, caption: str, scales: Sequence[float], timesteps: Sequence[int], n: int, draws: int,
+                 seed: int) -> dict[str, Any]:  # fmt: skip
+    """Does SDS open a filled torus's hole, and at which timesteps and guidance scales?
+
+    Renders the true torus and the same torus with its hole filled (`sd_filled_torus`) from the
+    same cameras; the hole's pixels are those the filled one covers and the true one does not.
+    For each scale and t, the guided one-step prediction x0^ from noised latents of the filled
+    renders (the run's state) and of the true ones (the answer): the share of the hole's pixels
+    x0^ shows as background. SDS moves a render towards x0^, so a share near 1 from the filled
+    renders is a push to open the hole, and a share near 1 from the true ones says the open
+    hole is kept."""
+    from ..prior import scenes
+
+    cfg = DatasetConfig(images_per_object=n, image_size=64, captions=(caption,), seed=seed)
+    true = render_dataset(cfg, prior.device)
+    spec = scenes.SHAPES["torus"]
+    scenes.SHAPES["torus"] = scenes.ShapeSpec(lambda x: sd_filled_torus(x, 0.34, 0.14), spec.half_extent)
+    try:
+        filled = render_dataset(cfg, prior.device)  # the same cameras: they are drawn from the caption's seed
+    finally:
+        scenes.SHAPES["torus"] = spec
+    img_t, img_f = true.float_images(), filled.float_images()
+    hole = object_mask(img_f) & ~object_mask(img_t)  # [n, 1, H, W]
+    emb = prior.embed([*true.texts, ""])
+    cond, uncond = emb[true.text_index], emb[-1:]
+    out: dict[str, Any] = {"caption": caption, "renders": n, "draws": draws,
+                           "hole_pixels_per_render": float(hole.float().sum() / n),
+                           "renders_with_a_hole": int((hole.flatten(1).sum(1) >= 4).sum()), "by_scale": {}}  # fmt: skip
+    latents = {"filled": prior.encode(img_f), "true": prior.encode(img_t)}
+    for scale in scales:
+        rows: dict[str, Any] = {}
+        for t in timesteps:
+            row = {}
+            for name, z in latents.items():
+                gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws for both states
+                acc = torch.zeros_like(img_t)
+                for _ in range(draws):
+                    noise = torch.randn(z.shape, generator=gen).to(z)
+                    g = prior.sds_grad(z, t, noise, cond, uncond, scale)
+                    acc += prior.decode(prior.x0_latents(z, t, noise, g))
+                open_ = ~object_mask(acc / draws)
+                row[f"hole_open_from_{name}"] = float((open_ & hole).float().sum() / hole.float().sum().clamp_min(1))
+            rows[str(t)] = row
+        out["by_scale"][f"{scale:g}"] = rows
+    return out
+
+
 def albedo_logits(caption: str) -> dict[str, Any]:
     rgb = PALETTE[resolve_caption(caption).colors[0]]
     logits = [math.log(c / (1 - c)) for c in rgb]
@@ -292,7 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--inflation-scales", default="",
                    help="comma-separated guidance scales for guidance_inflation (default: skipped), e.g. 1,3,7.5,15,50")
     p.add_argument("--inflation-shape", default="", help="the shape of guidance_inflation (default: --shape, first colour)")
-    p.add_argument("--inflation-only", action="store_true", help="with --inflation-scales: skip the per-colour numbers")
+    p.add_argument("--inflation-only", action="store_true", help="with --inflation-scales or --hole-scales: skip the per-colour numbers")
+    p.add_argument("--hole-scales", default="",
+                   help="comma-separated guidance scales for hole (a torus only; default: skipped), e.g. 1,7.5,50")
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (globs) to read thresholds and albedo from")
     p.add_argument("--skip-model", action="store_true", help="only the albedo and --runs numbers (no prior loaded)")
     p.add_argument("--device", default="cpu")
@@ -308,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "timesteps": list(TIMESTEPS), "towards_timesteps": list(TOWARDS_TIMESTEPS), "albedo": {c: albedo_logits(c) for c in captions}}  # fmt: skip
     if not args.skip_model:
         prior = _Prior(args.model, torch.device(args.device))
-        if not (args.inflation_only and args.inflation_scales):
+        if not (args.inflation_only and (args.inflation_scales or args.hole_scales)):
             result["colors"] = {}
             for c in captions:
                 result["colors"][c] = measure_color(prior, c, args.renders, args.draws, args.guidance_scale, args.seed)
@@ -322,6 +383,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             for scale, rows in result["guidance_inflation"]["by_scale"].items():
                 log.info("%s, guidance %s: x0^ area / true area by t: %s", caption, scale,
                          ", ".join(f"{t} {r['area_ratio']:.2f}" for t, r in rows.items()))  # fmt: skip
+        if args.hole_scales:
+            if args.shape != "torus":
+                raise ValueError(f"--hole-scales measures a torus's hole; --shape is {args.shape!r}")
+            scales = [float(v) for v in args.hole_scales.split(",")]
+            result["hole"] = {c: measure_hole(prior, c, scales, TIMESTEPS, args.renders, args.draws, args.seed) for c in captions}
+            for c, res in result["hole"].items():
+                for scale, rows in res["by_scale"].items():
+                    log.info("%s, guidance %s: hole open in x0^ from the filled / the true torus by t: %s", c, scale,
+                             ", ".join(f"{t} {r['hole_open_from_filled']:.2f}/{r['hole_open_from_true']:.2f}" for t, r in rows.items()))  # fmt: skip
     folders = sorted({Path(f) for pattern in args.runs for f in glob.glob(pattern)})
     result["runs"] = [r for r in (measure_run(f) for f in folders if f.is_dir()) if r is not None]
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

@@ -65,10 +65,13 @@ def _options(mode: str) -> dict[str, Any]:
     return {"max_autotune": True} if mode.startswith("max-autotune") else {}
 
 
-def artifact_stem(spec: NetworkSpec, batch: int, mode: str, channels_last: bool) -> str:
+def artifact_stem(spec: NetworkSpec, batch: int, mode: str, channels_last: bool, device: str = "cpu") -> str:
     """``unet-b2-float16-<hash>``: the network and batch readable, the rest (input shapes and
-    dtypes, options, memory format, format version) in a short hash."""
+    dtypes, options, memory format, the device, format version) in a short hash. The device's
+    index is part of it because Inductor's wrapper code names the GPU it was compiled for: a
+    data-parallel rank on ``cuda:1`` compiles its own."""
     key = {
+        "device": device,
         "format": FORMAT,
         "inputs": [(t.name, str(t.dtype), [batch if isinstance(d, str) else int(d) for d in t.shape]) for t in spec.inputs],
         "options": _options(mode),
@@ -152,7 +155,7 @@ def compile_artifact(module: nn.Module, spec: NetworkSpec, batch: int, folder: P
     index in `folder` (atomically), and return its runner (not graphed)."""
     device = module_device(module)
     inputs = tuple(spec.sample_inputs(batch, device, torch.Generator().manual_seed(0)).values())
-    stem = artifact_stem(spec, batch, mode, channels_last)
+    stem = artifact_stem(spec, batch, mode, channels_last, str(device))
     with torch.no_grad():
         graph, order, flat = _export_graph(module, inputs)
         artifact = torch._inductor.standalone_compile(graph, flat, dynamic_shapes="from_example_inputs", options=_options(mode))
@@ -168,7 +171,7 @@ def compile_artifact(module: nn.Module, spec: NetworkSpec, batch: int, folder: P
 def load_artifact(module: nn.Module, spec: NetworkSpec, batch: int, folder: Path, mode: str, channels_last: bool) -> Runner | None:
     """The runner of a saved artifact for `batch`, or None when there is none. ValueError for
     an index that does not fit this module."""
-    stem = artifact_stem(spec, batch, mode, channels_last)
+    stem = artifact_stem(spec, batch, mode, channels_last, str(module_device(module)))
     path, index_path = folder / f"{stem}.bin", folder / f"{stem}.json"
     if not (path.is_file() and index_path.is_file()):
         return None
