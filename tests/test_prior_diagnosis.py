@@ -60,3 +60,24 @@ def test_strong_guidance_inflates_the_prior_s_prediction_at_the_true_object():
     assert low["50"]["area_ratio"] == pytest.approx(1.0, abs=0.1) and low["50"]["non_white_outside"] < 0.02
     assert high["600"]["area_ratio"] > 1.4 and high["600"]["non_white_outside"] > 0.1
     assert high["600"]["area_ratio"] > low["600"]["area_ratio"] + 0.3
+
+
+def test_the_filled_torus_fills_only_the_hole_and_the_prior_keeps_a_true_hole_open():
+    """`sd_filled_torus` agrees with the torus outside its ring and is solid in the hole; at low
+    noise the prior's prediction from the true torus keeps the hole open and the one from the
+    filled torus keeps it filled (measured 0.94 against 0.00 at t = 50 over 16 blue renders).
+    Small sample: 8 renders, 1 draw. The torus shape is restored afterwards."""
+    from dreamfusion_trt.bench.prior_diagnosis import measure_hole, sd_filled_torus
+    from dreamfusion_trt.prior import scenes
+
+    x = torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.0, 0.0], [0.6, 0.0, 0.0], [0.34, 0.0, 0.1]])
+    filled, true = sd_filled_torus(x, 0.34, 0.14), scenes.sd_torus(x, 0.34, 0.14)
+    assert filled[0] < 0 < true[0] and filled[1] < 0 < true[1]  # the hole is solid
+    assert filled[2:].tolist() == pytest.approx(true[2:].tolist())  # the ring is the same
+    before = scenes.SHAPES["torus"]
+    prior = _Prior(WEIGHTS_DIR, torch.device("cpu"))
+    out = measure_hole(prior, "a red torus", (1.0,), (50,), n=8, draws=1, seed=0)
+    assert scenes.SHAPES["torus"] is before
+    assert out["hole_pixels_per_render"] > 5 and out["renders_with_a_hole"] >= 2
+    row = out["by_scale"]["1"]["50"]
+    assert row["hole_open_from_true"] > 0.7 and row["hole_open_from_filled"] < 0.3
