@@ -42,6 +42,11 @@ def test_a_run_folder_gives_its_thresholds_and_albedo(tmp_path):
     row = measure_run(tmp_path)
     assert row["iou"] == 0.4 and row["best_iou"] == 0.7 and row["mesh_threshold"] == cfg.output.mesh_threshold
     assert len(row["albedo_mean_inside_surface"]) == 3 and 0 <= row["albedo_error_inside_surface"] <= math.sqrt(3)
+    # an untrained scene is its blob: what the network adds on top of it is its small init output
+    centre = row["axis"][0]
+    assert centre["z"] == 0.0 and centre["blob"] == pytest.approx(cfg.field.blob_density, rel=1e-4)
+    assert centre["sigma"] == pytest.approx(math.exp(centre["blob"] + centre["raw"]), rel=1e-3) and abs(centre["raw"]) < 1.0
+    assert len(centre["albedo"]) == 3 and all(0 <= c <= 1 for c in centre["albedo"])
     out = tmp_path / "diag.json"
     assert main(["--skip-model", "--shape", "cube", "--runs", str(tmp_path), "--out", str(out)]) == 0
     data = json.loads(out.read_text())

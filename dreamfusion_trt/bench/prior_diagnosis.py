@@ -35,7 +35,8 @@ Per colour (true renders from the prior's own training distribution, 64x64, whit
   the true object is a fixed point).
 
 ``--runs`` adds per run folder the IoU at the mesh's threshold against the best over thresholds
-(score.json) and the trained albedo at the true surface (from the checkpoint).
+(score.json), the trained albedo at the true surface, and the density up the z axis with the
+share the network added on top of the init's blob (``axis``; from the checkpoint).
 """
 
 from __future__ import annotations
@@ -336,7 +337,28 @@ def measure_run(folder: Path) -> dict[str, Any] | None:
     row["albedo_logit_mean"] = torch.logit(albedo.clamp(1e-6, 1 - 1e-6)).mean(0).tolist()
     row["density_median_inside_surface"] = float(renderer.field.density(inner[None])[0].median())
     row["mesh_threshold"] = ckpt.config.output.mesh_threshold
+    row["axis"] = axis_profile(renderer.field, ckpt.config.field)
     return row
+
+
+AXIS_Z = (0.0, 0.1, 0.2, 0.25, 0.3, 0.35)
+
+
+def axis_profile(field: Any, cfg: Any, zs: Sequence[float] = AXIS_Z) -> list[dict[str, float]]:
+    """The trained density up the z axis (through a torus's hole) and what the network itself
+    added there: ``raw = log(sigma) - blob``. The blob is `density_blob`, the init's density
+    before activation (exp). raw near 0 is where training left the init as it was; raw > 0 is
+    where it built density on top of the blob. With the albedo there (is a hole painted the
+    background's colour instead of carved?)."""
+    from ..field.nerf import density_blob
+
+    pts = torch.tensor([[0.0, 0.0, float(z)] for z in zs])
+    with torch.no_grad():
+        sigma, albedo = (v[0].float() for v in field(pts[None]))
+    blob = density_blob(pts, cfg.blob_density, cfg.blob_radius)
+    raw = sigma.clamp_min(1e-30).log() - blob if cfg.density_activation == "exp" else torch.full_like(sigma, float("nan"))
+    return [{"z": float(z), "sigma": float(s), "raw": float(r), "blob": float(b), "albedo": [round(float(c), 4) for c in a]}
+            for z, s, r, b, a in zip(zs, sigma, raw, blob, albedo)]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
