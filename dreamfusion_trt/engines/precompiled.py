@@ -21,7 +21,7 @@ falls back to `compile_network` for everything, with one warning: the artifact i
 cache, never a requirement.
 
 Artifacts live under ``<compile cache>/precompiled/<model key>/`` (the compile cache folder is
-per torch version and GPU), named by network, batch, dtype, latent shape and options.
+per torch version and GPU), named by network, batch, dtype, latent shape, options and device.
 ``DREAMFUSION_TRT_PRECOMPILE=0`` turns the path off.
 """
 
