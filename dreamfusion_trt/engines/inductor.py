@@ -55,12 +55,9 @@ def compile_network(
     runner taking the spec's inputs at any batch of `spec.batch` (sizes not warmed up compile on
     first use). `channels_last` defaults to True on CUDA. The wrapped network is changed in place
     (attention processors, weight memory format)."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"unknown torch.compile mode {mode!r} (expected one of {', '.join(COMPILE_MODES)})")
     device = module_device(module)
-    if mode == "auto":  # CUDA graphs gave 3x eager at batch 2 on an H200 (BENCHMARKS.md)
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-    prepare_for_compile(module, channels_last if channels_last is not None else device.type == "cuda")
+    mode, channels_last = resolve_compile_mode(mode, channels_last, device)
+    prepare_for_compile(module, channels_last)
     compiled = torch.compile(module, mode=mode, dynamic=False)
     graphs = mode in _CUDAGRAPH_MODES and device.type == "cuda"
     seen: set[int] = set()
@@ -89,6 +86,16 @@ def compile_network(
                 run(*spec.sample_inputs(b, device, gen).values())
         log.info("compiled %s (%s) for batch %d in %.1f s", spec.network, mode, b, time.perf_counter() - start)
     return run
+
+
+def resolve_compile_mode(mode: str, channels_last: bool | None, device: torch.device) -> tuple[str, bool]:
+    """A compile mode checked and with "auto" resolved, and the memory-format default (True on
+    CUDA). ValueError for an unknown mode."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown torch.compile mode {mode!r} (expected one of {', '.join(COMPILE_MODES)})")
+    if mode == "auto":  # CUDA graphs gave 3x eager at batch 2 on an H200 (BENCHMARKS.md)
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return mode, channels_last if channels_last is not None else device.type == "cuda"
 
 
 def prepare_for_compile(module: nn.Module, channels_last: bool) -> None:

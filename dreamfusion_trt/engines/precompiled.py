@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from .inductor import _CUDAGRAPH_MODES, COMPILE_MODES, CompileMode, Runner, compile_network, prepare_for_compile
+from .inductor import _CUDAGRAPH_MODES, CompileMode, Runner, compile_network, prepare_for_compile, resolve_compile_mode
 from .spec import NetworkSpec
 from .wrappers import module_device
 
@@ -116,12 +116,16 @@ def _bind(artifact: Callable[..., Any], order: list[str], module: nn.Module, num
     missing = [name for name in order if not name.startswith("input:") and name not in named]
     if missing:
         raise ValueError(f"the artifact needs tensors the module lacks: {', '.join(missing[:3])}")
-    slots: list[torch.Tensor | int] = [int(n.split(":", 1)[1]) if n.startswith("input:") else named[n] for n in order]
-    if sorted(s for s in slots if isinstance(s, int)) != list(range(num_inputs)):
+    template: list[torch.Tensor | None] = [None if n.startswith("input:") else named[n] for n in order]
+    places = [(i, int(n.split(":", 1)[1])) for i, n in enumerate(order) if n.startswith("input:")]  # (argument, input)
+    if sorted(j for _, j in places) != list(range(num_inputs)):
         raise ValueError(f"the artifact's index does not name the {num_inputs} inputs once each")
 
     def run(*inputs: torch.Tensor) -> torch.Tensor:
-        out = artifact(*[inputs[s] if isinstance(s, int) else s for s in slots])
+        args = template.copy()  # the parameters once, then the few inputs into their places
+        for i, j in places:
+            args[i] = inputs[j]
+        out = artifact(*args)
         return out[0] if isinstance(out, (list, tuple)) else out
 
     return run
@@ -194,14 +198,10 @@ def precompiled_network(
     """`compile_network`'s twin that loads each of `batch_sizes` from an artifact in `folder`
     (compiling and saving it when there is none); other batches compile in-process on first
     use. Falls back to `compile_network` entirely when the artifact path fails."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"unknown torch.compile mode {mode!r} (expected one of {', '.join(COMPILE_MODES)})")
-    if not batch_sizes or not standalone_available():
-        return compile_network(module, spec, mode=mode, batch_sizes=batch_sizes, channels_last=channels_last)
     device = module_device(module)
-    if mode == "auto":
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-    channels_last = channels_last if channels_last is not None else device.type == "cuda"
+    mode, channels_last = resolve_compile_mode(mode, channels_last, device)
+    if not batch_sizes or not standalone_available():
+        return compile_network(module, spec, mode=mode, batch_sizes=batch_sizes, channels_last=channels_last)  # type: ignore[arg-type]
     prepare_for_compile(module, channels_last)
     folder = Path(folder)
     graphs = mode in _CUDAGRAPH_MODES and device.type == "cuda"
