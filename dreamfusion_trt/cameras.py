@@ -59,12 +59,21 @@ def _uniform(lo_hi: tuple[float, float], n: int, gen: torch.Generator) -> torch.
     return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
 
 
+def _elevations(cfg: CameraConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    """[n] float64 degrees in ``cfg.elevation_range``: uniform on the sphere's band (``sphere``, so
+    overhead views are as rare as their solid angle) or uniform in degrees (``angle``)."""
+    if cfg.elevation_sampling == "angle":
+        return _uniform(cfg.elevation_range, n, generator)
+    if cfg.elevation_sampling != "sphere":
+        raise ValueError(f"camera.elevation_sampling must be 'sphere' or 'angle', got {cfg.elevation_sampling!r}")
+    lo, hi = (math.sin(math.radians(v)) for v in cfg.elevation_range)
+    return torch.rad2deg(torch.asin(_uniform((lo, hi), n, generator)))
+
+
 def sample_random_cameras(n: int, cfg: CameraConfig, generator: torch.Generator) -> CameraBatch:
     """DreamFusion's training distribution; sampled on the CPU from `generator` (reproducible)."""
     radius = _uniform(cfg.radius_range, n, generator)
-    # Uniform on the sphere's band rather than in angle, so overhead views are not over-sampled.
-    lo, hi = (math.sin(math.radians(v)) for v in cfg.elevation_range)
-    elevation = torch.rad2deg(torch.asin(_uniform((lo, hi), n, generator)))
+    elevation = _elevations(cfg, n, generator)
     azimuth = _uniform(cfg.azimuth_range, n, generator)
     azimuth = torch.remainder(azimuth + 180.0, 360.0) - 180.0
     fovy = _uniform(cfg.fovy_range, n, generator)

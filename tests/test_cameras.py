@@ -49,3 +49,29 @@ def test_field_of_view_spans_the_image():
     angle = math.degrees(math.acos(float(torch.dot(top, bottom))))
     assert abs(angle - 90.0 * 63 / 64) < 1.0  # pixel centres, not edges
     assert top[2] > 0 > bottom[2]  # image row 0 looks up (+z)
+
+
+def test_elevation_sampling_sphere_follows_solid_angle_and_angle_is_uniform_in_degrees():
+    n = 20000
+    sphere = sample_random_cameras(n, CameraConfig(), torch.Generator().manual_seed(0)).elevation_deg
+    angle_cfg = CameraConfig(elevation_sampling="angle")
+    angle = sample_random_cameras(n, angle_cfg, torch.Generator().manual_seed(0)).elevation_deg
+    for e in (sphere, angle):
+        assert e.min() >= -10.0 - 1e-4 and e.max() <= 90.0 + 1e-4
+    # share above 60 degrees: (1 - sin 60) / (1 + sin 10) on the sphere, 30 / 100 in angle
+    expected_sphere = (1 - math.sin(math.radians(60))) / (1 + math.sin(math.radians(10)))
+    assert abs(float((sphere > 60).double().mean()) - expected_sphere) < 0.01
+    assert abs(float((angle > 60).double().mean()) - 0.30) < 0.01
+    assert abs(float(angle.double().mean()) - 40.0) < 0.6
+    # the same seed draws the same cameras, and the choice changes only the elevations
+    again = sample_random_cameras(n, angle_cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(again.elevation_deg, angle)
+    base = sample_random_cameras(n, CameraConfig(), torch.Generator().manual_seed(0))
+    assert torch.equal(again.azimuth_deg, base.azimuth_deg) and torch.equal(again.radius, base.radius)
+
+
+def test_elevation_sampling_rejects_an_unknown_mode():
+    import pytest
+
+    with pytest.raises(ValueError, match="elevation_sampling"):
+        sample_random_cameras(4, CameraConfig(elevation_sampling="bogus"), torch.Generator().manual_seed(0))
