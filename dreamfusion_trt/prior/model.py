@@ -537,7 +537,6 @@ camera:
   render_size: {size}
   radius_range: {_pair(cam.radius_range)}
   elevation_range: {_pair(cam.elevation_range)}
-  elevation_sampling: angle  # uniform in degrees: 2.6x the overhead views of the sphere's draw, where a torus's hole shows; tori +0.04-0.06 IoU, median +0.02 over two seeds (BENCHMARKS.md, eleventh session)
   fovy_range: {_pair(cam.fovy_range)}
   val_radius: {cam.val_radius:g}
   val_elevation: {cam.val_elevation:g}
