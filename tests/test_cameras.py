@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from dreamfusion_trt.cameras import get_rays, look_at_origin, orbit_cameras, sample_random_cameras
@@ -71,7 +72,5 @@ def test_elevation_sampling_sphere_follows_solid_angle_and_angle_is_uniform_in_d
 
 
 def test_elevation_sampling_rejects_an_unknown_mode():
-    import pytest
-
     with pytest.raises(ValueError, match="elevation_sampling"):
         sample_random_cameras(4, CameraConfig(elevation_sampling="bogus"), torch.Generator().manual_seed(0))
