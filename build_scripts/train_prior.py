@@ -53,6 +53,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, help=f"steps between progress lines (default: {d.log_every})")
     p.add_argument("--color-isometry-weight", type=float,
                    help=f"VAE term keeping flat colours' RGB distances in latent space (default: {d.color_isometry_weight})")  # fmt: skip
+    p.add_argument("--elevation-sampling", choices=("sphere", "angle"),
+                   help="how the training renders' elevations are drawn: uniform on the sphere or uniform in degrees, "
+                        f"as camera.elevation_sampling (default: {d.data.camera.elevation_sampling})")  # fmt: skip
+    p.add_argument("--vae-from", metavar="FOLDER",
+                   help="keep this trained prior's VAE instead of training one (e.g. the shipped "
+                        "dreamfusion_trt/prior/weights), so only the UNet and text encoder are retrained")  # fmt: skip
     p.add_argument("--tiny", action="store_true",
                    help="a seconds-long CPU run with tiny networks and 2 renders per object (tests, smoke checks); "
                         "the flags above still override its settings")  # fmt: skip
@@ -66,12 +72,15 @@ def config_from_args(args: argparse.Namespace) -> PriorTrainConfig:
         cfg = replace(cfg, device=args.device)
     given = {
         name: getattr(args, name)
-        for name in ("steps_vae", "steps_unet", "batch_size", "eval_per_caption", "log_every", "color_isometry_weight")
+        for name in ("steps_vae", "steps_unet", "batch_size", "eval_per_caption", "log_every", "color_isometry_weight",
+                     "vae_from")
         if getattr(args, name) is not None
     }
     data = replace(cfg.data, seed=args.seed)
     if args.images_per_object is not None:
         data = replace(data, images_per_object=args.images_per_object)
+    if args.elevation_sampling is not None:
+        data = replace(data, camera=replace(data.camera, elevation_sampling=args.elevation_sampling))
     return replace(cfg, data=data, **given)
 
 

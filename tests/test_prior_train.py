@@ -162,3 +162,49 @@ def test_training_rejects_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         train_prior(replace(cfg, data=replace(cfg.data, image_size=16)))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_retrained_prior_keeps_the_given_vae_and_its_cameras_reach_the_preset(tmp_path):
+    """--vae-from keeps the source prior's VAE bit for bit (and its latent scale); the renders'
+    elevation sampling is written into the preset, so runs draw their cameras as the prior saw them."""
+    vae_file = "vae/diffusion_pytorch_model.safetensors"
+    source, _ = train_prior(_tiny(tmp_path, "source", eval_per_caption=0))
+    script = _train_prior_script()
+    argv = ["--tiny", "--out", str(tmp_path / "angle"), "--eval-per-caption", "0", "--elevation-sampling", "angle",
+            "--vae-from", str(source), "--steps-vae", "50"]  # fmt: skip
+    cfg = script.config_from_args(script.make_parser().parse_args(argv))
+    assert cfg.data.camera.elevation_sampling == "angle" and cfg.vae_from == str(source)
+    assert script.main(argv) == 0
+    out = tmp_path / "angle"
+    before, after = load_file(source / vae_file), load_file(out / vae_file)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    scale = [json.loads((d / "vae" / "config.json").read_text())["scaling_factor"] for d in (source, out)]
+    assert scale[0] == scale[1]
+    record = json.loads((out / "prior_train.json").read_text())
+    assert record["vae"]["from"] == str(source) and record["vae"]["seconds"] == 0.0  # no VAE step ran
+    assert record["config"]["data"]["camera"]["elevation_sampling"] == "angle"
+    assert load_yaml(out / "dreamfusion_preset.yaml").camera.elevation_sampling == "angle"
+    assert load_yaml(source / "dreamfusion_preset.yaml").camera.elevation_sampling == "sphere"
+    # the UNet was retrained on the new renders, not copied
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert not all(torch.equal(a, b) for a, b in zip(load_file(source / unet).values(), load_file(out / unet).values()))
+
+
+def test_vae_from_rejects_a_folder_without_a_vae_or_with_another_architecture(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no trained prior's VAE"):
+        train_prior(_tiny(tmp_path, "x", vae_from=str(tmp_path / "empty"), eval_per_caption=0))
+    source, _ = train_prior(_tiny(tmp_path, "source", eval_per_caption=0))
+    cfg = _tiny(tmp_path, "x", vae_from=str(source), eval_per_caption=0)
+    wider = replace(cfg.arch, vae_channels=tuple(2 * c for c in cfg.arch.vae_channels))
+    with pytest.raises(ValueError, match="another architecture"):
+        train_prior(replace(cfg, arch=wider))
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_shipped_preset_says_how_the_prior_drew_its_elevations():
+    from dreamfusion_trt.prior import PRESET_NAME, WEIGHTS_DIR
+
+    train = json.loads((WEIGHTS_DIR / "prior_train.json").read_text())
+    drawn = train["config"]["data"]["camera"].get("elevation_sampling", "sphere")  # older records predate the knob
+    assert load_yaml(WEIGHTS_DIR / PRESET_NAME).camera.elevation_sampling == drawn

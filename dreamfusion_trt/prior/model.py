@@ -112,6 +112,10 @@ class PriorTrainConfig:
     eval_steps: int = 50
     eval_guidance: float = 5.0
     log_every: int = 250
+    # A trained prior's folder whose VAE this run keeps instead of training one (its architecture
+    # must be `arch`'s): a prior retrained on other renders then shares the shipped one's latent
+    # space, so only its UNet and text encoder differ.
+    vae_from: str | None = None
     arch: PriorArchitecture = field(default_factory=PriorArchitecture)
     data: DatasetConfig = field(default_factory=DatasetConfig)
 
@@ -365,6 +369,23 @@ def train_vae(vae, data: RenderedDataset, cfg: PriorTrainConfig, device: torch.d
             "color_isometry": color_isometry_stats(vae, device)}  # fmt: skip
 
 
+def load_trained_vae(folder: str | Path, fresh, device: torch.device):
+    """The VAE of the trained prior in `folder` (its ``vae/`` subfolder), in float32 on `device`
+    and frozen; `fresh` is a newly built VAE whose architecture it must have. ValueError when the
+    folder holds no VAE or one of another architecture."""
+    from diffusers import AutoencoderKL
+
+    path = Path(folder).expanduser() / "vae"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--vae-from: '{folder}' holds no trained prior's VAE (no vae/config.json)")
+    vae = AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32)
+    keys = ("block_out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "down_block_types")
+    theirs, ours = ({k: list(c[k]) if isinstance(c[k], (list, tuple)) else c[k] for k in keys} for c in (vae.config, fresh.config))
+    if theirs != ours:
+        raise ValueError(f"--vae-from: the VAE in '{folder}' has another architecture ({theirs}) than this prior's ({ours})")
+    return vae.to(device).eval().requires_grad_(False)
+
+
 def flat_color_latents(vae, colors: torch.Tensor, size: int = 16) -> torch.Tensor:
     """Posterior means of flat images of `colors` [B, 3] in [0, 1], averaged over the latent
     pixels away from the border (zero padding) -> [B, C]."""
@@ -537,6 +558,7 @@ camera:
   render_size: {size}
   radius_range: {_pair(cam.radius_range)}
   elevation_range: {_pair(cam.elevation_range)}
+  elevation_sampling: {cam.elevation_sampling}  # as the prior's training renders drew them
   fovy_range: {_pair(cam.fovy_range)}
   val_radius: {cam.val_radius:g}
   val_elevation: {cam.val_elevation:g}
@@ -653,11 +675,19 @@ def train_prior(cfg: PriorTrainConfig) -> tuple[Path, dict]:
     for n in ("text_encoder", "unet", "vae"):
         parts[n].to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    vae_stats = train_vae(parts["vae"], data, cfg, device, gen)
+    if cfg.vae_from is None:
+        vae_stats = train_vae(parts["vae"], data, cfg, device, gen)
+    else:
+        parts["vae"] = load_trained_vae(cfg.vae_from, parts["vae"], device)
+        vae_stats = {"from": str(cfg.vae_from), "seconds": 0.0, "psnr": reconstruction_psnr(parts["vae"], data, device),
+                     "color_isometry": color_isometry_stats(parts["vae"], device)}  # fmt: skip
     mean, std = encode_dataset(parts["vae"], data, device)
     sample = mean + std * torch.randn(mean.shape, generator=gen, device=device)
-    scaling_factor = float(1.0 / sample.std())
-    parts["vae"].register_to_config(scaling_factor=scaling_factor)
+    if cfg.vae_from is None:
+        scaling_factor = float(1.0 / sample.std())
+        parts["vae"].register_to_config(scaling_factor=scaling_factor)
+    else:  # the kept VAE's own scale, so the latents SDS sees are scaled as before
+        scaling_factor = float(parts["vae"].config.scaling_factor)
     logger.info("VAE reconstruction PSNR %.2f dB; latent std %.4f -> scaling_factor %.5f",
                 vae_stats["psnr"], 1.0 / scaling_factor, scaling_factor)  # fmt: skip
     unet_stats = train_unet(
