@@ -171,6 +171,25 @@ def test_preset_fingerprints_follow_the_merged_settings_not_the_files_text(tmp_p
     assert bench_prior.preset_fingerprint("cpu") != first
 
 
+def test_a_preset_entry_that_states_the_default_does_not_change_the_fingerprint(tmp_path, monkeypatch):
+    import dreamfusion_trt.prior as prior_pkg
+    from dreamfusion_trt.config import RunConfig
+
+    monkeypatch.setattr(prior_pkg, "WEIGHTS_DIR", tmp_path)
+    gpu, cpu = tmp_path / prior_pkg.PRESET_NAME, tmp_path / prior_pkg.PRESET_CPU_NAME
+    gpu.write_text("train:\n  iters: 2000\n")
+    cpu.write_text("train:\n  iters: 400\n")
+    first = {kind: bench_prior.preset_fingerprint(kind) for kind in ("cpu", "cuda")}
+    default = RunConfig().camera.elevation_sampling
+    gpu.write_text(f"train:\n  iters: 2000\ncamera:\n  elevation_sampling: {default}\n")
+    assert {kind: bench_prior.preset_fingerprint(kind) for kind in ("cpu", "cuda")} == first
+    other = "angle" if default == "sphere" else "sphere"
+    gpu.write_text(f"train:\n  iters: 2000\ncamera:\n  elevation_sampling: {other}\n")
+    assert bench_prior.preset_fingerprint("cuda") != first["cuda"] and bench_prior.preset_fingerprint("cpu") != first["cpu"]
+    cpu.write_text(f"train:\n  iters: 400\ncamera:\n  elevation_sampling: {default}\n")  # the CPU sets it back
+    assert bench_prior.preset_fingerprint("cpu") == first["cpu"]
+
+
 @pytest.mark.skipif(not weights_available(), reason="the built-in prior's weights are not in the package")
 def test_stored_references_name_the_presets_they_were_recorded_with():
     for kind, ref in bench_prior.load_references().items():

@@ -180,11 +180,12 @@ def prior_fingerprint(extra: Sequence[str]) -> str | None:
 def preset_fingerprint(kind: str) -> str | None:
     """12 hex digits of the settings the built-in prior's presets give a run on device kind `kind`
     ("cpu" or "cuda"): the preset's sections, with the CPU preset's merged on top for the CPU, as
-    data (comments, layout and a CPU entry that repeats the GPU's value do not count); None when a
-    file is missing. A quick reference holds it, so a verdict against a reference recorded with
-    other settings says so."""
+    data (comments, layout, a CPU entry that repeats the GPU's value and an entry that states
+    RunConfig's default do not count, since none changes the run); None when a file is missing. A
+    quick reference holds it, so a verdict against a reference recorded with other settings says so."""
     import yaml
 
+    from ..config import RunConfig, to_dict
     from ..prior import PRESET_CPU_NAME, PRESET_NAME, WEIGHTS_DIR
 
     merged: dict[str, Any] = {}
@@ -194,7 +195,11 @@ def preset_fingerprint(kind: str) -> str | None:
             return None
         for section, values in (yaml.safe_load(path.read_text()) or {}).items():
             merged[section] = {**merged.get(section, {}), **(values or {})}
-    text = json.dumps({"kind": kind, "settings": merged}, sort_keys=True)
+    defaults = to_dict(RunConfig())
+    for section, values in merged.items():
+        given = defaults.get(section, {})
+        merged[section] = {k: v for k, v in values.items() if k not in given or given[k] != v}
+    text = json.dumps({"kind": kind, "settings": {s: v for s, v in merged.items() if v}}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
