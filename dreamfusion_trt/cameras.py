@@ -9,7 +9,7 @@ prompt dimension K: one view per prompt per step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -68,6 +68,16 @@ def _elevations(cfg: CameraConfig, n: int, generator: torch.Generator) -> torch.
         raise ValueError(f"camera.elevation_sampling must be 'sphere' or 'angle', got {cfg.elevation_sampling!r}")
     lo, hi = (math.sin(math.radians(v)) for v in cfg.elevation_range)
     return torch.rad2deg(torch.asin(_uniform((lo, hi), n, generator)))
+
+
+def cameras_at(cfg: CameraConfig, progress: float) -> CameraConfig:
+    """The training cameras' settings at `progress` (step / iters) of a run: elevations drawn
+    uniform in degrees while ``progress < cfg.angle_until``, by ``cfg.elevation_sampling`` after."""
+    if not 0.0 <= cfg.angle_until <= 1.0:
+        raise ValueError(f"camera.angle_until must be a share of the run's steps in [0, 1], got {cfg.angle_until!r}")
+    if progress < cfg.angle_until and cfg.elevation_sampling != "angle":
+        return replace(cfg, elevation_sampling="angle")
+    return cfg
 
 
 def sample_random_cameras(n: int, cfg: CameraConfig, generator: torch.Generator) -> CameraBatch:

@@ -117,6 +117,7 @@ class CameraConfig:
     radius_range: tuple[float, float] = (1.0, 1.5)
     elevation_range: tuple[float, float] = (-10.0, 90.0)  # degrees
     elevation_sampling: Literal["sphere", "angle"] = "sphere"  # sphere: uniform on the sphere's band (overhead views as rare as their solid angle); angle: uniform in degrees, as stable-dreamfusion and threestudio draw it (2.6x more views above 60 degrees over -10..90)
+    angle_until: float = 0.0  # share of a run's steps whose elevations are drawn as `angle` before elevation_sampling takes over (overhead views early, while the coarse shape forms; 0 = off)
     azimuth_range: tuple[float, float] = (-180.0, 180.0)  # degrees, 0 = front
     fovy_range: tuple[float, float] = (40.0, 70.0)  # degrees
     val_radius: float = 1.25

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dreamfusion_trt.cameras import get_rays, look_at_origin, orbit_cameras, sample_random_cameras
+from dreamfusion_trt.cameras import cameras_at, get_rays, look_at_origin, orbit_cameras, sample_random_cameras
 from dreamfusion_trt.config import CameraConfig
 
 
@@ -74,3 +74,34 @@ def test_elevation_sampling_sphere_follows_solid_angle_and_angle_is_uniform_in_d
 def test_elevation_sampling_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match="elevation_sampling"):
         sample_random_cameras(4, CameraConfig(elevation_sampling="bogus"), torch.Generator().manual_seed(0))
+
+
+def test_angle_until_draws_elevations_in_angle_for_its_share_of_the_run_then_the_configured_way():
+    cfg = CameraConfig(angle_until=0.25)
+    assert cameras_at(cfg, 0.0).elevation_sampling == "angle" and cameras_at(cfg, 0.249).elevation_sampling == "angle"
+    assert cameras_at(cfg, 0.25) is cfg and cameras_at(cfg, 0.9) is cfg  # sphere from a quarter of the run on
+    off = CameraConfig()
+    assert cameras_at(off, 0.0) is off  # 0 = off
+    already = CameraConfig(elevation_sampling="angle", angle_until=0.5)
+    assert cameras_at(already, 0.9) is already  # angle throughout, whatever the share
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="angle_until"):
+            cameras_at(CameraConfig(angle_until=bad), 0.0)
+
+
+def test_the_step_plan_draws_each_slot_s_cameras_by_its_own_progress():
+    from types import SimpleNamespace
+
+    from dreamfusion_trt.config import RunConfig
+    from dreamfusion_trt.train.plan import _unpack, host_plan
+
+    cfg = RunConfig()
+    cfg.camera.angle_until = 0.5
+    early = SimpleNamespace(step=1, iters=10, cpu_gen=torch.Generator().manual_seed(3))
+    late = SimpleNamespace(step=5, iters=10, cpu_gen=torch.Generator().manual_seed(4))
+    plan = host_plan([early, late], cfg, lambda s: "rgb", lambda s: "lambertian", {"latent": 8, "rgb": 8}, 4)
+    elevation = _unpack(plan.upload)["elevation"][:, 0]
+    angle = CameraConfig(**{**cfg.camera.__dict__, "elevation_sampling": "angle"})
+    assert elevation[0] == sample_random_cameras(1, angle, torch.Generator().manual_seed(3)).elevation_deg[0]
+    assert elevation[1] == sample_random_cameras(1, cfg.camera, torch.Generator().manual_seed(4)).elevation_deg[0]
+    assert elevation[1] != sample_random_cameras(1, angle, torch.Generator().manual_seed(4)).elevation_deg[0]

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..cameras import CameraBatch, get_rays, orbit_cameras, sample_random_cameras
+from ..cameras import CameraBatch, cameras_at, get_rays, orbit_cameras, sample_random_cameras
 from ..config import RunConfig
 from ..guidance.text import view_indices
 from ..render.renderer import to_device_async
@@ -99,7 +99,7 @@ def host_plan(slots: Sequence, cfg: RunConfig, phase_of: Callable, shading_of: C
             shadings.append("albedo")
             continue
         phases.append(phase_of(slot))
-        cams.append(sample_random_cameras(1, cfg.camera, slot.cpu_gen))
+        cams.append(sample_random_cameras(1, cameras_at(cfg.camera, slot.step / slot.iters), slot.cpu_gen))
         shadings.append(shading_of(slot))
     sizes = [render_size[p] for p in phases]
     rays = max(sizes) ** 2

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..cameras import cameras_at
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..config import RunConfig
 from ..guidance.text import NO_VIEW, VIEWS, PromptEmbeddings
@@ -174,6 +175,7 @@ class SlotTable:
             raise ValueError(f"slot {k!r} is not in [0, {self.num_slots})")
         if cfg.train.iters <= 0:
             raise ValueError(f"--iters must be a positive number of iterations, got {cfg.train.iters}")
+        cameras_at(cfg.camera, 0.0)  # a bad camera.angle_until fails here, before the slot is touched
         v = len(self.views)
         if embedding.cond.shape != (v, *self.cond_table.shape[1:]) or embedding.uncond.shape != self.uncond.shape[1:]:
             raise ValueError(f"text embeddings of {cfg.prompt.text!r} have shapes {tuple(embedding.cond.shape)} and "
