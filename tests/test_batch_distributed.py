@@ -303,6 +303,41 @@ def test_the_manifest_is_rebuilt_from_the_queue(tmp_path):
     assert merge_states(base, read_states(tmp_path, list(base.records))).records["p-b"].status == "pending"
 
 
+def test_a_rebuild_that_read_the_queue_before_another_rank_released_does_not_have_the_last_word(tmp_path, monkeypatch):
+    """Rank 1 reads the queue while rank 0 still holds its prompt; rank 0 then releases it and
+    rebuilds; rank 1's stale write lands after. Rank 1's rebuild reads the queue again after its
+    write, so the manifest ends with the release (CI once saw a SIGTERMed torchrun job leave a
+    released prompt 'running' at step 0)."""
+    from dreamfusion_trt.train import shared_jobs
+
+    base = Manifest(tmp_path)
+    for pid in ("p-a", "p-b"):
+        base.add(PromptRecord(pid, pid, "", 0, 10))
+    q0 = queue_mod.PromptQueue(tmp_path, ["p-a", "p-b"], lease_s=60, rank=0, host="n0")
+    q1 = queue_mod.PromptQueue(tmp_path, ["p-a", "p-b"], lease_s=60, rank=1, host="n1")
+    assert q0.claim_next() == "p-a" and q1.claim_next() == "p-b"
+    q1.release_all({"p-b": {"step": 3}})
+    real_read, raced = shared_jobs.read_states, []
+
+    def read_then_rank0_releases(*a, **kw):
+        states = real_read(*a, **kw)
+        if not raced:  # between rank 1's read and its write: rank 0 releases and rebuilds
+            raced.append(True)
+            q0.release_all({"p-a": {"step": 6}})
+            monkeypatch.setattr(shared_jobs, "read_states", real_read)
+            shared_jobs.rebuild_manifest(base, 60)
+            monkeypatch.setattr(shared_jobs, "read_states", read_then_rank0_releases)
+        return states
+
+    monkeypatch.setattr(shared_jobs, "read_states", read_then_rank0_releases)
+    merged = shared_jobs.rebuild_manifest(base, 60)
+    assert raced
+    on_disk = _records(tmp_path)
+    assert (on_disk["p-a"]["status"], on_disk["p-a"]["step"], on_disk["p-a"]["rank"]) == ("pending", 6, 0)
+    assert (on_disk["p-b"]["status"], on_disk["p-b"]["step"], on_disk["p-b"]["rank"]) == ("pending", 3, 1)
+    assert merged.records["p-a"].status == "pending"
+
+
 def test_shard_and_lease_flags_are_checked(tmp_path, capsys):
     prompts = _write(tmp_path / "prompts.txt", PROMPTS[:1])
     assert cli.main(["batch", str(prompts), "--out", str(tmp_path / "b"), "--shard", "2/2"]) == 2

@@ -25,8 +25,9 @@ back to the queue instead of failing it.
 The manifest is not rewritten from each process's partial view: `rebuild_manifest` derives
 ``manifest.jsonl`` from the queue's records plus the prompt list, with the rank and host that
 trained each prompt, atomically; rank 0 does it on its progress tick, and every process at its
-end (array tasks have no common rank 0). Rebuilds from the same records agree, so concurrent
-ones are harmless.
+end (array tasks have no common rank 0). Each rebuild reads the queue again after it writes and
+writes again until the two agree, so a stale rebuild that lands last is corrected by its own
+writer and concurrent ones are harmless.
 """
 
 from __future__ import annotations
@@ -84,10 +85,23 @@ def merge_states(base: Manifest, states: Mapping[str, PromptState]) -> Manifest:
     return merged
 
 
-def rebuild_manifest(base: Manifest, lease_s: float) -> Manifest:
-    """`merge_states` over the queue in `base`'s folder, written atomically; returns it."""
-    merged = merge_states(base, read_states(base.out_dir, list(base.records), lease_s=lease_s))
+def rebuild_manifest(base: Manifest, lease_s: float, tries: int = 8) -> Manifest:
+    """`merge_states` over the queue in `base`'s folder, written atomically; returns it.
+
+    A rebuild reads the queue, then writes: another process's release between the two, followed
+    by that process's own rebuild, would be overwritten by this stale one (the last write wins,
+    not the freshest read). So after writing, the queue is read again and the manifest written
+    again until a read agrees with what was written: the last writer then wrote what it saw after
+    every release that an earlier writer had seen, whatever the order of the writes."""
+    ids = list(base.records)
+    merged = merge_states(base, read_states(base.out_dir, ids, lease_s=lease_s))
     merged.save()
+    for _ in range(tries):
+        again = merge_states(base, read_states(base.out_dir, ids, lease_s=lease_s))
+        if again.records == merged.records:
+            break
+        again.save()
+        merged = again
     return merged
 
 
