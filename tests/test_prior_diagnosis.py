@@ -86,3 +86,21 @@ def test_the_filled_torus_fills_only_the_hole_and_the_prior_keeps_a_true_hole_op
     assert out["hole_pixels_per_render"] > 5 and out["renders_with_a_hole"] >= 2
     row = out["by_scale"]["1"]["50"]
     assert row["hole_open_from_true"] > 0.7 and row["hole_open_from_filled"] < 0.3
+
+
+def test_the_janus_measure_paints_only_the_other_faces_and_low_noise_keeps_what_it_sees():
+    """`measure_janus` renders the six-colored cube and the same cube painted one colour from the
+    same cameras: they differ on the other faces' pixels only, and the registry is restored after.
+    At guidance 1 and t = 50 the prior's prediction keeps what it is given: the true cube's
+    faces stay right and the one-colour cube stays one colour. Small sample: 4 renders, 1 draw."""
+    from dreamfusion_trt.bench.prior_diagnosis import measure_janus
+    from dreamfusion_trt.prior import scenes
+
+    before = scenes.KNOWN_OBJECTS[scenes.SIX_COLORED_CAPTION]
+    prior = _Prior(WEIGHTS_DIR, torch.device("cpu"))
+    out = measure_janus(prior, (1.0,), (50,), n=4, draws=1, seed=0)
+    assert scenes.KNOWN_OBJECTS[scenes.SIX_COLORED_CAPTION] is before
+    assert 100 < out["differing_pixels_per_render"] < 0.5 * 64 * 64
+    row = out["by_scale"]["1"]["50"]
+    for caption in ("view", "plain"):
+        assert row[f"{caption}_faces_right_from_true"] > 0.9 and row[f"{caption}_faces_right_from_one_colour"] < 0.2

@@ -4,6 +4,7 @@ each stage of the known-answer path on the red and the blue version of one shape
     python -m dreamfusion_trt.bench.prior_diagnosis --shape torus --out diagnosis.json
     python -m dreamfusion_trt.bench.prior_diagnosis --runs 'runs/bench/*/*' --out diagnosis.json
     python -m dreamfusion_trt.bench.prior_diagnosis --shape cube --colors red --inflation-scales 1,3,7.5,15,50 --inflation-only --renders 8 --out inflation.json
+    python -m dreamfusion_trt.bench.prior_diagnosis --janus-scales 7.5,30,100 --inflation-only --renders 32 --out janus.json
 
 Per colour (true renders from the prior's own training distribution, 64x64, white background):
 
@@ -24,6 +25,10 @@ Per colour (true renders from the prior's own training distribution, 64x64, whit
   object's latent pixels; and the latent distance of a flat object colour from flat white
   (encoder and map), i.e. how visible the colour is against the background in latent space.
 - ``albedo``: the logits the albedo head's sigmoid needs for the true colour.
+- ``janus`` (``--janus-scales``, the six-colored cube): at each guidance scale and t, the share
+  of the pixels where a cube painted one colour differs from the true one that x0^ draws nearer
+  the truth, from noised renders of the one-colour cube and of the true one, with view captions
+  and with the bare caption (does SDS recolour the faces, and does it need the view to?).
 - ``hole`` (``--hole-scales``, a torus): at each guidance scale and t, the share of a filled
   torus's hole that x0^ shows as background, from noised renders of the filled torus (does SDS
   open the hole?) and of the true one (does it keep it open?).
@@ -61,6 +66,7 @@ log = logging.getLogger(__name__)
 
 TIMESTEPS = (50, 200, 400, 600, 800, 950)
 TOWARDS_TIMESTEPS = (100, 400, 700)  # the pixel-gradient numbers need a backward pass through the encoder
+JANUS_TIMESTEPS = TIMESTEPS  # the preset draws t <= 600; above it is where SDS would have to settle the colours
 
 
 class _Prior:
@@ -303,6 +309,62 @@ def measure_hole(prior: _Prior, caption: str, scales: Sequence[float], timesteps
     return out
 
 
+def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[int], n: int, draws: int,
+                  seed: int, one_colour: str = "magenta") -> dict[str, Any]:  # fmt: skip
+    """Does SDS recolour a six-colored cube whose faces all took one colour, and does it need the
+    view in the caption to do so?
+
+    Renders the six-colored cube and the same cube painted `one_colour` on every face (the state
+    the CPU runs reach: the top face's colour carried to all six) from the same cameras and
+    shadings. The pixels that tell them apart are the other faces'. For each guidance scale and t,
+    the guided one-step prediction x0^ (averaged over `draws` noise draws) from noised latents of
+    the one-colour renders (does SDS pull the faces to their own colours?) and of the true ones
+    (does it keep them?), captioned with the camera's view suffix (as with view-dependent prompts)
+    and with the bare caption: the share of those pixels where x0^ is nearer the true render than
+    the one-colour one. Near 1 from the one-colour state: SDS recolours; near 0.5: no preference."""
+    from ..prior import scenes
+    from ..prior.dataset import PLAIN, text_index
+
+    caption = scenes.SIX_COLORED_CAPTION
+    cfg = DatasetConfig(images_per_object=n, multicolor_factor=1, image_size=64, captions=(caption,), seed=seed,
+                        plain_caption_prob=0.0)  # fmt: skip
+    true = render_dataset(cfg, prior.device)
+    spec = scenes.KNOWN_OBJECTS[caption]
+    scenes.KNOWN_OBJECTS[caption] = scenes.ObjectSpec(caption, spec.shape, (one_colour,) * len(spec.colors))
+    try:
+        painted = render_dataset(cfg, prior.device)  # the same cameras and shadings: drawn from the caption's seed
+    finally:
+        scenes.KNOWN_OBJECTS[caption] = spec
+    img_t, img_p = true.float_images(), painted.float_images()
+    differs = (img_t - img_p).abs().amax(dim=1, keepdim=True) > 0.1  # [n, 1, H, W] the other faces' pixels
+    emb = prior.embed([*true.texts, ""])
+    uncond = emb[-1:]
+    conds = {"view": emb[true.text_index], "plain": emb[text_index(0, torch.full_like(true.view_index, PLAIN))]}
+    out: dict[str, Any] = {"caption": caption, "one_colour": one_colour, "renders": n, "draws": draws,
+                           "differing_pixels_per_render": float(differs.float().sum() / n), "by_scale": {}}  # fmt: skip
+    with torch.no_grad():
+        latents = {"one_colour": prior.encode(img_p), "true": prior.encode(img_t)}
+    for scale in scales:
+        rows: dict[str, Any] = {}
+        for t in timesteps:
+            row = {}
+            for cname, cond in conds.items():
+                for name, z in latents.items():
+                    gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws everywhere
+                    acc = torch.zeros_like(img_t)
+                    for _ in range(draws):
+                        noise = torch.randn(z.shape, generator=gen).to(z)
+                        with torch.no_grad():
+                            g = prior.sds_grad(z, t, noise, cond, uncond, scale)
+                            acc += prior.decode(prior.x0_latents(z, t, noise, g))
+                    x0 = acc / draws
+                    nearer = (x0 - img_t).norm(dim=1, keepdim=True) < (x0 - img_p).norm(dim=1, keepdim=True)
+                    row[f"{cname}_faces_right_from_{name}"] = float((nearer & differs).float().sum() / differs.float().sum().clamp_min(1))
+            rows[str(t)] = row
+        out["by_scale"][f"{scale:g}"] = rows
+    return out
+
+
 def albedo_logits(caption: str) -> dict[str, Any]:
     rgb = PALETTE[resolve_caption(caption).colors[0]]
     logits = [math.log(c / (1 - c)) for c in rgb]
@@ -376,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--inflation-only", action="store_true", help="with --inflation-scales or --hole-scales: skip the per-colour numbers")
     p.add_argument("--hole-scales", default="",
                    help="comma-separated guidance scales for hole (a torus only; default: skipped), e.g. 1,7.5,50")
+    p.add_argument("--janus-scales", default="",
+                   help="comma-separated guidance scales: recolouring of a one-colour six-colored cube by x0^ (measure_janus)")
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (globs) to read thresholds and albedo from")
     p.add_argument("--skip-model", action="store_true", help="only the albedo and --runs numbers (no prior loaded)")
     p.add_argument("--device", default="cpu")
@@ -391,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "timesteps": list(TIMESTEPS), "towards_timesteps": list(TOWARDS_TIMESTEPS), "albedo": {c: albedo_logits(c) for c in captions}}  # fmt: skip
     if not args.skip_model:
         prior = _Prior(args.model, torch.device(args.device))
-        if not (args.inflation_only and (args.inflation_scales or args.hole_scales)):
+        if not (args.inflation_only and (args.inflation_scales or args.hole_scales or args.janus_scales)):
             result["colors"] = {}
             for c in captions:
                 result["colors"][c] = measure_color(prior, c, args.renders, args.draws, args.guidance_scale, args.seed)
@@ -414,6 +478,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for scale, rows in res["by_scale"].items():
                     log.info("%s, guidance %s: hole open in x0^ from the filled / the true torus by t: %s", c, scale,
                              ", ".join(f"{t} {r['hole_open_from_filled']:.2f}/{r['hole_open_from_true']:.2f}" for t, r in rows.items()))  # fmt: skip
+        if args.janus_scales:
+            scales = [float(v) for v in args.janus_scales.split(",")]
+            result["janus"] = measure_janus(prior, scales, JANUS_TIMESTEPS, args.renders, args.draws, args.seed)
+            for scale, rows in result["janus"]["by_scale"].items():
+                log.info("six-colored cube, guidance %s: faces right in x0^ from one colour / from the truth, view captions | bare, by t: %s",
+                         scale, ", ".join(f"{t} {r['view_faces_right_from_one_colour']:.2f}/{r['view_faces_right_from_true']:.2f}"
+                                          f" | {r['plain_faces_right_from_one_colour']:.2f}/{r['plain_faces_right_from_true']:.2f}"
+                                          for t, r in rows.items()))  # fmt: skip
     folders = sorted({Path(f) for pattern in args.runs for f in glob.glob(pattern)})
     result["runs"] = [r for r in (measure_run(f) for f in folders if f.is_dir()) if r is not None]
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
