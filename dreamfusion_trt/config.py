@@ -56,6 +56,9 @@ class SDSConfig:
     guidance_scale: float = 100.0
     high_noise_guidance_scale: float = 0.0  # guidance for timesteps above high_noise_t (0: guidance_scale at every t); strong guidance at high noise inflates objects (BENCHMARKS.md, fifth session)
     high_noise_t: float = 0.6  # fraction of the scheduler's timesteps above which high_noise_guidance_scale applies
+    high_noise_share: float = 0.0  # share of steps whose t is drawn uniformly from (high_noise_t, high_noise_t_max] instead of the (annealed) [t_min, t_max]: high-noise steps all run long, beside the schedule; with high_noise_colour_only they are colour steps
+    high_noise_t_max: float = 0.98
+    high_noise_colour_only: bool = False  # above high_noise_t, SDS reaches the colour only: the render's weights, opacity and shading normals pass no gradient to the density (it moves only through the parameters the albedo shares with it), so high-noise steps (where the prior settles an object's colours) cannot grow its shape (where strong guidance inflates it); needs t_max above high_noise_t or a high_noise_share
     t_min: float = 0.02  # fraction of the scheduler's timesteps
     t_max: float = 0.98
     t_anneal: Literal["none", "linear", "sqrt"] = "none"  # shrink t_max towards t_max_final over training

@@ -293,6 +293,56 @@ def test_backward_through_render_reaches_field_and_background():
         assert float(p.grad.abs().sum()) > 0, name
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_geometry_grad_zero_keeps_the_colour_s_gradient_off_the_density(monkeypatch, packed):
+    """`geometry_grad` [K]: the render's values are unchanged; with 0 for prompt 0 the colour's
+    gradient reaches that prompt's albedo as before but neither its density nor its shading
+    normals; prompt 1 (1.0) gets exactly the plain render's gradients; the opacity keeps its
+    gradient to the density. Torch sampler and the packed (nerfacc-style) path alike."""
+    cfg = dataclasses.replace(RENDER, backend="auto", num_samples=16, batched_marching=False)
+    renderer = _renderer(k=2, field_cfg=FIELD, render_cfg=cfg).eval()  # fixed samples: every render sees the same points
+    with torch.no_grad():
+        renderer.field.encoding.tables.normal_(0, 0.3)
+    if packed:
+        _packed_on_cpu(monkeypatch, renderer)
+    field = renderer.field
+    real_query, seen = field.query, []
+
+    def query(x, with_normals, prompts=None):
+        fo = real_query(x, with_normals=with_normals, prompts=prompts)
+        for v in (fo.sigma, fo.albedo, fo.normal):
+            v.retain_grad()
+        seen.append(fo)
+        return fo
+
+    monkeypatch.setattr(field, "query", query)
+    o, d = _rays_to_centre(2, 16)
+    light = torch.nn.functional.normalize(torch.randn(2, 3), dim=-1)
+    w = torch.rand(2, 16, 3)
+
+    def grads(geometry_grad, on="rgb"):
+        seen.clear()
+        out = renderer.render(o, d, light, shading="lambertian", geometry_grad=geometry_grad)
+        loss = (out.rgb * w).sum() if on == "rgb" else out.opacity.sum()
+        loss.backward()
+        fo = seen[-1]
+        return out, [torch.zeros_like(v) if v.grad is None else v.grad.detach().clone() for v in (fo.sigma, fo.albedo, fo.normal)]
+
+    plain, (ps, pa, pn) = grads(None)
+    split, (ss, sa, sn) = grads(torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(split.rgb, plain.rgb, rtol=0, atol=0)
+    torch.testing.assert_close(split.opacity, plain.opacity, rtol=0, atol=0)
+    assert ps[0].abs().sum() > 0 and pn[0].abs().sum() > 0  # the plain colour's gradient reaches both
+    assert ss[0].abs().sum() == 0 and sn[0].abs().sum() == 0
+    torch.testing.assert_close(ss[1], ps[1])
+    torch.testing.assert_close(sn[1], pn[1])
+    torch.testing.assert_close(sa, pa)
+    _, (os_, _, _) = grads(torch.tensor([0.0, 1.0]), on="opacity")
+    assert os_.abs().sum() > 0
+    with pytest.raises(ValueError, match="geometry_grad"):
+        renderer.render(o, d, light, geometry_grad=torch.ones(3))
+
+
 def test_eval_mode_is_deterministic_and_training_jitter_follows_the_generator():
     renderer = _renderer(k=2, field_cfg=FIELD)
     o, d = _rays_to_centre(2, 8)
@@ -464,23 +514,14 @@ def test_backend_choice_on_cpu():
         forced.render(o, d, torch.zeros(1, 3))
 
 
-def test_packed_path_with_pytorch_kernels_matches_torch_renderer(monkeypatch):
-    """The nerfacc code path (marching per prompt, padding, packed compositing) on the CPU, with
-    nerfacc's CUDA-only pieces replaced by their PyTorch twins and the marcher replaced by the torch
-    sampler's bins: it must reproduce the torch renderer exactly."""
-    cfg = dataclasses.replace(RENDER, backend="auto", num_samples=16, batched_marching=False)  # the per-prompt march
-    renderer = _renderer(k=3, field_cfg=FIELD, render_cfg=cfg).eval()
-    with torch.no_grad():
-        renderer.field.encoding.tables.normal_(0, 0.3)
-    o, d = _rays_to_centre(3, 9)
-    o[1, :4] = torch.tensor([0.0, 0.0, 5.0])  # rays that miss: prompts get different sample counts
-    d[1, :4] = torch.tensor([1.0, 0.0, 0.0])
-    light = torch.nn.functional.normalize(torch.randn(3, 3), dim=-1)
-    expected = renderer.render(o, d, light, shading="lambertian", need_normals=True)
+def _packed_on_cpu(monkeypatch, renderer):
+    """The nerfacc code path on the CPU: nerfacc's CUDA-only pieces replaced by their PyTorch
+    twins and the marcher by the torch sampler's bins (every sample of a ray that hits the box)."""
+    n = renderer.cfg.num_samples
 
     def fake_sampling(rays_o, rays_d, sigma_fn=None, render_step_size=None, stratified=False, **_):
         near, far, hit = ray_aabb_intersect(rays_o, rays_d, renderer.bound)
-        t0, t1, _ = stratified_intervals(near, far, cfg.num_samples, jitter=False)
+        t0, t1, _ = stratified_intervals(near, far, n, jitter=False)
         keep = hit[:, None].expand_as(t0)
         ts, te, _, ri = volrend.pack_fixed(t0, t1, t0, keep)
         assert sigma_fn(ts, te, ri).shape == ts.shape
@@ -499,6 +540,23 @@ def test_packed_path_with_pytorch_kernels_matches_torch_renderer(monkeypatch):
         "accumulate_along_rays",
         lambda w, v, ray_indices, n_rays: volrend.accumulate_packed(w, v, ray_indices, n_rays),
     )
+
+
+def test_packed_path_with_pytorch_kernels_matches_torch_renderer(monkeypatch):
+    """The nerfacc code path (marching per prompt, padding, packed compositing) on the CPU, with
+    nerfacc's CUDA-only pieces replaced by their PyTorch twins and the marcher replaced by the torch
+    sampler's bins: it must reproduce the torch renderer exactly."""
+    cfg = dataclasses.replace(RENDER, backend="auto", num_samples=16, batched_marching=False)  # the per-prompt march
+    renderer = _renderer(k=3, field_cfg=FIELD, render_cfg=cfg).eval()
+    with torch.no_grad():
+        renderer.field.encoding.tables.normal_(0, 0.3)
+    o, d = _rays_to_centre(3, 9)
+    o[1, :4] = torch.tensor([0.0, 0.0, 5.0])  # rays that miss: prompts get different sample counts
+    d[1, :4] = torch.tensor([1.0, 0.0, 0.0])
+    light = torch.nn.functional.normalize(torch.randn(3, 3), dim=-1)
+    expected = renderer.render(o, d, light, shading="lambertian", need_normals=True)
+
+    _packed_on_cpu(monkeypatch, renderer)
     got = renderer.render(o, d, light, shading="lambertian", need_normals=True)
     assert got.num_samples < expected.num_samples
     for name in ("rgb", "opacity", "depth", "normal", "orientation"):

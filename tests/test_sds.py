@@ -139,6 +139,41 @@ def test_high_noise_guidance_applies_above_its_timestep_only():
         _guidance(RecordingPredictor(), ac, SDSConfig(high_noise_guidance_scale=-1.0))
 
 
+def test_high_noise_colour_only_stops_the_geometry_gradient_above_its_timestep():
+    """sds.high_noise_colour_only: prompts whose t is above high_noise_t get geometry_grad 0, the
+    others 1; off, there is no geometry_grad at all (the renderer's plain path)."""
+    ac = sd_alphas_cumprod()
+    t = torch.tensor([100, 900, 600, 601])
+    on = _guidance(RecordingPredictor(), ac, SDSConfig(high_noise_t=0.6, high_noise_colour_only=True))
+    assert on.geometry_grad(t).tolist() == [1.0, 0.0, 1.0, 0.0] and on.geometry_grad(t).dtype == torch.float32
+    assert _guidance(RecordingPredictor(), ac, SDSConfig(high_noise_t=0.6)).geometry_grad(t) is None
+
+
+def test_a_high_noise_share_draws_that_share_of_steps_above_high_noise_t_whatever_the_schedule():
+    """sds.high_noise_share: about that share of draws lands in (high_noise_t, high_noise_t_max]
+    even late in an annealed schedule, the rest in the schedule's range; a share of 0 draws the
+    same timesteps as before from the same generator state; bad shares and ranges are refused."""
+    ac = sd_alphas_cumprod()
+    cfg = SDSConfig(t_max=0.6, t_anneal="linear", t_max_final=0.3, high_noise_t=0.6, high_noise_t_max=0.98, high_noise_share=0.25)
+    sds = _guidance(RecordingPredictor(), ac, cfg)
+    assert sds.high_noise_range() == (601, 980)
+    gen = torch.Generator().manual_seed(0)
+    ts = torch.cat([sds.sample_t(0.9, gen, torch.device("cpu")) for _ in range(2000)])
+    lo, hi = sds.t_range(0.9)
+    high = ts > 600
+    assert 0.21 < float(high.float().mean()) < 0.29
+    assert int(ts[high].min()) >= 601 and int(ts[high].max()) <= 980
+    assert int(ts[~high].min()) >= lo and int(ts[~high].max()) <= hi
+    plain = _guidance(RecordingPredictor(), ac, SDSConfig(t_max=0.6))
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    off = [plain.sample_t(0.5, a, torch.device("cpu")) for _ in range(20)]
+    ref = [torch.randint(*(lambda r: (r[0], r[1] + 1))(plain.t_range(0.5)), (1,), generator=b) for _ in range(20)]
+    assert torch.equal(torch.cat(off), torch.cat(ref))
+    for bad in (SDSConfig(high_noise_share=1.5), SDSConfig(high_noise_share=0.2, high_noise_t=0.6, high_noise_t_max=0.5)):
+        with pytest.raises(ValueError, match="high_noise_share"):
+            _guidance(RecordingPredictor(), ac, bad)
+
+
 def test_phases_of_one_latent_shape_share_one_call_and_keep_their_slots():
     """Two render groups whose inputs have one shape go through the predictor once, in slot
     order; groups of different shapes get a call each. Each prompt's loss is what it gets alone."""
@@ -327,3 +362,26 @@ def test_encode_rgb_resizes_and_backpropagates(model):
     torch.testing.assert_close(latents.detach(), enc(up * 2 - 1).detach())
     sds_surrogate(latents, torch.ones_like(latents)).sum().backward()
     assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_the_trainer_renders_each_slot_with_its_own_geometry_grad(tmp_path, tiny_sd_paths):  # noqa: F811
+    """With sds.high_noise_colour_only the trainer hands the renderer geometry_grad 1 for slots
+    whose step drew t at or below high_noise_t and 0 above it; off, it hands None."""
+    import dataclasses
+
+    from test_coarse_to_fine import two_prompt_trainer
+
+    trainer = two_prompt_trainer(tmp_path, tiny_sd_paths.folder)
+    seen, plans = [], []
+    real_render, real_plan = trainer._render, trainer.plan
+    trainer._render = lambda *a, **kw: (seen.append(kw["geometry_grad"]), real_render(*a, **kw))[1]
+    trainer.plan = lambda: (plans.append(p := real_plan()), p)[1]
+    trainer.train_step()
+    assert seen[-1] is None
+    trainer.guidance.cfg = dataclasses.replace(trainer.guidance.cfg, t_min=0.02, t_max=0.98, high_noise_t=0.5, high_noise_colour_only=True)
+    for _ in range(3):
+        trainer.train_step()
+        assert torch.equal(seen[-1], (plans[-1].t <= 500).float())
+    drawn = torch.cat([p.t for p in plans[1:]])
+    assert (drawn > 500).any() and (drawn <= 500).any()  # both kinds of step were taken
+    assert all(r.finite for r in trainer.poll())

@@ -71,6 +71,9 @@ class SDSGuidance:
         if cfg.high_noise_guidance_scale < 0 or not 0.0 <= cfg.high_noise_t <= 1.0:
             raise ValueError(f"sds.high_noise_guidance_scale must be >= 0 and sds.high_noise_t in [0, 1], got "
                              f"{cfg.high_noise_guidance_scale!r} and {cfg.high_noise_t!r}")  # fmt: skip
+        if not 0.0 <= cfg.high_noise_share <= 1.0 or (cfg.high_noise_share > 0 and not cfg.high_noise_t < cfg.high_noise_t_max <= 1.0):
+            raise ValueError(f"sds.high_noise_share must be in [0, 1], and with a share sds.high_noise_t < sds.high_noise_t_max <= 1; "
+                             f"got {cfg.high_noise_share!r}, {cfg.high_noise_t!r} and {cfg.high_noise_t_max!r}")  # fmt: skip
         sds_weight(alphas_cumprod[:1], cfg.weighting)  # rejects an unknown weighting now
         self.predictor = predictor
         self.alphas_cumprod = alphas_cumprod.float()  # [T]
@@ -97,10 +100,33 @@ class SDSGuidance:
         low = torch.full(t.shape, self.cfg.guidance_scale, device=t.device, dtype=torch.float32)
         return torch.where(t > split, torch.full_like(low, self.cfg.high_noise_guidance_scale), low)
 
+    def geometry_grad(self, t: torch.Tensor) -> torch.Tensor | None:
+        """How much of the SDS gradient reaches the density per prompt [K] float32 for timesteps
+        `t` [K]: 0 above `high_noise_t` with `high_noise_colour_only`, else 1; None when the option
+        is off (computed on t's device, no sync)."""
+        if not self.cfg.high_noise_colour_only:
+            return None
+        split = round(self.cfg.high_noise_t * self.num_timesteps)
+        return (t <= split).to(torch.float32)
+
+    def high_noise_range(self) -> tuple[int, int]:
+        """Inclusive timestep range of the `high_noise_share` steps: above `high_noise_t`, up to `high_noise_t_max`."""
+        last = self.num_timesteps - 1
+        lo = min(round(self.cfg.high_noise_t * self.num_timesteps) + 1, last)
+        return lo, min(max(round(self.cfg.high_noise_t_max * self.num_timesteps), lo), last)
+
     def sample_t(self, progress: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """One timestep [1] (long) uniformly from `t_range(progress)`, inclusive."""
+        """One timestep [1] (long) uniformly from `t_range(progress)`, inclusive; with
+        `high_noise_share`, from `high_noise_range` with that probability (drawn on the device,
+        after the schedule's draw, so a share of 0 draws exactly as before)."""
         lo, hi = self.t_range(progress)
-        return torch.randint(lo, hi + 1, (1,), generator=generator, device=device)
+        t = torch.randint(lo, hi + 1, (1,), generator=generator, device=device)
+        if self.cfg.high_noise_share <= 0:
+            return t
+        hlo, hhi = self.high_noise_range()
+        high = torch.randint(hlo, hhi + 1, (1,), generator=generator, device=device)
+        pick = torch.rand((1,), generator=generator, device=device) < self.cfg.high_noise_share
+        return torch.where(pick, high, t)
 
     @torch.no_grad()
     def grad(

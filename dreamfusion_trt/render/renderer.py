@@ -83,6 +83,13 @@ class RenderOutput:
     orientation: torch.Tensor | None = None  # [K] Ref-NeRF penalty, mean over rays of sum w max(0, n.d)^2
     orientation_rays: torch.Tensor | None = None  # [K, R] the penalty of each ray (before that mean)
     num_samples: int = 0  # field samples composited (for logs)
+    rgb_opacity: torch.Tensor | None = None  # [K, R] the opacity in front of the background, with the colour's geometry gradient (internal)
+
+
+def scale_grad(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`x` in value; its gradient multiplied by `scale` (broadcast against `x`) on the way back."""
+    d = x.detach()
+    return d + scale * (x - d)
 
 
 def bucket_size(n: int, per_octave: int = 8) -> int:
@@ -208,6 +215,7 @@ class Renderer(nn.Module):
         stratified: bool | None = None,
         background: torch.Tensor | None = None,
         jitter: torch.Tensor | None = None,
+        geometry_grad: torch.Tensor | None = None,
     ) -> RenderOutput:
         """Render rays ``[K, R, 3]`` (unit directions) lit from ``light_dir [K, 3]`` (towards the light).
 
@@ -219,12 +227,20 @@ class Renderer(nn.Module):
         given. `jitter` (``[K, R, S]`` uniform numbers in [0, 1), S = ``render.num_samples``)
         places the torch sampler's stratified samples instead (the nerfacc marcher ignores it).
         `background` (``[K, R, 3]`` or ``[K, 1, 3]``) replaces the Background module's colours.
+        `geometry_grad` (``[K]`` float in [0, 1], default all 1) scales the part of each prompt's
+        ``rgb`` gradient that reaches the density: through the weights, the opacity in front of the
+        background and the shading normals. At 0 the colour is differentiable in the albedo only
+        (and the background); opacity, depth, normals and the orientation penalty keep their full
+        gradient either way.
         """
         k = self.num_prompts
         self._check_rays(rays_o, rays_d, light_dir)
         mode = self._resolve_shading(shading, k, rays_o.device)
+        if geometry_grad is not None and tuple(geometry_grad.shape) != (k,):
+            raise ValueError(f"expected geometry_grad of shape [{k}], got {tuple(geometry_grad.shape)}")
         return self._render_many(
-            rays_o, rays_d, light_dir, [mode], ambient_ratio, generator, need_normals, stratified, background, jitter
+            rays_o, rays_d, light_dir, [mode], ambient_ratio, generator, need_normals, stratified, background, jitter,
+            geometry_grad,
         )[0]
 
     def render_shadings(
@@ -275,6 +291,7 @@ class Renderer(nn.Module):
         stratified: bool | None,
         background: torch.Tensor | None,
         jitter: torch.Tensor | None,
+        geometry_grad: torch.Tensor | None = None,
     ) -> list[RenderOutput]:
         """One sampling and field query, one RenderOutput per resolved shading in `modes`."""
         k = self.num_prompts
@@ -290,9 +307,10 @@ class Renderer(nn.Module):
                 raise ValueError(f"expected jitter of shape {list(want)}, got {tuple(jitter.shape)}")
         rays_o, rays_d, light_dir = rays_o.float(), rays_d.float(), light_dir.float()
         if self.backend_for(rays_o.device) == "nerfacc":
-            outs = self._render_nerfacc(rays_o, rays_d, light_dir, modes, ambient_ratio, need_normals, stratify)
+            outs = self._render_nerfacc(rays_o, rays_d, light_dir, modes, ambient_ratio, need_normals, stratify, geometry_grad)
         else:
-            outs = self._render_torch(rays_o, rays_d, light_dir, modes, ambient_ratio, need_normals, stratify, generator, jitter)
+            outs = self._render_torch(rays_o, rays_d, light_dir, modes, ambient_ratio, need_normals, stratify, generator, jitter,
+                                      geometry_grad)  # fmt: skip
         if background is None:
             bg = self.background(rays_d, generator=generator)  # [K, R, 3]
         else:
@@ -303,7 +321,9 @@ class Renderer(nn.Module):
             bg = background.to(rays_d.device, torch.float32).expand(rays_d.shape)
         for out in outs:
             out.background = bg
-            out.rgb = volrend.composite_background(out.rgb, out.opacity[..., None], bg)
+            opacity = out.opacity if out.rgb_opacity is None else out.rgb_opacity
+            out.rgb = volrend.composite_background(out.rgb, opacity[..., None], bg)
+            out.rgb_opacity = None
         return outs
 
     @staticmethod
@@ -339,6 +359,7 @@ class Renderer(nn.Module):
         stratify: bool,
         generator: torch.Generator | None,
         jitter: torch.Tensor | None = None,
+        geometry_grad: torch.Tensor | None = None,
     ) -> list[RenderOutput]:
         k, r = rays_o.shape[:2]
         s = self.cfg.num_samples
@@ -368,6 +389,7 @@ class Renderer(nn.Module):
             ambient_ratio=ambient_ratio,
             num_samples=k * r * s,
             sample_prompt=torch.arange(k, device=rays_o.device).view(k, 1, 1),
+            geometry_grad=geometry_grad,
         )
 
     def _march_each(self, flat_o: torch.Tensor, flat_d: torch.Tensor, k: int, r: int, jitter: bool
@@ -457,6 +479,7 @@ class Renderer(nn.Module):
         ambient_ratio: float,
         need_normals: bool,
         jitter: bool,
+        geometry_grad: torch.Tensor | None = None,
     ) -> list[RenderOutput]:
         import nerfacc  # noqa: PLC0415  (backend_for checked it imports)
 
@@ -501,6 +524,7 @@ class Renderer(nn.Module):
             ambient_ratio=ambient_ratio,
             num_samples=len(ray_indices),
             sample_prompt=prompt_of,
+            geometry_grad=geometry_grad,
         )
 
     def _composite(
@@ -515,24 +539,33 @@ class Renderer(nn.Module):
         ambient_ratio: float,
         num_samples: int,
         sample_prompt: torch.Tensor | None = None,
+        geometry_grad: torch.Tensor | None = None,
     ) -> list[RenderOutput]:
         """Shade samples and accumulate them into per-ray ``[K, R, C]`` quantities, once per
         entry of `shadings` (everything but the colour is computed once and shared); `dirs` and
         `light` broadcast against the per-sample values (fixed-count or packed alike), and so
-        does `sample_prompt` (the prompt of each sample, for per-prompt shading)."""
+        does `sample_prompt` (the prompt of each sample, for per-prompt shading). With
+        `geometry_grad`, the colour is composited with weights and normals whose gradient is
+        scaled by each sample's prompt's entry (`scale_grad`)."""
+        rgb_weights, rgb_normal, rgb_opacity = weights, fo.normal, None
+        if geometry_grad is not None:
+            g = geometry_grad.to(weights.device, weights.dtype)[sample_prompt]  # broadcasts like the weights
+            rgb_weights = scale_grad(weights, g)
+            rgb_normal = None if fo.normal is None else scale_grad(fo.normal, g[..., None])
+            rgb_opacity = acc(rgb_weights, None)[..., 0]  # [K, R]
         rgbs = []
         for shading in shadings:
             if isinstance(shading, str):
-                colors = shade(shading, fo.albedo, fo.normal, light, ambient_ratio)
+                colors = shade(shading, fo.albedo, rgb_normal, light, ambient_ratio)
             else:
                 index = shading.index[sample_prompt]  # mode of each sample's prompt
-                colors = shade_per_prompt(shading.modes, index, fo.albedo, fo.normal, light, ambient_ratio)
-            rgbs.append(acc(weights, colors))  # [K, R, 3]
+                colors = shade_per_prompt(shading.modes, index, fo.albedo, rgb_normal, light, ambient_ratio)
+            rgbs.append(acc(rgb_weights, colors))  # [K, R, 3]
         rgb = rgbs[0]
         opacity = acc(weights, None)[..., 0]  # [K, R]
         depth_sum = acc(weights, t_mid[..., None])[..., 0]
         depth = torch.where(opacity > 1e-6, depth_sum / opacity.clamp_min(1e-6), torch.zeros_like(opacity))
-        out = RenderOutput(rgb=rgb, opacity=opacity, depth=depth, num_samples=num_samples)
+        out = RenderOutput(rgb=rgb, opacity=opacity, depth=depth, num_samples=num_samples, rgb_opacity=rgb_opacity)
         if fo.normal is not None:
             out.normal = acc(weights, fo.normal)
             # Ref-NeRF orientation penalty: visible normals should not face away from the camera
@@ -542,6 +575,7 @@ class Renderer(nn.Module):
             out.orientation_rays = acc(weights.detach(), facing_away)[..., 0]  # [K, R]
             out.orientation = out.orientation_rays.mean(dim=-1)  # [K]
         return [out] + [dataclasses.replace(out, rgb=other) for other in rgbs[1:]]
+
 
     # -- occupancy grids --------------------------------------------------------------------------
 

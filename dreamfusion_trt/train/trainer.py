@@ -224,7 +224,8 @@ class Trainer(SlotTable):
         need_normals = self._need_normals(plan)
         with self._autocast():
             out = self._render(rays_o, rays_d, plan.cameras.light_dir, shading=shading, ambient_ratio=cfg.render.ambient_ratio,
-                               need_normals=need_normals, jitter=jitter, background=plan.background)  # fmt: skip
+                               need_normals=need_normals, jitter=jitter, background=plan.background,
+                               geometry_grad=self.guidance.geometry_grad(plan.t))  # fmt: skip
             timer.mark("render")
             parts = self._parts(out.rgb, plan)
             timer.mark("vae_encode")  # the images part of the render -> model input (inside guidance)
