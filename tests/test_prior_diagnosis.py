@@ -104,3 +104,19 @@ def test_the_janus_measure_paints_only_the_other_faces_and_low_noise_keeps_what_
     row = out["by_scale"]["1"]["50"]
     for caption in ("view", "plain"):
         assert row[f"{caption}_faces_right_from_true"] > 0.9 and row[f"{caption}_faces_right_from_one_colour"] < 0.2
+
+
+def test_the_janus_oracle_fits_the_true_cube_and_reads_six_face_colours():
+    """`measure_janus_oracle`: the field fitted to the true six-colored cube overlaps it (IoU well
+    above the blob's), each of the six faces gets a mean albedo and its nearest colour, and a few
+    colour-only SDS steps run on it, each followed by a fitting step that holds the shape. Small
+    sample: 40 fitting steps, 2 SDS steps."""
+    from dreamfusion_trt.bench.prior_diagnosis import measure_janus_oracle
+    from dreamfusion_trt.prior.scenes import FACES
+
+    out = measure_janus_oracle(2, True, seed=0, fit_steps=40, hold=1)
+    assert out["iou_before"] > 0.5 and out["iou_after"] > out["iou_before"] - 0.05
+    assert out["hold"] == 1 and out["steps"] == 2
+    for key in ("colours_before", "colours_after"):
+        assert sorted(out[key]["faces"]) == sorted(FACES) and 0 <= out[key]["right"] <= 6
+        assert out[key]["right"] == sum(v["nearest"] == v["true"] for v in out[key]["faces"].values())

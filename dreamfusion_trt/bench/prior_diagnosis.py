@@ -322,6 +322,7 @@ def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[in
     (does it keep them?), captioned with the camera's view suffix (as with view-dependent prompts)
     and with the bare caption: the share of those pixels where x0^ is nearer the true render than
     the one-colour one. Near 1 from the one-colour state: SDS recolours; near 0.5: no preference."""
+    from ..guidance.text import VIEWS
     from ..prior import scenes
     from ..prior.dataset import PLAIN, text_index
 
@@ -360,8 +361,103 @@ def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[in
                     x0 = acc / draws
                     nearer = (x0 - img_t).norm(dim=1, keepdim=True) < (x0 - img_p).norm(dim=1, keepdim=True)
                     row[f"{cname}_faces_right_from_{name}"] = float((nearer & differs).float().sum() / differs.float().sum().clamp_min(1))
+                    by_view = {}
+                    for v, view in enumerate(VIEWS):  # the camera's view (the suffix of the view captions)
+                        sel = true.view_index == v
+                        if bool(sel.any()):
+                            by_view[view] = float((nearer & differs)[sel].float().sum() / differs[sel].float().sum().clamp_min(1))
+                    row[f"{cname}_faces_right_from_{name}_by_view"] = by_view
             rows[str(t)] = row
         out["by_scale"][f"{scale:g}"] = rows
+    return out
+
+
+def _face_colours(field: Any, obj: Any, n: int = 6000) -> dict[str, Any]:
+    """The field's mean albedo just inside each true face of the cube `obj`, the six colour
+    nearest to it, and how many faces get their own colour."""
+    from ..prior.scenes import FACES, SIX_FACE_COLORS, face_index
+
+    pts = obj.sample_surface(n, torch.Generator().manual_seed(0))
+    inner = pts - 0.02 * obj.normals(pts[None])[0]
+    with torch.no_grad():
+        _, albedo = field(inner[None])
+    face = face_index(pts, obj.shape.half_extent)
+    palette = torch.tensor([PALETTE[c] for c in SIX_FACE_COLORS])
+    out: dict[str, Any] = {"faces": {}, "right": 0}
+    for f, name in enumerate(FACES):
+        mean = albedo[0][face == f].mean(0)
+        guess = SIX_FACE_COLORS[int((palette - mean).norm(dim=-1).argmin())]
+        out["faces"][name] = {"albedo": [round(float(c), 3) for c in mean], "nearest": guess, "true": SIX_FACE_COLORS[f]}
+        out["right"] += int(guess == SIX_FACE_COLORS[f])
+    return out
+
+
+def _field_iou(field: Any, obj: Any, threshold: float, bound: float, res: int = 48) -> float:
+    """IoU of {sigma > threshold} of `field` with the true object on a res^3 grid over the box."""
+    axis = torch.linspace(-bound, bound, res)
+    x = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(1, -1, 3)
+    with torch.no_grad():
+        mine = field.density(x)[0] > threshold
+    true = obj.occupancy(x[0])
+    return float((mine & true).sum() / (mine | true).sum().clamp_min(1))
+
+
+def measure_janus_oracle(steps: int, view_dependent: bool, seed: int, fit_steps: int = 300,
+                         device: torch.device | str = "cpu", t_max: float | None = None, hold: int = 0) -> dict[str, Any]:  # fmt: skip
+    """SDS on the colour alone, on the right shape: can the prior colour a six-colored cube's faces?
+
+    A fresh field of the prior's preset (its CPU preset on a CPU) is fitted to the true cube's
+    density (`fit_steps` Adam steps on log(1 + sigma)); then `steps` SDS steps of the preset train
+    it with every step a colour step (``sds.high_noise_t 0 --sds.high_noise_colour_only true``: no
+    gradient through the weights, opacity or normals) and the regularisers off, with view-dependent
+    prompts on or off; `t_max` replaces the preset's (annealed) sds.t_max; `hold` fitting steps
+    after every SDS step keep the shape at the truth (the colour's gradient moves it through the
+    parameters the albedo shares with the density). Reports the faces whose mean albedo is nearest their own colour before and
+    after, and the shape's IoU before and after (it moves only through the parameters the albedo
+    shares with the density). Many right faces here and few in a full run: the geometry's own
+    dynamics lose them. Few here: the prior's SDS signal does not carry them."""
+    from ..config import from_dict
+    from ..prior.preset import preset_config
+    from ..prior.scenes import KNOWN_OBJECTS, SIX_COLORED_CAPTION
+    from ..train import frozen as frozen_mod
+
+    device = torch.device(device)
+    cfg = preset_config(None, on_cpu=device.type == "cpu")
+    cfg = from_dict({"model": {"model": str(WEIGHTS_DIR)},
+                     "prompt": {"text": SIX_COLORED_CAPTION, "view_dependent": view_dependent},
+                     "train": {"iters": steps, "seed": seed, "device": str(device)},
+                     "sds": {"high_noise_t": 0.0, "high_noise_colour_only": True, **({} if t_max is None else {"t_max": t_max})},
+                     "reg": {"orientation": 0.0, "entropy": 0.0, "sparsity": 0.0}}, cfg)  # fmt: skip
+    frozen, embeddings = frozen_mod.load_frozen(cfg, device, [cfg.prompt], max_prompts=1)
+    trainer = frozen_mod.new_trainer(frozen, cfg, 1, device, step_graph=False)
+    trainer.assign(0, cfg, embeddings[0])
+    field = trainer.renderer.field
+    obj = KNOWN_OBJECTS[SIX_COLORED_CAPTION].build(bound=cfg.field.bound).to(device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    opt = torch.optim.Adam(field.parameters(), lr=1e-2)
+
+    def fit_step() -> None:
+        x = ((torch.rand(1, 8192, 3, generator=gen) * 2 - 1) * cfg.field.bound).to(device)
+        with torch.no_grad():
+            target = obj.density(x)
+        loss = (torch.log1p(field.density(x)) - torch.log1p(target)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    for _ in range(fit_steps):
+        fit_step()
+    threshold = cfg.output.mesh_threshold
+    out: dict[str, Any] = {"steps": steps, "view_dependent": view_dependent, "seed": seed, "fit_steps": fit_steps, "t_max": cfg.sds.t_max, "hold": hold,
+                           "t_max_final": cfg.sds.t_max_final if cfg.sds.t_anneal != "none" else None,
+                           "iou_before": _field_iou(field, obj, threshold, cfg.field.bound),
+                           "colours_before": _face_colours(field, obj)}  # fmt: skip
+    for _ in range(steps):
+        trainer.train_step()
+        for _ in range(hold):
+            fit_step()
+    out["iou_after"] = _field_iou(field, obj, threshold, cfg.field.bound)
+    out["colours_after"] = _face_colours(field, obj)
     return out
 
 
@@ -440,6 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated guidance scales for hole (a torus only; default: skipped), e.g. 1,7.5,50")
     p.add_argument("--janus-scales", default="",
                    help="comma-separated guidance scales: recolouring of a one-colour six-colored cube by x0^ (measure_janus)")
+    p.add_argument("--janus-oracle-steps", type=int, default=0,
+                   help="colour-only SDS steps on a field fitted to the true six-colored cube, VD on and off (measure_janus_oracle)")
+    p.add_argument("--janus-oracle-t-max", type=float, help="with --janus-oracle-steps: sds.t_max instead of the preset's")
+    p.add_argument("--janus-oracle-hold", type=int, default=0, help="with --janus-oracle-steps: density-fitting steps after each SDS step")
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (globs) to read thresholds and albedo from")
     p.add_argument("--skip-model", action="store_true", help="only the albedo and --runs numbers (no prior loaded)")
     p.add_argument("--device", default="cpu")
@@ -486,6 +586,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                          scale, ", ".join(f"{t} {r['view_faces_right_from_one_colour']:.2f}/{r['view_faces_right_from_true']:.2f}"
                                           f" | {r['plain_faces_right_from_one_colour']:.2f}/{r['plain_faces_right_from_true']:.2f}"
                                           for t, r in rows.items()))  # fmt: skip
+    if args.janus_oracle_steps > 0:
+        result["janus_oracle"] = {}
+        for vd in (True, False):
+            res = measure_janus_oracle(args.janus_oracle_steps, vd, args.seed, device=args.device, t_max=args.janus_oracle_t_max,
+                                       hold=args.janus_oracle_hold)  # fmt: skip
+            result["janus_oracle"]["on" if vd else "off"] = res
+            log.info("six-colored cube on its true shape, VD %s: faces right %d -> %d of 6, IoU %.3f -> %.3f; after: %s",
+                     "on" if vd else "off", res["colours_before"]["right"], res["colours_after"]["right"], res["iou_before"],
+                     res["iou_after"], {f: v["nearest"] for f, v in res["colours_after"]["faces"].items()})  # fmt: skip
     folders = sorted({Path(f) for pattern in args.runs for f in glob.glob(pattern)})
     result["runs"] = [r for r in (measure_run(f) for f in folders if f.is_dir()) if r is not None]
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
