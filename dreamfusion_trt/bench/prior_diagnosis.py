@@ -222,6 +222,19 @@ def measure_linear_map(prior: _Prior, captions: Sequence[str], n: int, seed: int
 
 
 @torch.no_grad()
+def mean_x0(prior: _Prior, z: torch.Tensor, t: int, cond: torch.Tensor, uncond: torch.Tensor, scale: float, draws: int,
+            gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """The decoded guided one-step prediction x0^ from latents `z` noised at t, averaged over
+    `draws` noise draws from `gen` (a CPU generator)."""
+    acc = None
+    for _ in range(draws):
+        noise = torch.randn(z.shape, generator=gen).to(z)
+        x0 = prior.decode(prior.x0_latents(z, t, noise, prior.sds_grad(z, t, noise, cond, uncond, scale)))
+        acc = x0 if acc is None else acc + x0
+    return acc / draws
+
+
+@torch.no_grad()
 def measure_guidance_inflation(prior: _Prior, caption: str, scales: Sequence[float], timesteps: Sequence[int], n: int,
                                draws: int, seed: int) -> dict[str, Any]:  # fmt: skip
     """Silhouette area of the guided one-step prediction x0^ at the true renders, over the true area, per scale and t."""
@@ -239,12 +252,7 @@ def measure_guidance_inflation(prior: _Prior, caption: str, scales: Sequence[flo
         gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws for every scale
         rows = {}
         for t in timesteps:
-            acc = torch.zeros_like(img)
-            for _ in range(draws):
-                noise = torch.randn(z.shape, generator=gen).to(z)
-                g = prior.sds_grad(z, t, noise, cond, uncond, scale)
-                acc += prior.decode(prior.x0_latents(z, t, noise, g))
-            x0 = acc / draws
+            x0 = mean_x0(prior, z, t, cond, uncond, scale, draws, gen)
             darkness = (1.0 - x0).amax(dim=1, keepdim=True)
             rows[str(t)] = {"area_ratio": float(object_mask(x0).float().mean()) / true_area,
                             "non_white_outside": float(darkness[~mask].mean()),
@@ -297,12 +305,7 @@ def measure_hole(prior: _Prior, caption: str, scales: Sequence[float], timesteps
             row = {}
             for name, z in latents.items():
                 gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws for both states
-                acc = torch.zeros_like(img_t)
-                for _ in range(draws):
-                    noise = torch.randn(z.shape, generator=gen).to(z)
-                    g = prior.sds_grad(z, t, noise, cond, uncond, scale)
-                    acc += prior.decode(prior.x0_latents(z, t, noise, g))
-                open_ = ~object_mask(acc / draws)
+                open_ = ~object_mask(mean_x0(prior, z, t, cond, uncond, scale, draws, gen))
                 row[f"hole_open_from_{name}"] = float((open_ & hole).float().sum() / hole.float().sum().clamp_min(1))
             rows[str(t)] = row
         out["by_scale"][f"{scale:g}"] = rows
@@ -352,13 +355,7 @@ def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[in
             for cname, cond in conds.items():
                 for name, z in latents.items():
                     gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws everywhere
-                    acc = torch.zeros_like(img_t)
-                    for _ in range(draws):
-                        noise = torch.randn(z.shape, generator=gen).to(z)
-                        with torch.no_grad():
-                            g = prior.sds_grad(z, t, noise, cond, uncond, scale)
-                            acc += prior.decode(prior.x0_latents(z, t, noise, g))
-                    x0 = acc / draws
+                    x0 = mean_x0(prior, z, t, cond, uncond, scale, draws, gen)
                     nearer = (x0 - img_t).norm(dim=1, keepdim=True) < (x0 - img_p).norm(dim=1, keepdim=True)
                     row[f"{cname}_faces_right_from_{name}"] = float((nearer & differs).float().sum() / differs.float().sum().clamp_min(1))
                     by_view = {}
