@@ -379,7 +379,7 @@ def _face_colours(field: Any, obj: Any, n: int = 6000) -> dict[str, Any]:
     with torch.no_grad():
         _, albedo = field(inner[None])
     face = face_index(pts, obj.shape.half_extent)
-    palette = torch.tensor([PALETTE[c] for c in SIX_FACE_COLORS])
+    palette = torch.tensor([PALETTE[c] for c in SIX_FACE_COLORS], device=albedo.device)
     out: dict[str, Any] = {"faces": {}, "right": 0}
     for f, name in enumerate(FACES):
         mean = albedo[0][face == f].mean(0)
@@ -393,6 +393,7 @@ def _field_iou(field: Any, obj: Any, threshold: float, bound: float, res: int = 
     """IoU of {sigma > threshold} of `field` with the true object on a res^3 grid over the box."""
     axis = torch.linspace(-bound, bound, res)
     x = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(1, -1, 3)
+    x = x.to(next(field.parameters()).device)
     with torch.no_grad():
         mine = field.density(x)[0] > threshold
     true = obj.occupancy(x[0])
