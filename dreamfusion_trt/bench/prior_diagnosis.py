@@ -370,8 +370,8 @@ def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[in
 
 
 def _face_colours(field: Any, obj: Any, n: int = 6000) -> dict[str, Any]:
-    """The field's mean albedo just inside each true face of the cube `obj`, the six colour
-    nearest to it, and how many faces get their own colour."""
+    """The field's mean albedo just inside each true face of the cube `obj`, the nearest of the
+    six face colours to it, and how many faces get their own colour."""
     from ..prior.scenes import FACES, SIX_FACE_COLORS, face_index
 
     pts = obj.sample_surface(n, torch.Generator().manual_seed(0))
@@ -408,12 +408,12 @@ def measure_janus_oracle(steps: int, view_dependent: bool, seed: int, fit_steps:
     density (`fit_steps` Adam steps on log(1 + sigma)); then `steps` SDS steps of the preset train
     it with every step a colour step (``sds.high_noise_t 0 --sds.high_noise_colour_only true``: no
     gradient through the weights, opacity or normals) and the regularisers off, with view-dependent
-    prompts on or off; `t_max` replaces the preset's (annealed) sds.t_max; `hold` fitting steps
-    after every SDS step keep the shape at the truth (the colour's gradient moves it through the
-    parameters the albedo shares with the density). Reports the faces whose mean albedo is nearest their own colour before and
-    after, and the shape's IoU before and after (it moves only through the parameters the albedo
-    shares with the density). Many right faces here and few in a full run: the geometry's own
-    dynamics lose them. Few here: the prior's SDS signal does not carry them."""
+    prompts on or off; `t_max` replaces the preset's (annealed) sds.t_max. The colour's gradient
+    still moves the shape through the parameters the albedo shares with the density; `hold`
+    fitting steps after every SDS step keep it at the truth. Reports the faces whose mean albedo
+    is nearest their own colour, and the shape's IoU, before and after. Many right faces here and
+    few in a full run: the geometry's own dynamics lose them. Few here: the prior's SDS signal
+    does not carry them."""
     from ..config import from_dict
     from ..prior.preset import preset_config
     from ..prior.scenes import KNOWN_OBJECTS, SIX_COLORED_CAPTION

@@ -96,9 +96,13 @@ class SDSGuidance:
         `high_noise_guidance_scale` above `high_noise_t` (computed on t's device, no sync)."""
         if self.cfg.high_noise_guidance_scale <= 0:
             return self.cfg.guidance_scale
-        split = round(self.cfg.high_noise_t * self.num_timesteps)
         low = torch.full(t.shape, self.cfg.guidance_scale, device=t.device, dtype=torch.float32)
-        return torch.where(t > split, torch.full_like(low, self.cfg.high_noise_guidance_scale), low)
+        return torch.where(t > self.high_noise_split, torch.full_like(low, self.cfg.high_noise_guidance_scale), low)
+
+    @property
+    def high_noise_split(self) -> int:
+        """The last timestep that is not "high noise": `high_noise_t` of the schedule."""
+        return round(self.cfg.high_noise_t * self.num_timesteps)
 
     def geometry_grad(self, t: torch.Tensor) -> torch.Tensor | None:
         """How much of the SDS gradient reaches the density per prompt [K] float32 for timesteps
@@ -106,13 +110,12 @@ class SDSGuidance:
         is off (computed on t's device, no sync)."""
         if not self.cfg.high_noise_colour_only:
             return None
-        split = round(self.cfg.high_noise_t * self.num_timesteps)
-        return (t <= split).to(torch.float32)
+        return (t <= self.high_noise_split).to(torch.float32)
 
     def high_noise_range(self) -> tuple[int, int]:
         """Inclusive timestep range of the `high_noise_share` steps: above `high_noise_t`, up to `high_noise_t_max`."""
         last = self.num_timesteps - 1
-        lo = min(round(self.cfg.high_noise_t * self.num_timesteps) + 1, last)
+        lo = min(self.high_noise_split + 1, last)
         return lo, min(max(round(self.cfg.high_noise_t_max * self.num_timesteps), lo), last)
 
     def sample_t(self, progress: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
