@@ -51,6 +51,7 @@ import glob
 import json
 import logging
 import math
+import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -459,6 +460,108 @@ def measure_janus_oracle(steps: int, view_dependent: bool, seed: int, fit_steps:
     return out
 
 
+def _level_scores(field: Any, obj: Any, threshold: float, bound: float, res: int = 64) -> dict[str, float]:
+    """The field's {sigma > threshold} on a res^3 grid over the box against the true solid
+    (``iou``), against the true object's own {sigma > threshold} (``iou_true_level``: what a field
+    that renders exactly like the prior's training objects scores), and its volume over the
+    true solid's (``volume_ratio``)."""
+    axis = torch.linspace(-bound, bound, res)
+    x = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(1, -1, 3)
+    x = x.to(next(field.parameters()).device)
+    with torch.no_grad():
+        mine = field.density(x)[0] > threshold
+        level = obj.density(x)[0] > threshold
+    true = obj.occupancy(x[0])
+
+    def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+        return round(float((a & b).sum() / (a | b).sum().clamp_min(1)), 4)
+
+    return {"iou": iou(mine, true), "iou_true_level": iou(mine, level), "volume_ratio": round(float(mine.sum() / true.sum().clamp_min(1)), 4)}
+
+
+def measure_shape_oracle(caption: str, steps: int, view_dependent: bool, seed: int, fit_steps: int = 600,
+                         device: torch.device | str = "cpu", flags: dict[str, Any] | None = None,
+                         checkpoints: int = 4) -> dict[str, Any]:  # fmt: skip
+    """SDS from the truth: is the true object where the preset's SDS leaves it?
+
+    A fresh field of the prior's preset (its CPU preset on a CPU, `flags` on top) is fitted to
+    the true object's density (log(1 + sigma), uniform points in the box and points near the
+    surface) and colour (points just inside the surface), `fit_steps` Adam steps; then the
+    preset's `steps` SDS steps train it as a run would, schedule and regularisers and all, from
+    there. Reports `_level_scores` (and, for the six-colored cube, the faces) after the fit and
+    at `checkpoints` points of the run. A shape that stays: the prior holds the truth and a run's
+    error comes from its way there (the init, the early steps). A shape that drifts to what runs
+    from the blob end at: the error is SDS's own fixed point on this prior."""
+    from ..config import from_dict
+    from ..prior.preset import preset_config
+    from ..prior.scenes import SIX_COLORED_CAPTION, resolve_caption
+    from ..train import frozen as frozen_mod
+
+    spec = resolve_caption(caption)
+    device = torch.device(device)
+    cfg = preset_config(None, on_cpu=device.type == "cpu")
+    cfg = from_dict({"model": {"model": str(WEIGHTS_DIR)},
+                     "prompt": {"text": spec.caption, "view_dependent": view_dependent},
+                     "train": {"iters": steps, "seed": seed, "device": str(device)}}, cfg)  # fmt: skip
+    cfg = from_dict(flags or {}, cfg)
+    frozen, embeddings = frozen_mod.load_frozen(cfg, device, [cfg.prompt], max_prompts=1)
+    trainer = frozen_mod.new_trainer(frozen, cfg, 1, device, step_graph=False)
+    trainer.assign(0, cfg, embeddings[0])
+    field = trainer.renderer.field
+    obj = spec.build(bound=cfg.field.bound).to(device)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    opt = torch.optim.Adam(field.parameters(), lr=1e-2)
+    pool = obj.sample_surface(1 << 17, gen)  # surface points, drawn once
+    pool_normals = obj.normals(pool[None])[0]
+    for _ in range(fit_steps):
+        box = ((torch.rand(1, 8192, 3, generator=gen) * 2 - 1) * cfg.field.bound).to(device)
+        pick = torch.randint(len(pool), (4096,), generator=gen).to(device)
+        surf, normal = pool[pick], pool_normals[pick]
+        near = surf + (torch.rand(4096, 1, generator=gen).to(device) * 0.1 - 0.05) * normal
+        inner = (surf - 0.02 * normal)[None]
+        x = torch.cat([box, near[None]], dim=1)
+        with torch.no_grad():
+            target = obj.density(x)
+            colour = obj.surface_color(inner)
+        sigma = field.density(x)
+        _, albedo = field(inner)
+        loss = (torch.log1p(sigma) - torch.log1p(target)).square().mean() + (albedo - colour).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    threshold, bound = cfg.output.mesh_threshold, cfg.field.bound
+    six = spec.caption == SIX_COLORED_CAPTION
+
+    def scores(step: int) -> dict[str, Any]:
+        row: dict[str, Any] = {"step": step, **_level_scores(field, obj, threshold, bound)}
+        if six:
+            row["faces_right"] = _face_colours(field, obj)["right"]
+        return row
+
+    truth = _level_scores(_TrueDensity(obj), obj, threshold, bound)
+    out: dict[str, Any] = {"caption": spec.caption, "steps": steps, "view_dependent": view_dependent, "seed": seed,
+                           "fit_steps": fit_steps, "flags": flags or {}, "mesh_threshold": threshold,
+                           "truth_at_mesh_threshold": truth, "trajectory": [scores(0)]}  # fmt: skip
+    marks = {round(steps * (i + 1) / checkpoints) for i in range(checkpoints)}
+    for step in range(1, steps + 1):
+        trainer.train_step()
+        if step in marks:
+            out["trajectory"].append(scores(step))
+    return out
+
+
+class _TrueDensity(torch.nn.Module):
+    """An `AnalyticObject` with a parameter, so `_level_scores` reads its device like a field's."""
+
+    def __init__(self, obj: Any) -> None:
+        super().__init__()
+        self.obj = obj
+        self._device = torch.nn.Parameter(torch.zeros(0, device=obj.colors.device), requires_grad=False)
+
+    def density(self, x: torch.Tensor) -> torch.Tensor:
+        return self.obj.density(x)
+
+
 def albedo_logits(caption: str) -> dict[str, Any]:
     rgb = PALETTE[resolve_caption(caption).colors[0]]
     logits = [math.log(c / (1 - c)) for c in rgb]
@@ -538,6 +641,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="colour-only SDS steps on a field fitted to the true six-colored cube, VD on and off (measure_janus_oracle)")
     p.add_argument("--janus-oracle-t-max", type=float, help="with --janus-oracle-steps: sds.t_max instead of the preset's")
     p.add_argument("--janus-oracle-hold", type=int, default=0, help="with --janus-oracle-steps: density-fitting steps after each SDS step")
+    p.add_argument("--shape-oracle-steps", type=int, default=0,
+                   help="SDS steps of the preset on a field fitted to each true object of --shape-oracle-objects (measure_shape_oracle)")
+    p.add_argument("--shape-oracle-objects", default="a red cube", help="comma-separated known captions (default: %(default)s)")
+    p.add_argument("--shape-oracle-vd", default="on", help="with --shape-oracle-steps: view-dependent prompts on, off or on,off")
+    p.add_argument("--run-flags", default="", help="with --shape-oracle-steps: run flags on top of the preset, e.g. '--reg.orientation 10'")
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (globs) to read thresholds and albedo from")
     p.add_argument("--skip-model", action="store_true", help="only the albedo and --runs numbers (no prior loaded)")
     p.add_argument("--device", default="cpu")
@@ -593,6 +701,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("six-colored cube on its true shape, VD %s: faces right %d -> %d of 6, IoU %.3f -> %.3f; after: %s",
                      "on" if vd else "off", res["colours_before"]["right"], res["colours_after"]["right"], res["iou_before"],
                      res["iou_after"], {f: v["nearest"] for f, v in res["colours_after"]["faces"].items()})  # fmt: skip
+    if args.shape_oracle_steps > 0:
+        from .prior import parse_run_flags
+
+        flags = parse_run_flags(shlex.split(args.run_flags))
+        result["shape_oracle"] = []
+        for caption in [c.strip() for c in args.shape_oracle_objects.split(",")]:
+            for vd in args.shape_oracle_vd.split(","):
+                if vd not in ("on", "off"):
+                    raise ValueError(f"--shape-oracle-vd takes on, off or on,off; got {vd!r}")
+                res = measure_shape_oracle(caption, args.shape_oracle_steps, vd == "on", args.seed, device=args.device, flags=flags)
+                result["shape_oracle"].append(res)
+                log.info("%s from its true shape, VD %s (truth at the mesh level: IoU %.3f, volume %.2f): %s", caption, vd,
+                         res["truth_at_mesh_threshold"]["iou"], res["truth_at_mesh_threshold"]["volume_ratio"],
+                         "; ".join(f"step {r['step']}: IoU {r['iou']:.3f} (against the true level {r['iou_true_level']:.3f}), "
+                                   f"volume {r['volume_ratio']:.2f}" + (f", faces {r['faces_right']}" if "faces_right" in r else "")
+                                   for r in res["trajectory"]))  # fmt: skip
     folders = sorted({Path(f) for pattern in args.runs for f in glob.glob(pattern)})
     result["runs"] = [r for r in (measure_run(f) for f in folders if f.is_dir()) if r is not None]
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
