@@ -120,3 +120,20 @@ def test_the_janus_oracle_fits_the_true_cube_and_reads_six_face_colours():
     for key in ("colours_before", "colours_after"):
         assert sorted(out[key]["faces"]) == sorted(FACES) and 0 <= out[key]["right"] <= 6
         assert out[key]["right"] == sum(v["nearest"] == v["true"] for v in out[key]["faces"].values())
+
+
+def test_the_shape_oracle_starts_at_the_true_object_and_scores_the_truth_s_own_level():
+    """`measure_shape_oracle`: the truth's own density at the mesh threshold is a halo around the
+    true solid (volume above 1, IoU with itself 1); the fitted field starts close to that level
+    set; the run's flags reach the trainer; the trajectory has the start and each checkpoint.
+    Small sample: 60 fitting steps, 2 SDS steps."""
+    from dreamfusion_trt.bench.prior_diagnosis import measure_shape_oracle
+
+    out = measure_shape_oracle("a red sphere", 2, True, seed=0, fit_steps=60, flags={"reg": {"orientation": 0.0}}, checkpoints=2)
+    truth = out["truth_at_mesh_threshold"]
+    assert truth["iou_true_level"] == 1.0 and truth["volume_ratio"] > 1.0 and truth["iou"] < 1.0
+    assert [r["step"] for r in out["trajectory"]] == [0, 1, 2]
+    start = out["trajectory"][0]
+    assert start["iou_true_level"] > 0.7 and abs(start["volume_ratio"] - truth["volume_ratio"]) < 0.5
+    assert out["flags"] == {"reg": {"orientation": 0.0}} and out["caption"] == "a red sphere"
+    assert "faces_right" not in start
