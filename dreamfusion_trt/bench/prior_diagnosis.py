@@ -392,13 +392,7 @@ def _face_colours(field: Any, obj: Any, n: int = 6000) -> dict[str, Any]:
 
 def _field_iou(field: Any, obj: Any, threshold: float, bound: float, res: int = 48) -> float:
     """IoU of {sigma > threshold} of `field` with the true object on a res^3 grid over the box."""
-    axis = torch.linspace(-bound, bound, res)
-    x = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(1, -1, 3)
-    x = x.to(next(field.parameters()).device)
-    with torch.no_grad():
-        mine = field.density(x)[0] > threshold
-    true = obj.occupancy(x[0])
-    return float((mine & true).sum() / (mine | true).sum().clamp_min(1))
+    return _level_scores(field.density, obj, threshold, bound, res)["iou"]
 
 
 def measure_janus_oracle(steps: int, view_dependent: bool, seed: int, fit_steps: int = 300,
@@ -460,16 +454,16 @@ def measure_janus_oracle(steps: int, view_dependent: bool, seed: int, fit_steps:
     return out
 
 
-def _level_scores(field: Any, obj: Any, threshold: float, bound: float, res: int = 64) -> dict[str, float]:
-    """The field's {sigma > threshold} on a res^3 grid over the box against the true solid
-    (``iou``), against the true object's own {sigma > threshold} (``iou_true_level``: what a field
-    that renders exactly like the prior's training objects scores), and its volume over the
-    true solid's (``volume_ratio``)."""
+def _level_scores(density: Any, obj: Any, threshold: float, bound: float, res: int = 64) -> dict[str, float]:
+    """{`density` > threshold} on a res^3 grid over the box (`density`: a field's or the true
+    object's, ``[1, N, 3] -> [1, N]``) against the true solid (``iou``), against the true
+    object's own {sigma > threshold} (``iou_true_level``: what a field that renders exactly like
+    the prior's training objects scores), and its volume over the true solid's (``volume_ratio``)."""
     axis = torch.linspace(-bound, bound, res)
     x = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(1, -1, 3)
-    x = x.to(next(field.parameters()).device)
+    x = x.to(obj.colors.device)
     with torch.no_grad():
-        mine = field.density(x)[0] > threshold
+        mine = density(x)[0] > threshold
         level = obj.density(x)[0] > threshold
     true = obj.occupancy(x[0])
 
@@ -533,12 +527,12 @@ def measure_shape_oracle(caption: str, steps: int, view_dependent: bool, seed: i
     six = spec.caption == SIX_COLORED_CAPTION
 
     def scores(step: int) -> dict[str, Any]:
-        row: dict[str, Any] = {"step": step, **_level_scores(field, obj, threshold, bound)}
+        row: dict[str, Any] = {"step": step, **_level_scores(field.density, obj, threshold, bound)}
         if six:
             row["faces_right"] = _face_colours(field, obj)["right"]
         return row
 
-    truth = _level_scores(_TrueDensity(obj), obj, threshold, bound)
+    truth = _level_scores(obj.density, obj, threshold, bound)
     out: dict[str, Any] = {"caption": spec.caption, "steps": steps, "view_dependent": view_dependent, "seed": seed,
                            "fit_steps": fit_steps, "flags": flags or {}, "mesh_threshold": threshold,
                            "truth_at_mesh_threshold": truth, "trajectory": [scores(0)]}  # fmt: skip
@@ -548,18 +542,6 @@ def measure_shape_oracle(caption: str, steps: int, view_dependent: bool, seed: i
         if step in marks:
             out["trajectory"].append(scores(step))
     return out
-
-
-class _TrueDensity(torch.nn.Module):
-    """An `AnalyticObject` with a parameter, so `_level_scores` reads its device like a field's."""
-
-    def __init__(self, obj: Any) -> None:
-        super().__init__()
-        self.obj = obj
-        self._device = torch.nn.Parameter(torch.zeros(0, device=obj.colors.device), requires_grad=False)
-
-    def density(self, x: torch.Tensor) -> torch.Tensor:
-        return self.obj.density(x)
 
 
 def albedo_logits(caption: str) -> dict[str, Any]:
