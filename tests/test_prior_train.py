@@ -208,3 +208,16 @@ def test_the_shipped_preset_says_how_the_prior_drew_its_elevations():
     train = json.loads((WEIGHTS_DIR / "prior_train.json").read_text())
     drawn = train["config"]["data"]["camera"].get("elevation_sampling", "sphere")  # older records predate the knob
     assert load_yaml(WEIGHTS_DIR / PRESET_NAME).camera.elevation_sampling == drawn
+
+
+def test_the_shipped_preset_is_what_a_retrain_with_the_default_config_writes():
+    """A setting added to the shipped preset by hand would be lost at the next retrain: the
+    preset's generator (`preset_yaml`) must carry it too, so the two agree as data."""
+    import yaml
+
+    from dreamfusion_trt.prior import PRESET_CPU_NAME, PRESET_NAME, WEIGHTS_DIR
+    from dreamfusion_trt.prior.model import PriorTrainConfig, preset_cpu_yaml, preset_yaml
+
+    cfg = PriorTrainConfig()
+    assert yaml.safe_load(preset_yaml(cfg)) == yaml.safe_load((WEIGHTS_DIR / PRESET_NAME).read_text())
+    assert yaml.safe_load(preset_cpu_yaml(cfg)) == yaml.safe_load((WEIGHTS_DIR / PRESET_CPU_NAME).read_text())
