@@ -137,3 +137,25 @@ def test_the_shape_oracle_starts_at_the_true_object_and_scores_the_truth_s_own_l
     assert start["iou_true_level"] > 0.7 and abs(start["volume_ratio"] - truth["volume_ratio"]) < 0.5
     assert out["flags"] == {"reg": {"orientation": 0.0}} and out["caption"] == "a red sphere"
     assert "faces_right" not in start
+
+
+def test_perp_neg_removes_only_the_part_of_a_negative_direction_perpendicular_to_the_caption_s():
+    """`_Prior.sds_grad` with Perp-Neg negatives, on a stand-in noise predictor whose prediction
+    is its text embedding: a negative along the caption's own direction changes nothing; one
+    perpendicular to it is subtracted with its weight; weight 0 is plain CFG."""
+    prior = _Prior.__new__(_Prior)  # no model: only sds_grad's arithmetic is under test
+    prior.alphas = torch.linspace(0.999, 0.01, 1000)
+    prior.eps = lambda x, t, emb: emb.reshape(len(emb), 4, 1, 1)
+    z, noise = torch.zeros(2, 4, 1, 1), torch.zeros(2, 4, 1, 1)
+    uncond = torch.zeros(1, 1, 4)
+    cond = torch.tensor([[[1.0, 0, 0, 0]], [[0, 2.0, 0, 0]]])
+    plain = prior.sds_grad(z, 500, noise, cond, uncond, 7.5)
+    along = 3 * cond
+    perpendicular = torch.tensor([[[0, 0, 1.0, 0]], [[0, 0, 0, 1.0]]])
+    weights = torch.tensor([[2.0, 2.0]])
+    assert torch.allclose(prior.sds_grad(z, 500, noise, cond, uncond, 7.5, along[None], weights), plain)
+    assert torch.allclose(prior.sds_grad(z, 500, noise, cond, uncond, 7.5, perpendicular[None], torch.zeros(1, 2)), plain)
+    got = prior.sds_grad(z, 500, noise, cond, uncond, 7.5, perpendicular[None], weights)
+    a = prior.alphas[500]
+    want = (1 - a) * 7.5 * (cond - 2.0 * perpendicular).reshape(2, 4, 1, 1)
+    assert torch.allclose(got, want)

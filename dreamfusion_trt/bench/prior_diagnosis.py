@@ -98,14 +98,24 @@ class _Prior:
         return self.m.unet(x, t, encoder_hidden_states=emb).sample
 
     def sds_grad(self, z: torch.Tensor, t: int, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
-                 scale: float) -> torch.Tensor:  # fmt: skip
-        """(1 - alpha_bar_t) (eps_cfg - noise) for latents z [N, C, h, w]; no graph."""
+                 scale: float, negatives: torch.Tensor | None = None, negative_weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """(1 - alpha_bar_t) (eps_cfg - noise) for latents z [N, C, h, w]; no graph. With
+        `negatives` [M, N, 77, D] and `negative_weights` [M, N], the guided direction loses, per
+        render, each negative's direction's part perpendicular to the caption's (Perp-Neg,
+        Armandpour et al. 2023): eps_u + s (d - sum_m w_m perp_d(d_m)), d = eps_c - eps_u."""
         a = self.alphas[t]
         with torch.no_grad():
             x = a.sqrt() * z + (1 - a).sqrt() * noise
-            tt = torch.full((len(z),), t, device=z.device, dtype=torch.long)
-            e_u, e_c = self.eps(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uncond.expand_as(cond), cond])).chunk(2)
-            return (1 - a) * (e_u + scale * (e_c - e_u) - noise)
+            m = 0 if negatives is None else len(negatives)
+            tt = torch.full((len(z) * (2 + m),), t, device=z.device, dtype=torch.long)
+            embs = [uncond.expand_as(cond), cond, *([] if negatives is None else negatives)]
+            e_u, e_c, *e_n = self.eps(torch.cat([x] * (2 + m)), tt, torch.cat(embs)).chunk(2 + m)
+            d = e_c - e_u
+            for e, w in zip(e_n, [] if negative_weights is None else negative_weights):
+                d_n = e - e_u
+                along = (d_n * d).flatten(1).sum(1) / d.flatten(1).square().sum(1).clamp_min(1e-12)
+                d = d - w.view(-1, 1, 1, 1) * (d_n - along.view(-1, 1, 1, 1) * d)
+            return (1 - a) * (e_u + scale * d - noise)
 
     def x0_latents(self, z: torch.Tensor, t: int, noise: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """The guided one-step prediction of the clean latents from z noised with `noise` at t,
@@ -224,13 +234,14 @@ def measure_linear_map(prior: _Prior, captions: Sequence[str], n: int, seed: int
 
 @torch.no_grad()
 def mean_x0(prior: _Prior, z: torch.Tensor, t: int, cond: torch.Tensor, uncond: torch.Tensor, scale: float, draws: int,
-            gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+            gen: torch.Generator, negatives: torch.Tensor | None = None, negative_weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """The decoded guided one-step prediction x0^ from latents `z` noised at t, averaged over
-    `draws` noise draws from `gen` (a CPU generator)."""
+    `draws` noise draws from `gen` (a CPU generator); `negatives` as in `_Prior.sds_grad`."""
     acc = None
     for _ in range(draws):
         noise = torch.randn(z.shape, generator=gen).to(z)
-        x0 = prior.decode(prior.x0_latents(z, t, noise, prior.sds_grad(z, t, noise, cond, uncond, scale)))
+        grad = prior.sds_grad(z, t, noise, cond, uncond, scale, negatives, negative_weights)
+        x0 = prior.decode(prior.x0_latents(z, t, noise, grad))
         acc = x0 if acc is None else acc + x0
     return acc / draws
 
@@ -314,7 +325,7 @@ def measure_hole(prior: _Prior, caption: str, scales: Sequence[float], timesteps
 
 
 def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[int], n: int, draws: int,
-                  seed: int, one_colour: str = "magenta") -> dict[str, Any]:  # fmt: skip
+                  seed: int, one_colour: str = "magenta", perp_neg: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """Does SDS recolour a six-colored cube whose faces all took one colour, and does it need the
     view in the caption to do so?
 
@@ -325,7 +336,9 @@ def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[in
     the one-colour renders (does SDS pull the faces to their own colours?) and of the true ones
     (does it keep them?), captioned with the camera's view suffix (as with view-dependent prompts)
     and with the bare caption: the share of those pixels where x0^ is nearer the true render than
-    the one-colour one. Near 1 from the one-colour state: SDS recolours; near 0.5: no preference."""
+    the one-colour one. Near 1 from the one-colour state: SDS recolours; near 0.5: no preference.
+    `perp_neg` > 0: the view captions' guidance also takes the other two of front / side / back
+    as Perp-Neg negatives of that weight (overhead views take none; `_Prior.sds_grad`)."""
     from ..guidance.text import VIEWS
     from ..prior import scenes
     from ..prior.dataset import PLAIN, text_index
@@ -345,7 +358,15 @@ def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[in
     emb = prior.embed([*true.texts, ""])
     uncond = emb[-1:]
     conds = {"view": emb[true.text_index], "plain": emb[text_index(0, torch.full_like(true.view_index, PLAIN))]}
-    out: dict[str, Any] = {"caption": caption, "one_colour": one_colour, "renders": n, "draws": draws,
+    horizontal = [VIEWS.index(v) for v in ("front", "side", "back")]
+    negatives, negative_weights = None, None
+    if perp_neg > 0:  # per render: the two horizontal views that are not its own
+        others = torch.tensor([[o for o in horizontal if o != v][:2] if v in horizontal else horizontal[1:] for v in range(len(VIEWS))])
+        picked = others[true.view_index.cpu()].T  # [2, n]
+        negatives = torch.stack([emb[text_index(0, row.to(true.view_index.device))] for row in picked])
+        on = torch.tensor([v in horizontal for v in true.view_index.tolist()], dtype=torch.float32, device=emb.device)
+        negative_weights = torch.stack([perp_neg * on, perp_neg * on])
+    out: dict[str, Any] = {"caption": caption, "one_colour": one_colour, "perp_neg": perp_neg, "renders": n, "draws": draws,
                            "differing_pixels_per_render": float(differs.float().sum() / n), "by_scale": {}}  # fmt: skip
     with torch.no_grad():
         latents = {"one_colour": prior.encode(img_p), "true": prior.encode(img_t)}
@@ -356,7 +377,8 @@ def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[in
             for cname, cond in conds.items():
                 for name, z in latents.items():
                     gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws everywhere
-                    x0 = mean_x0(prior, z, t, cond, uncond, scale, draws, gen)
+                    neg = (negatives, negative_weights) if cname == "view" else (None, None)
+                    x0 = mean_x0(prior, z, t, cond, uncond, scale, draws, gen, *neg)
                     nearer = (x0 - img_t).norm(dim=1, keepdim=True) < (x0 - img_p).norm(dim=1, keepdim=True)
                     row[f"{cname}_faces_right_from_{name}"] = float((nearer & differs).float().sum() / differs.float().sum().clamp_min(1))
                     by_view = {}
@@ -619,6 +641,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated guidance scales for hole (a torus only; default: skipped), e.g. 1,7.5,50")
     p.add_argument("--janus-scales", default="",
                    help="comma-separated guidance scales: recolouring of a one-colour six-colored cube by x0^ (measure_janus)")
+    p.add_argument("--janus-one-colour", default="magenta", help="with --janus-scales: the colour of the one-colour cube (default: %(default)s)")
+    p.add_argument("--janus-perp-neg", type=float, default=0.0,
+                   help="with --janus-scales: Perp-Neg weight of the other horizontal views' captions (default: 0, off)")
     p.add_argument("--janus-oracle-steps", type=int, default=0,
                    help="colour-only SDS steps on a field fitted to the true six-colored cube, VD on and off (measure_janus_oracle)")
     p.add_argument("--janus-oracle-t-max", type=float, help="with --janus-oracle-steps: sds.t_max instead of the preset's")
@@ -668,7 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              ", ".join(f"{t} {r['hole_open_from_filled']:.2f}/{r['hole_open_from_true']:.2f}" for t, r in rows.items()))  # fmt: skip
         if args.janus_scales:
             scales = [float(v) for v in args.janus_scales.split(",")]
-            result["janus"] = measure_janus(prior, scales, JANUS_TIMESTEPS, args.renders, args.draws, args.seed)
+            result["janus"] = measure_janus(prior, scales, JANUS_TIMESTEPS, args.renders, args.draws, args.seed,
+                                            one_colour=args.janus_one_colour, perp_neg=args.janus_perp_neg)  # fmt: skip
             for scale, rows in result["janus"]["by_scale"].items():
                 log.info("six-colored cube, guidance %s: faces right in x0^ from one colour / from the truth, view captions | bare, by t: %s",
                          scale, ", ".join(f"{t} {r['view_faces_right_from_one_colour']:.2f}/{r['view_faces_right_from_true']:.2f}"
