@@ -114,9 +114,9 @@ def test_the_janus_oracle_fits_the_true_cube_and_reads_six_face_colours():
     from dreamfusion_trt.bench.prior_diagnosis import measure_janus_oracle
     from dreamfusion_trt.prior.scenes import FACES
 
-    out = measure_janus_oracle(2, True, seed=0, fit_steps=40, hold=1)
+    out = measure_janus_oracle(2, True, seed=0, fit_steps=40, hold=1, flags={"sds": {"guidance_scale": 30.0}})
     assert out["iou_before"] > 0.5 and out["iou_after"] > out["iou_before"] - 0.05
-    assert out["hold"] == 1 and out["steps"] == 2
+    assert out["hold"] == 1 and out["steps"] == 2 and out["guidance_scale"] == 30.0  # the run flags reached the trainer's config
     for key in ("colours_before", "colours_after"):
         assert sorted(out[key]["faces"]) == sorted(FACES) and 0 <= out[key]["right"] <= 6
         assert out[key]["right"] == sum(v["nearest"] == v["true"] for v in out[key]["faces"].values())

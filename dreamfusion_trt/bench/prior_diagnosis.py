@@ -418,14 +418,16 @@ def _field_iou(field: Any, obj: Any, threshold: float, bound: float, res: int = 
 
 
 def measure_janus_oracle(steps: int, view_dependent: bool, seed: int, fit_steps: int = 300,
-                         device: torch.device | str = "cpu", t_max: float | None = None, hold: int = 0) -> dict[str, Any]:  # fmt: skip
+                         device: torch.device | str = "cpu", t_max: float | None = None, hold: int = 0,
+                         flags: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """SDS on the colour alone, on the right shape: can the prior colour a six-colored cube's faces?
 
     A fresh field of the prior's preset (its CPU preset on a CPU) is fitted to the true cube's
     density (`fit_steps` Adam steps on log(1 + sigma)); then `steps` SDS steps of the preset train
     it with every step a colour step (``sds.high_noise_t 0 --sds.high_noise_colour_only true``: no
     gradient through the weights, opacity or normals) and the regularisers off, with view-dependent
-    prompts on or off; `t_max` replaces the preset's (annealed) sds.t_max. The colour's gradient
+    prompts on or off; `t_max` replaces the preset's (annealed) sds.t_max, and `flags` (run flags
+    as nested dicts) go on top of all that. The colour's gradient
     still moves the shape through the parameters the albedo shares with the density; `hold`
     fitting steps after every SDS step keep it at the truth. Reports the faces whose mean albedo
     is nearest their own colour, and the shape's IoU, before and after. Many right faces here and
@@ -443,6 +445,7 @@ def measure_janus_oracle(steps: int, view_dependent: bool, seed: int, fit_steps:
                      "train": {"iters": steps, "seed": seed, "device": str(device)},
                      "sds": {"high_noise_t": 0.0, "high_noise_colour_only": True, **({} if t_max is None else {"t_max": t_max})},
                      "reg": {"orientation": 0.0, "entropy": 0.0, "sparsity": 0.0}}, cfg)  # fmt: skip
+    cfg = from_dict(flags or {}, cfg)
     frozen, embeddings = frozen_mod.load_frozen(cfg, device, [cfg.prompt], max_prompts=1)
     trainer = frozen_mod.new_trainer(frozen, cfg, 1, device, step_graph=False)
     trainer.assign(0, cfg, embeddings[0])
@@ -464,6 +467,7 @@ def measure_janus_oracle(steps: int, view_dependent: bool, seed: int, fit_steps:
         fit_step()
     threshold = cfg.output.mesh_threshold
     out: dict[str, Any] = {"steps": steps, "view_dependent": view_dependent, "seed": seed, "fit_steps": fit_steps, "t_max": cfg.sds.t_max, "hold": hold,
+                           "flags": flags or {}, "guidance_scale": cfg.sds.guidance_scale,
                            "t_max_final": cfg.sds.t_max_final if cfg.sds.t_anneal != "none" else None,
                            "iou_before": _field_iou(field, obj, threshold, cfg.field.bound),
                            "colours_before": _face_colours(field, obj)}  # fmt: skip
@@ -652,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="SDS steps of the preset on a field fitted to each true object of --shape-oracle-objects (measure_shape_oracle)")
     p.add_argument("--shape-oracle-objects", default="a red cube", help="comma-separated known captions (default: %(default)s)")
     p.add_argument("--shape-oracle-vd", default="on", help="with --shape-oracle-steps: view-dependent prompts on, off or on,off")
-    p.add_argument("--run-flags", default="", help="with --shape-oracle-steps: run flags on top of the preset, e.g. '--reg.orientation 10'")
+    p.add_argument("--run-flags", default="", help="with --shape-oracle-steps or --janus-oracle-steps: run flags on top of the preset, e.g. '--sds.guidance_scale 30'")
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (globs) to read thresholds and albedo from")
     p.add_argument("--skip-model", action="store_true", help="only the albedo and --runs numbers (no prior loaded)")
     p.add_argument("--device", default="cpu")
@@ -700,18 +704,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                          scale, ", ".join(f"{t} {r['view_faces_right_from_one_colour']:.2f}/{r['view_faces_right_from_true']:.2f}"
                                           f" | {r['plain_faces_right_from_one_colour']:.2f}/{r['plain_faces_right_from_true']:.2f}"
                                           for t, r in rows.items()))  # fmt: skip
+    from .prior import parse_run_flags
+
     if args.janus_oracle_steps > 0:
         result["janus_oracle"] = {}
         for vd in (True, False):
             res = measure_janus_oracle(args.janus_oracle_steps, vd, args.seed, device=args.device, t_max=args.janus_oracle_t_max,
-                                       hold=args.janus_oracle_hold)  # fmt: skip
+                                       hold=args.janus_oracle_hold, flags=parse_run_flags(shlex.split(args.run_flags)))  # fmt: skip
             result["janus_oracle"]["on" if vd else "off"] = res
             log.info("six-colored cube on its true shape, VD %s: faces right %d -> %d of 6, IoU %.3f -> %.3f; after: %s",
                      "on" if vd else "off", res["colours_before"]["right"], res["colours_after"]["right"], res["iou_before"],
                      res["iou_after"], {f: v["nearest"] for f, v in res["colours_after"]["faces"].items()})  # fmt: skip
     if args.shape_oracle_steps > 0:
-        from .prior import parse_run_flags
-
         flags = parse_run_flags(shlex.split(args.run_flags))
         result["shape_oracle"] = []
         for caption in [c.strip() for c in args.shape_oracle_objects.split(",")]:
