@@ -159,3 +159,17 @@ def test_perp_neg_removes_only_the_part_of_a_negative_direction_perpendicular_to
     a = prior.alphas[500]
     want = (1 - a) * 7.5 * (cond - 2.0 * perpendicular).reshape(2, 4, 1, 1)
     assert torch.allclose(got, want)
+
+
+def test_the_random_colour_field_is_seeded_smooth_and_not_one_colour():
+    """`_random_colours` (the Janus oracle's object-blind start): the same seed gives the same
+    field, another seed another; colours stay in (0, 1), differ across the box, and change
+    little between points 0.001 apart."""
+    from dreamfusion_trt.bench.prior_diagnosis import _random_colours
+
+    x = torch.rand(2000, 3, generator=torch.Generator().manual_seed(0)) - 0.5
+    a, b = _random_colours(3.0, 0, torch.device("cpu")), _random_colours(3.0, 1, torch.device("cpu"))
+    assert torch.equal(a(x), _random_colours(3.0, 0, torch.device("cpu"))(x)) and not torch.allclose(a(x), b(x))
+    c = a(x)
+    assert (c > 0).all() and (c < 1).all() and c.std(0).min() > 0.1
+    assert (a(x + 1e-3) - c).abs().max() < 0.05

@@ -417,9 +417,24 @@ def _field_iou(field: Any, obj: Any, threshold: float, bound: float, res: int = 
     return _level_scores(field.density, obj, threshold, bound, res)["iou"]
 
 
+def _random_colours(amplitude: float, seed: int, device: torch.device, waves: int = 8, frequency: float = 4.0) -> Any:
+    """A random smooth colour field over space, x [..., 3] -> RGB [..., 3]: per channel, the
+    sigmoid of `waves` random plane waves (wave numbers ~ N(0, frequency^2), about one change of
+    colour across a face), `amplitude` in logits. Seeded, and blind to the object."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    k = (torch.randn(3, waves, 3, generator=gen) * frequency).to(device)
+    phase = (torch.rand(3, waves, generator=gen) * 2 * math.pi).to(device)
+
+    def colours(x: torch.Tensor) -> torch.Tensor:
+        logits = torch.sin(torch.einsum("...d,cwd->...cw", x, k) + phase).sum(-1) * (amplitude / math.sqrt(waves))
+        return torch.sigmoid(logits)
+
+    return colours
+
+
 def measure_janus_oracle(steps: int, view_dependent: bool, seed: int, fit_steps: int = 300,
                          device: torch.device | str = "cpu", t_max: float | None = None, hold: int = 0,
-                         flags: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                         flags: dict[str, Any] | None = None, albedo_noise: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """SDS on the colour alone, on the right shape: can the prior colour a six-colored cube's faces?
 
     A fresh field of the prior's preset (its CPU preset on a CPU) is fitted to the true cube's
@@ -427,7 +442,9 @@ def measure_janus_oracle(steps: int, view_dependent: bool, seed: int, fit_steps:
     it with every step a colour step (``sds.high_noise_t 0 --sds.high_noise_colour_only true``: no
     gradient through the weights, opacity or normals) and the regularisers off, with view-dependent
     prompts on or off; `t_max` replaces the preset's (annealed) sds.t_max, and `flags` (run flags
-    as nested dicts) go on top of all that. The colour's gradient
+    as nested dicts) go on top of all that. `albedo_noise` A > 0 first fits the albedo to a random
+    smooth colour field that knows nothing of the object (`_random_colours`, amplitude A in logits),
+    so the faces start apart. The colour's gradient
     still moves the shape through the parameters the albedo shares with the density; `hold`
     fitting steps after every SDS step keep it at the truth. Reports the faces whose mean albedo
     is nearest their own colour, and the shape's IoU, before and after. Many right faces here and
@@ -465,8 +482,18 @@ def measure_janus_oracle(steps: int, view_dependent: bool, seed: int, fit_steps:
 
     for _ in range(fit_steps):
         fit_step()
+    if albedo_noise > 0:
+        colours = _random_colours(albedo_noise, seed, device)
+        for _ in range(fit_steps):
+            x = ((torch.rand(1, 8192, 3, generator=gen) * 2 - 1) * cfg.field.bound).to(device)
+            loss = (field(x)[1] - colours(x)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            fit_step()
     threshold = cfg.output.mesh_threshold
     out: dict[str, Any] = {"steps": steps, "view_dependent": view_dependent, "seed": seed, "fit_steps": fit_steps, "t_max": cfg.sds.t_max, "hold": hold,
+                           "albedo_noise": albedo_noise,
                            "flags": flags or {}, "guidance_scale": cfg.sds.guidance_scale,
                            "t_max_final": cfg.sds.t_max_final if cfg.sds.t_anneal != "none" else None,
                            "iou_before": _field_iou(field, obj, threshold, cfg.field.bound),
@@ -652,6 +679,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="colour-only SDS steps on a field fitted to the true six-colored cube, VD on and off (measure_janus_oracle)")
     p.add_argument("--janus-oracle-t-max", type=float, help="with --janus-oracle-steps: sds.t_max instead of the preset's")
     p.add_argument("--janus-oracle-hold", type=int, default=0, help="with --janus-oracle-steps: density-fitting steps after each SDS step")
+    p.add_argument("--janus-oracle-albedo-noise", type=float, default=0.0,
+                   help="with --janus-oracle-steps: start the albedo from a random smooth colour field of this amplitude (logits)")
     p.add_argument("--shape-oracle-steps", type=int, default=0,
                    help="SDS steps of the preset on a field fitted to each true object of --shape-oracle-objects (measure_shape_oracle)")
     p.add_argument("--shape-oracle-objects", default="a red cube", help="comma-separated known captions (default: %(default)s)")
@@ -663,6 +692,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="prior_diagnosis.json")
     args = p.parse_args(argv)
+    from .prior import parse_run_flags
+
+    try:  # a bad flag: one error line before any work
+        run_flags = parse_run_flags(shlex.split(args.run_flags))
+    except ValueError as exc:
+        p.error(f"--run-flags: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(args.seed)
     captions = [f"a {c} {args.shape}" for c in args.colors.split(",")]
@@ -704,25 +739,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                          scale, ", ".join(f"{t} {r['view_faces_right_from_one_colour']:.2f}/{r['view_faces_right_from_true']:.2f}"
                                           f" | {r['plain_faces_right_from_one_colour']:.2f}/{r['plain_faces_right_from_true']:.2f}"
                                           for t, r in rows.items()))  # fmt: skip
-    from .prior import parse_run_flags
-
     if args.janus_oracle_steps > 0:
         result["janus_oracle"] = {}
         for vd in (True, False):
             res = measure_janus_oracle(args.janus_oracle_steps, vd, args.seed, device=args.device, t_max=args.janus_oracle_t_max,
-                                       hold=args.janus_oracle_hold, flags=parse_run_flags(shlex.split(args.run_flags)))  # fmt: skip
+                                       hold=args.janus_oracle_hold, flags=run_flags,
+                                       albedo_noise=args.janus_oracle_albedo_noise)  # fmt: skip
             result["janus_oracle"]["on" if vd else "off"] = res
             log.info("six-colored cube on its true shape, VD %s: faces right %d -> %d of 6, IoU %.3f -> %.3f; after: %s",
                      "on" if vd else "off", res["colours_before"]["right"], res["colours_after"]["right"], res["iou_before"],
                      res["iou_after"], {f: v["nearest"] for f, v in res["colours_after"]["faces"].items()})  # fmt: skip
     if args.shape_oracle_steps > 0:
-        flags = parse_run_flags(shlex.split(args.run_flags))
         result["shape_oracle"] = []
         for caption in [c.strip() for c in args.shape_oracle_objects.split(",")]:
             for vd in args.shape_oracle_vd.split(","):
                 if vd not in ("on", "off"):
                     raise ValueError(f"--shape-oracle-vd takes on, off or on,off; got {vd!r}")
-                res = measure_shape_oracle(caption, args.shape_oracle_steps, vd == "on", args.seed, device=args.device, flags=flags)
+                res = measure_shape_oracle(caption, args.shape_oracle_steps, vd == "on", args.seed, device=args.device, flags=run_flags)
                 result["shape_oracle"].append(res)
                 log.info("%s from its true shape, VD %s (truth at the mesh level: IoU %.3f, volume %.2f): %s", caption, vd,
                          res["truth_at_mesh_threshold"]["iou"], res["truth_at_mesh_threshold"]["volume_ratio"],

@@ -25,6 +25,7 @@ three are differentiable w.r.t. the parameters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, get_args, get_type_hints
 
@@ -38,6 +39,7 @@ from .mlp import StackedMLP
 
 NORMALS_MODES: tuple[str, ...] = get_args(NormalsMode)
 FIELD_BACKENDS: tuple[str, ...] = get_args(get_type_hints(FieldConfig)["backend"])
+ALBEDO_NOISE_WAVES = 8  # plane waves per colour channel of field.albedo_noise
 SOFTPLUS_THRESHOLD = 20.0  # F.softplus returns its input above this (and its derivative is 1 there)
 EXP_CLAMP = 15.0  # exp(15) ~ 3.3e6: far above any useful density, far below the fp16 limit
 
@@ -160,6 +162,16 @@ class NeRFField(nn.Module):
             # Per prompt, how much of the blob is left (field.blob_fade). Part of the scene's state,
             # so a checkpoint, a resumed run and the outputs see the blob where training left it.
             self.register_buffer("blob_scale", torch.ones(num_prompts))
+        if cfg.albedo_noise < 0 or cfg.albedo_noise_frequency <= 0:
+            raise ValueError(f"field.albedo_noise must be >= 0 and field.albedo_noise_frequency > 0, got "
+                             f"{cfg.albedo_noise!r} and {cfg.albedo_noise_frequency!r}")  # fmt: skip
+        if cfg.albedo_noise > 0:
+            # Per prompt, the plane waves of a fixed random colour field added to the albedo logits,
+            # drawn (after the parameters) from the RNG that draws the prompt's parameters. Part of
+            # the scene, so a checkpoint carries the field its albedo was trained against.
+            w = ALBEDO_NOISE_WAVES
+            self.register_buffer("albedo_waves", torch.randn(num_prompts, 3, w, 3) * cfg.albedo_noise_frequency)
+            self.register_buffer("albedo_phase", torch.rand(num_prompts, 3, w) * (2.0 * math.pi))
 
     def set_level_weights(self, weights: Sequence[Sequence[float] | None]) -> None:
         """Per prompt, the weight of each hash-grid level in [0, 1] (None: all ones), e.g. from
@@ -204,6 +216,14 @@ class NeRFField(nn.Module):
         w = w[:, None, None, :] if feats.dim() == 4 else w[:, None, :]
         return feats * w.to(feats.dtype)
 
+    def _albedo_offset(self, x: torch.Tensor, prompts: slice | None) -> torch.Tensor:
+        """field.albedo_noise's logits at ``x [K', N, 3]`` -> ``[K', N, 3]``: per channel, the sum
+        of its prompt's plane waves sin(k . x + phase), scaled so its spread is about the amplitude."""
+        waves = self.albedo_waves if prompts is None else self.albedo_waves[prompts]  # [K', 3, W, 3]
+        phase = self.albedo_phase if prompts is None else self.albedo_phase[prompts]  # [K', 3, W]
+        arg = torch.einsum("knd,kcwd->kncw", x, waves.to(x.dtype)) + phase[:, None].to(x.dtype)
+        return torch.sin(arg).sum(dim=-1) * (self.cfg.albedo_noise * math.sqrt(2.0 / ALBEDO_NOISE_WAVES))
+
     # -- raw network ------------------------------------------------------------------------------
 
     def _evaluate(
@@ -235,13 +255,14 @@ class NeRFField(nn.Module):
             )
         inside = (x.abs() <= self.bound).all(dim=-1)
         sigma_out = torch.where(inside, sigma, torch.zeros_like(sigma))
+        logits = h[..., 1:] if self.cfg.albedo_noise <= 0 else h[..., 1:] + self._albedo_offset(xf, prompts)
         if not with_gradient:
-            return sigma_out, h[..., 1:], None
+            return sigma_out, logits, None
         draw_dx = (jac * dh_dfeats[:, :, None, :].to(jac.dtype)).sum(dim=-1) / (2.0 * self.bound)  # [K', N, 3]
         blob_dx = density_blob_gradient(xf, self.cfg.blob_density, self.cfg.blob_radius)
         draw_dx = draw_dx + (blob_share[..., None] * blob_dx if isinstance(blob_share, torch.Tensor) else blob_dx)
         grad = torch.where(inside[..., None], dsigma_draw[..., None] * draw_dx, torch.zeros_like(draw_dx))
-        return sigma_out, h[..., 1:], grad
+        return sigma_out, logits, grad
 
     # -- public API -------------------------------------------------------------------------------
 
