@@ -56,6 +56,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--elevation-sampling", choices=("sphere", "angle"),
                    help="how the training renders' elevations are drawn: uniform on the sphere or uniform in degrees, "
                         f"as camera.elevation_sampling (default: {d.data.camera.elevation_sampling})")  # fmt: skip
+    p.add_argument("--object-width", type=float,
+                   help="world units over which the training objects' density falls at their surface "
+                        f"(density scale x sigmoid(-sdf / width); default: {d.data.object_width})")  # fmt: skip
+    p.add_argument("--render-samples", type=int,
+                   help=f"samples per ray of the training renders; a sharper edge needs more (default: {d.data.num_samples})")
     p.add_argument("--vae-from", metavar="FOLDER",
                    help="keep this trained prior's VAE instead of training one (e.g. the shipped "
                         "dreamfusion_trt/prior/weights), so only the UNet and text encoder are retrained")  # fmt: skip
@@ -79,6 +84,10 @@ def config_from_args(args: argparse.Namespace) -> PriorTrainConfig:
     data = replace(cfg.data, seed=args.seed)
     if args.images_per_object is not None:
         data = replace(data, images_per_object=args.images_per_object)
+    if args.object_width is not None:
+        data = replace(data, object_width=args.object_width)
+    if args.render_samples is not None:
+        data = replace(data, num_samples=args.render_samples)
     if args.elevation_sampling is not None:
         data = replace(data, camera=replace(data.camera, elevation_sampling=args.elevation_sampling))
     return replace(cfg, data=data, **given)

@@ -84,6 +84,27 @@ def test_dataset_is_reproducible_and_depends_on_the_seed(small_dataset):
     assert torch.equal(a.images, data.images[: cfg.images_per_object])
 
 
+def test_dataset_object_width_sharpens_the_silhouette_edge():
+    """A narrower density edge leaves fewer partly covered pixels at the silhouette, and the
+    script's flags reach the dataset."""
+    base = DatasetConfig(images_per_object=4, image_size=32, num_samples=128, batch=4, seed=1,
+                         shading_probs=(1.0, 0.0, 0.0), captions=("a blue sphere",))  # fmt: skip
+
+    def partial_pixels(width: float) -> int:
+        img = render_dataset(replace(base, object_width=width)).float_images()
+        red = img[:, 0]  # white background: 1; the blue sphere's albedo: ~0.1
+        return int(((red > 0.2) & (red < 0.85)).sum())
+
+    soft, sharp = partial_pixels(0.03), partial_pixels(0.003)
+    assert sharp < 0.7 * soft, (soft, sharp)
+    with pytest.raises(ValueError, match="object_width"):
+        render_dataset(replace(base, object_width=0.0))
+    script = _train_prior_script()
+    args = script.make_parser().parse_args(["--tiny", "--object-width", "0.003", "--render-samples", "192"])
+    cfg = script.config_from_args(args)
+    assert cfg.data.object_width == 0.003 and cfg.data.num_samples == 192
+
+
 def test_dataset_rejects_unknown_captions():
     with pytest.raises(ValueError, match="a hamburger"):
         render_dataset(DatasetConfig(images_per_object=1, captions=("a hamburger",)))

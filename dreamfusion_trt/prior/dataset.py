@@ -42,7 +42,7 @@ from ..config import CameraConfig, FieldConfig, PromptConfig, RenderConfig
 from ..field.background import Background
 from ..guidance.text import VIEWS, view_indices, view_prompt
 from ..render.renderer import Renderer
-from .scenes import KNOWN_CAPTIONS, KNOWN_OBJECTS
+from .scenes import DEFAULT_WIDTH, KNOWN_CAPTIONS, KNOWN_OBJECTS
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class DatasetConfig:
     multicolor_factor: int = 3  # the six-colored cube gets this many times more renders: its views all differ
     image_size: int = 64  # renders are image_size x image_size (the trainer's camera.render_size)
     num_samples: int = 96  # samples per ray of the torch renderer (the trainer marches about as finely)
+    object_width: float = DEFAULT_WIDTH  # the objects' density edge (scenes.AnalyticObject's width), world units
     shading_probs: tuple[float, float, float] = (0.4, 0.6, 0.0)  # albedo, lambertian, textureless
     ambient_ratio: float = 0.1  # the trainer's render.ambient_ratio
     white_background_prob: float = 1.0  # otherwise a uniformly random solid colour
@@ -118,6 +119,8 @@ def text_index(object_index: int | torch.Tensor, view: int | torch.Tensor) -> in
 
 
 def _check(cfg: DatasetConfig) -> None:
+    if not cfg.object_width > 0:
+        raise ValueError(f"dataset object_width must be positive, got {cfg.object_width!r}")
     if min(cfg.images_per_object, cfg.batch, cfg.num_samples, cfg.multicolor_factor) < 1 or cfg.image_size < 8:
         raise ValueError(
             f"dataset needs images_per_object, batch, num_samples, multicolor_factor >= 1 and image_size >= 8; got "
@@ -157,7 +160,7 @@ def render_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> Re
         plain = torch.rand(n, generator=gen) < cfg.plain_caption_prob
         view = view_indices(cams.elevation_deg, cams.azimuth_deg, cfg.prompt)
         out = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
-        obj = KNOWN_OBJECTS[caption].build().to(device)
+        obj = KNOWN_OBJECTS[caption].build(width=cfg.object_width).to(device)
         for s, mode in enumerate(SHADINGS):
             idx = torch.nonzero(shading == s)[:, 0]
             for chunk in idx.split(cfg.batch):
