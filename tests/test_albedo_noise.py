@@ -1,7 +1,10 @@
 """The object-blind colour start (field.albedo_noise): off, the field and its state are exactly
 as before; on, the albedo logits carry a fixed random smooth field of plane waves per prompt
 (its twin: the same sum written out here), drawn from the prompt's seed after its parameters,
-the same in every normal mode, and part of the scene's state (checkpoints and slots carry it)."""
+the same in every normal mode, and part of the scene's state (checkpoints and slots carry it).
+With field.albedo_noise_fade the offset at share s is s times the unfaded one (its twin: the
+same seed without the fade), per prompt; the share is scene state and the trainer fades each
+slot by its own progress, replayed steps as the eager ones."""
 
 from __future__ import annotations
 
@@ -12,9 +15,12 @@ import pytest
 import torch
 from tiny_sd import tiny_sd_paths  # noqa: F401  (session fixture)
 
+from dreamfusion_trt.checkpoint import load_checkpoint
 from dreamfusion_trt.config import FieldConfig, RunConfig
 from dreamfusion_trt.field.nerf import ALBEDO_NOISE_WAVES, NeRFField
+from dreamfusion_trt.guidance.text import PromptEmbeddings
 from dreamfusion_trt.train.slots import extract_slot, fresh_slot_state, insert_slot
+from dreamfusion_trt.train.step_graph import BufferReplay, StepGraphs
 from test_coarse_to_fine import two_prompt_trainer
 
 CFG = FieldConfig(num_levels=4, log2_hashmap_size=10, base_resolution=4, max_resolution=32, hidden_dim=16,
@@ -88,3 +94,112 @@ def test_each_slot_trains_against_its_own_seed_s_waves_and_they_stay_fixed(tmp_p
     trainer.train_step()
     assert torch.equal(field.albedo_waves, before)  # a buffer, not a parameter: training leaves it
     assert all(r.finite for r in trainer.poll())
+
+
+# -- field.albedo_noise_fade: the offset at share s is s times the unfaded one ------------------
+
+FADE = dataclasses.replace(CFG, albedo_noise_fade=0.5)
+
+
+def _fading_pair(scales: list[float]) -> tuple[NeRFField, NeRFField, NeRFField]:
+    """(no noise, unfaded noise, fading noise at `scales`), each drawn from seed 0."""
+    fields = []
+    for cfg in (dataclasses.replace(CFG, albedo_noise=0.0), CFG, FADE):
+        torch.manual_seed(0)
+        fields.append(NeRFField(cfg, len(scales)))
+    fields[2].set_albedo_noise_scales(scales)
+    return fields[0], fields[1], fields[2]
+
+
+def _logits(albedo: torch.Tensor) -> torch.Tensor:
+    return torch.logit(albedo.double().clamp(1e-12, 1 - 1e-12))
+
+
+@pytest.mark.parametrize("normals", ["analytic", "autograd", "finite_difference"])
+def test_a_faded_offset_is_the_unfaded_one_times_its_share_per_prompt(normals):
+    scales = [1.0, 0.25, 0.0]
+    off, on, fading = _fading_pair(scales)
+    s_on, s_fading = on.state_dict(), fading.state_dict()
+    assert set(s_fading) - set(s_on) == {"albedo_noise_scale"}  # the buffer draws nothing: same params, same waves
+    assert all(torch.equal(s_on[k], s_fading[k]) for k in s_on)
+    for f in (off, on, fading):
+        f.cfg = dataclasses.replace(f.cfg, normals=normals)
+    x = torch.rand(3, 300, 3, generator=torch.Generator().manual_seed(1)) * 1.2 - 0.6
+    plain, full = (_logits(f.query(x, with_normals=True).albedo) for f in (off, on))
+    out = fading.query(x, with_normals=True)
+    share = torch.tensor(scales, dtype=torch.float64)[:, None, None]
+    assert torch.allclose(_logits(out.albedo), plain + share * (full - plain), atol=1e-4)
+    assert torch.allclose(out.sigma, off.query(x, with_normals=True).sigma)  # the shape is untouched
+    assert torch.allclose(out.normal, off.query(x, with_normals=True).normal)
+    # a slice of the prompts takes its own prompts' shares
+    _, albedo = fading(x[1:], prompts=slice(1, 3))
+    assert torch.allclose(albedo, out.albedo[1:], atol=1e-6)
+
+
+def test_the_share_left_is_scene_state_only_when_the_fade_is_on():
+    _, on, fading = _fading_pair([0.3, 0.7])
+    assert "albedo_noise_scale" not in on.state_dict()  # no fade: no new state
+    assert "albedo_noise_scale" not in NeRFField(dataclasses.replace(FADE, albedo_noise=0.0)).state_dict()  # no noise to fade
+    state = extract_slot(fading.state_dict(), 1, 2)
+    assert float(state["albedo_noise_scale"]) == pytest.approx(0.7)
+    fresh = NeRFField(FADE, num_prompts=2)
+    insert_slot(fresh.state_dict(), 0, state)
+    assert fresh.albedo_noise_scale.tolist() == pytest.approx([0.7, 1.0])
+    fresh.set_albedo_noise_scales([-1.0, 2.0])  # clamped to [0, 1]
+    assert fresh.albedo_noise_scale.tolist() == [0.0, 1.0]
+
+
+def test_bad_fade_settings_are_refused():
+    with pytest.raises(ValueError, match=r"field.albedo_noise_fade must be a share of the iterations in \[0, 1\], got 1.5"):
+        NeRFField(dataclasses.replace(FADE, albedo_noise_fade=1.5))
+    with pytest.raises(ValueError, match="albedo_noise_fade"):
+        NeRFField(dataclasses.replace(FADE, albedo_noise_fade=-0.1))
+    with pytest.raises(ValueError, match="2 prompts, got 1"):
+        NeRFField(FADE, num_prompts=2).set_albedo_noise_scales([1.0])
+    with pytest.raises(ValueError, match="albedo_noise_fade > 0"):
+        NeRFField(CFG).set_albedo_noise_scales([1.0])
+    with pytest.raises(ValueError, match="albedo_noise > 0"):
+        NeRFField(dataclasses.replace(FADE, albedo_noise=0.0)).set_albedo_noise_scales([1.0])
+
+
+def test_the_trainer_fades_each_slot_s_offset_by_its_own_progress_and_checkpoints_carry_it(tmp_path, tiny_sd_paths):  # noqa: F811
+    trainer = two_prompt_trainer(tmp_path, tiny_sd_paths.folder, albedo_noise=2.0, albedo_noise_fade=0.5)
+    field = trainer.renderer.field
+    assert not hasattr(field, "blob_scale")  # the blob's fade stays off
+    trainer.train_step()  # step 0: 1 - 1 / (0.5 * 4) and 1 - 1 / (0.5 * 8)
+    torch.testing.assert_close(field.albedo_noise_scale, torch.tensor([0.5, 0.75]))
+    trainer.train_step()  # step 1: slot 0's offset is gone (2 / 2), slot 1 at 2 / 4
+    torch.testing.assert_close(field.albedo_noise_scale, torch.tensor([0.0, 0.5]))
+    trainer.train_step()  # step 2: slot 0 stays at nothing, slot 1 at 3 / 4
+    torch.testing.assert_close(field.albedo_noise_scale, torch.tensor([0.0, 0.25]))
+    assert all(r.finite for r in trainer.poll())
+    # Saved and loaded back through the real code: the slot resumes where its fade was.
+    cfg = trainer.slots[0].cfg
+    back = load_checkpoint(trainer.save_slot(0, tmp_path / "ckpt"))
+    assert float(back.model["field.albedo_noise_scale"]) == 0.0
+    field.set_albedo_noise_scales([1.0, 1.0])
+    trainer.release(0)
+    v = len(trainer.views)
+    emb = PromptEmbeddings(cond=trainer.cond_table[:v].cpu(), uncond=trainer.uncond[0].cpu(), views=trainer.views,
+                           prompt=cfg.prompt.text, truncated=False)  # fmt: skip
+    trainer.assign(0, cfg, emb, checkpoint=back)
+    assert field.albedo_noise_scale.tolist() == [0.0, 1.0]
+
+
+def test_replayed_steps_fade_the_offset_as_the_eager_steps_do(tmp_path, tiny_sd_paths):  # noqa: F811
+    """The share is a buffer written outside the step (as blob_scale): a replayed step reads
+    this step's share, so the replayed trainer matches its eager twin exactly."""
+    fade = {"albedo_noise": 2.0, "albedo_noise_fade": 0.5}
+    eager = two_prompt_trainer(tmp_path / "eager", tiny_sd_paths.folder, step_graph=True, **fade)
+    eager.step_graphs = None
+    graphed = two_prompt_trainer(tmp_path / "graphed", tiny_sd_paths.folder, step_graph=True, **fade)
+    graphed.step_graphs = StepGraphs(BufferReplay(), warmup=1)
+    eager.phase_override = graphed.phase_override = "latent"  # one key: replays from the second step on
+    for _ in range(3):
+        eager.train_step()
+        graphed.train_step()
+        torch.testing.assert_close(graphed.metrics, eager.metrics, rtol=0, atol=0)
+    assert graphed.step_graphs.replays >= 1
+    torch.testing.assert_close(graphed.renderer.field.albedo_noise_scale, eager.renderer.field.albedo_noise_scale)
+    for (name, p), q in zip(eager.renderer.named_parameters(), graphed.renderer.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)

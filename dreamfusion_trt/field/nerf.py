@@ -172,6 +172,12 @@ class NeRFField(nn.Module):
             w = ALBEDO_NOISE_WAVES
             self.register_buffer("albedo_waves", torch.randn(num_prompts, 3, w, 3) * cfg.albedo_noise_frequency)
             self.register_buffer("albedo_phase", torch.rand(num_prompts, 3, w) * (2.0 * math.pi))
+        if not 0.0 <= cfg.albedo_noise_fade <= 1.0:
+            raise ValueError(f"field.albedo_noise_fade must be a share of the iterations in [0, 1], got {cfg.albedo_noise_fade!r}")
+        if cfg.albedo_noise > 0 and cfg.albedo_noise_fade > 0:
+            # Per prompt, how much of the colour field is left (field.albedo_noise_fade). Scene
+            # state like blob_scale; ones, so it draws nothing and the waves above stay the same.
+            self.register_buffer("albedo_noise_scale", torch.ones(num_prompts))
 
     def set_level_weights(self, weights: Sequence[Sequence[float] | None]) -> None:
         """Per prompt, the weight of each hash-grid level in [0, 1] (None: all ones), e.g. from
@@ -201,6 +207,16 @@ class NeRFField(nn.Module):
         host, dev = torch.tensor([min(max(float(v), 0.0), 1.0) for v in scales]), self.blob_scale.device
         self.blob_scale.copy_(host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host)
 
+    def set_albedo_noise_scales(self, scales: Sequence[float]) -> None:
+        """Per prompt, the share of field.albedo_noise's offset left, in [0, 1]
+        (field.albedo_noise_fade), uploaded as `set_blob_scales` uploads: every call, no sync."""
+        if self.cfg.albedo_noise <= 0 or self.cfg.albedo_noise_fade <= 0:
+            raise ValueError("set_albedo_noise_scales needs field.albedo_noise > 0 and field.albedo_noise_fade > 0")
+        if len(scales) != self.num_prompts:
+            raise ValueError(f"expected albedo noise scales for {self.num_prompts} prompts, got {len(scales)}")
+        host, dev = torch.tensor([min(max(float(v), 0.0), 1.0) for v in scales]), self.albedo_noise_scale.device
+        self.albedo_noise_scale.copy_(host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host)
+
     def _blob_share(self, prompts: slice | None) -> torch.Tensor | float:
         """[K', 1] share of the blob left per prompt, or 1.0 when it never fades."""
         if self.cfg.blob_fade <= 0:
@@ -218,11 +234,16 @@ class NeRFField(nn.Module):
 
     def _albedo_offset(self, x: torch.Tensor, prompts: slice | None) -> torch.Tensor:
         """field.albedo_noise's logits at ``x [K', N, 3]`` -> ``[K', N, 3]``: per channel, the sum
-        of its prompt's plane waves sin(k . x + phase), scaled so its spread is about the amplitude."""
+        of its prompt's plane waves sin(k . x + phase), scaled so its spread is about the amplitude
+        (and, with field.albedo_noise_fade, by the share of it left)."""
         waves = self.albedo_waves if prompts is None else self.albedo_waves[prompts]  # [K', 3, W, 3]
         phase = self.albedo_phase if prompts is None else self.albedo_phase[prompts]  # [K', 3, W]
         arg = torch.einsum("knd,kcwd->kncw", x, waves.to(x.dtype)) + phase[:, None].to(x.dtype)
-        return torch.sin(arg).sum(dim=-1) * (self.cfg.albedo_noise * math.sqrt(2.0 / ALBEDO_NOISE_WAVES))
+        offset = torch.sin(arg).sum(dim=-1) * (self.cfg.albedo_noise * math.sqrt(2.0 / ALBEDO_NOISE_WAVES))
+        if self.cfg.albedo_noise_fade <= 0:
+            return offset
+        scale = self.albedo_noise_scale if prompts is None else self.albedo_noise_scale[prompts]  # [K']
+        return offset * scale[:, None, None].to(offset.dtype)
 
     # -- raw network ------------------------------------------------------------------------------
 

@@ -190,6 +190,8 @@ class Trainer(SlotTable):
             self.renderer.field.set_level_weights(self._level_weights())
         if cfg.field.blob_fade > 0:
             self.renderer.field.set_blob_scales(self._blob_scales())
+        if cfg.field.albedo_noise > 0 and cfg.field.albedo_noise_fade > 0:
+            self.renderer.field.set_albedo_noise_scales(self._fade_scales(cfg.field.albedo_noise_fade))
         timer.mark("plan")
         if self.step_graphs is not None and self.step_sync is None:
             tensors = step_plan.plan_tensors(plan)
@@ -264,13 +266,16 @@ class Trainer(SlotTable):
         shapes = tuple((tuple(x.shape), x.dtype) for x in tensors)
         return (tuple(plan.phases), groups, plan.rays, self._need_normals(plan), shading, shapes)
 
+    def _fade_scales(self, share: float) -> list[float]:
+        """Per slot, what is left this step of something that fades over `share` (> 0) of its
+        iterations: falling linearly to nothing at the step after that share (so with a share
+        of 1 its last step, and its outputs, see none). Empty slots: all of it, what a fresh
+        prompt starts from."""
+        return [1.0 if slot is None else max(0.0, 1.0 - (slot.step + 1) / (share * slot.iters)) for slot in self.slots]
+
     def _blob_scales(self) -> list[float]:
-        """Per slot, the share of the density blob left this step (field.blob_fade), falling
-        linearly to nothing at the step after the configured share of its iterations (so with
-        a share of 1 its last step, and its outputs, see none). Empty slots: the whole blob,
-        what a fresh prompt starts from."""
-        fade = self.cfg.field.blob_fade
-        return [1.0 if slot is None else max(0.0, 1.0 - (slot.step + 1) / (fade * slot.iters)) for slot in self.slots]
+        """Per slot, the share of the density blob left this step (field.blob_fade)."""
+        return self._fade_scales(self.cfg.field.blob_fade)
 
     def _level_weights(self) -> list[tuple[float, ...] | None]:
         """Per slot, its hash-grid levels' weights this step (field.coarse_to_fine): the ramp
