@@ -256,6 +256,7 @@ def cmd_export_mesh(args: argparse.Namespace) -> int:
             "mesh_formats": list(formats),
             "mesh_resolution": args.resolution or cfg.output.mesh_resolution,
             "mesh_threshold": args.threshold if args.threshold is not None else cfg.output.mesh_threshold,
+            "mesh_level": args.level or ("fixed" if args.threshold is not None else cfg.output.mesh_level),
         }},
         cfg,
     )  # fmt: skip
@@ -459,7 +460,10 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", help="output folder (default: beside the checkpoint)")
     m.add_argument("--formats", help="comma-separated: glb,obj,ply (default: the run's output.mesh_formats)")
     m.add_argument("--resolution", type=int, help="grid cells per axis")
-    m.add_argument("--threshold", type=float, help="density iso-level")
+    m.add_argument("--threshold", type=float, help="density iso-level (with --level opacity: the centre of the levels searched)")
+    m.add_argument("--level", choices=("fixed", "opacity"),
+                   help="fixed: cut at the threshold; opacity: at the level whose silhouettes agree best with the renders "
+                        "(default: fixed when --threshold is given, else the run's output.mesh_level)")  # fmt: skip
     m.add_argument("--device", default="auto")
     m.set_defaults(func=cmd_export_mesh)
 

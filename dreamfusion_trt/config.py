@@ -23,6 +23,7 @@ DEFAULT_MODEL = "builtin"  # the package's own known-answer prior (dreamfusion_t
 # Choices spelled once: code that lists them derives the tuple with `typing.get_args`.
 BackendName = Literal["auto", "eager", "inductor", "aotinductor", "tensorrt"]  # frozen-network backends
 NormalsMode = Literal["analytic", "finite_difference", "autograd"]
+MeshLevelMode = Literal["fixed", "opacity"]  # how output.mesh_level picks the level a mesh is cut at
 
 
 @dataclass
@@ -176,7 +177,8 @@ class OutputConfig:
     out: str = "runs/default"
     mesh_formats: tuple[str, ...] = ("glb",)  # any of glb, obj, ply
     mesh_resolution: int = 128  # marching-cubes grid per axis
-    mesh_threshold: float = 10.0  # density iso-level
+    mesh_threshold: float = 10.0  # density iso-level (with mesh_level: opacity, the centre of the levels searched)
+    mesh_level: MeshLevelMode = "fixed"  # fixed: cut at mesh_threshold; opacity: per prompt, the level whose silhouettes agree best with the scene's renders (export/mesh_level.py)
     mesh_fill_cavities: bool = True  # fill empty pockets enclosed by the surface: a solid, not a shell
     video_frames: int = 120
     video_fps: int = 30

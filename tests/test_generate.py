@@ -58,6 +58,10 @@ def test_generate_writes_every_output(tmp_path, tiny_sd_paths, capsys):
     other = tmp_path / "mesh_only"
     assert cli.main(["export-mesh", str(out / "checkpoint.safetensors"), "--out", str(other), "--formats", "obj", "--device", "cpu"]) == 0
     assert (other / "mesh.obj").is_file()
+    assert json.loads((other / "mesh_level.json").read_text())["mode"] == "fixed"
+    # ... and one cut at the level its renders show (the level file says which)
+    assert cli.main(["export-mesh", str(out), "--out", str(other), "--formats", "obj", "--level", "opacity", "--device", "cpu"]) == 0
+    assert json.loads((other / "mesh_level.json").read_text())["mode"] in ("opacity", "fixed")  # fixed: nothing opaque
 
 
 @pytest.mark.slow

@@ -4,8 +4,9 @@ set of files per prompt of a K-prompt scene."""
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,16 +14,19 @@ from typing import Callable, Sequence
 import torch
 
 from ..cameras import orbit_cameras
+from ..atomic import atomic_write_text
 from ..config import RunConfig
 from ..render.renderer import Renderer
 from .media import image_grid, to_uint8, write_png, write_video
-from .mesh import extract_mesh, save_meshes
+from .mesh import extract_mesh, sample_density_grid, save_meshes
+from .mesh_level import LEVEL_GRID, MESH_LEVEL_MODES, MeshLevel, opacity_levels
 
 log = logging.getLogger(__name__)
 
 TURNTABLE_PANELS = ("lambertian", "normal", "textureless")
 GRID_ROWS = ("albedo", "lambertian", "normal")  # only "lambertian" depends on the light
 CHECKPOINT_FILE = "checkpoint.safetensors"  # written by the trainer, listed here with the rest
+LEVEL_SUFFIX = "_level.json"  # beside each mesh: the density level it was cut at (`mesh_level.MeshLevel`)
 
 # Scores a finished run folder (its mesh against a known answer) and returns the file it wrote,
 # or None when the run has no known answer. The built-in prior provides one.
@@ -163,25 +167,59 @@ def write_meshes(
     renderer: Renderer, cfg: RunConfig, out_dirs: list[Path], stem: str = "mesh", coarse_stride: int = 1
 ) -> list[list[Path]]:
     """Marching cubes on each prompt's density, vertex colours from its albedo, world units
-    (files in glTF's frame, see `mesh.save_mesh`). `coarse_stride` > 1 queries the density
-    exactly only near the surface (`mesh.sample_density_near_surface`)."""
+    (files in glTF's frame, see `mesh.save_mesh`), cut at the level ``output.mesh_level`` picks
+    (`mesh_level`), which is written beside the mesh as ``<stem>_level.json``. `coarse_stride`
+    > 1 queries the density exactly only near the surface (`mesh.sample_density_near_surface`)."""
     field = renderer.field
-    written = []
-    for i, out_dir in enumerate(out_dirs):
+    mode = cfg.output.mesh_level
+    if mode not in MESH_LEVEL_MODES:
+        raise ValueError(f"output.mesh_level must be one of {', '.join(MESH_LEVEL_MODES)}, got {mode!r}")
+    device = next(renderer.parameters()).device
+
+    def density_of(i: int):
         one = slice(i, i + 1)  # evaluate prompt i alone, without copying the stacked tables
 
-        def density_fn(x: torch.Tensor, one=one) -> torch.Tensor:  # [N, 3] -> [N]
+        def density_fn(x: torch.Tensor) -> torch.Tensor:  # [N, 3] -> [N]
             return field.density(x[None], prompts=one)[0].float()
+
+        return density_fn
+
+    fixed = cfg.output.mesh_threshold
+    if mode == "opacity":
+        grids = [torch.from_numpy(sample_density_grid(density_of(i), cfg.field.bound, LEVEL_GRID, device=device))
+                 for i in range(len(out_dirs))]  # fmt: skip
+        levels = opacity_levels(renderer, cfg, grids)
+    else:
+        levels = [MeshLevel(fixed, "fixed", fixed) for _ in out_dirs]
+    written = []
+    for i, out_dir in enumerate(out_dirs):
+        one = slice(i, i + 1)
 
         def color_fn(x: torch.Tensor, one=one) -> torch.Tensor:  # [N, 3] -> [N, 3]
             return field(x[None], prompts=one)[1][0].float()
 
-        device = next(renderer.parameters()).device
+        level = levels[i]
+        if level.mode == "opacity":
+            log.info("mesh level %.3g (its silhouettes' IoU with the renders %.3f; %.3f at the fixed level %g)",
+                     level.threshold, level.silhouette_iou, level.silhouette_iou_fixed, fixed)  # fmt: skip
         mesh = extract_mesh(
-            density_fn, color_fn, bound=cfg.field.bound, resolution=cfg.output.mesh_resolution,
-            threshold=cfg.output.mesh_threshold, device=device, fill_cavities=cfg.output.mesh_fill_cavities,
+            density_of(i), color_fn, bound=cfg.field.bound, resolution=cfg.output.mesh_resolution,
+            threshold=level.threshold, device=device, fill_cavities=cfg.output.mesh_fill_cavities,
             coarse_stride=coarse_stride,
         )  # fmt: skip
-        written.append(save_meshes(mesh, out_dir, stem, cfg.output.mesh_formats))
+        paths = save_meshes(mesh, out_dir, stem, cfg.output.mesh_formats)
+        atomic_write_text(Path(out_dir) / f"{stem}{LEVEL_SUFFIX}", json.dumps(level.as_dict(), indent=2) + "\n")
+        written.append(paths)
         log.info("mesh: %d vertices, %d faces -> %s", len(mesh.vertices), len(mesh.faces), ", ".join(map(str, written[-1])))
     return written
+
+
+def mesh_threshold_of(run_dir: Path, cfg: RunConfig, stem: str = "mesh") -> float:
+    """The level the run's mesh was cut at (its ``<stem>_level.json``), else ``output.mesh_threshold``."""
+    path = Path(run_dir) / f"{stem}{LEVEL_SUFFIX}"
+    if path.is_file():
+        try:
+            return float(json.loads(path.read_text())["threshold"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"'{path}' is not a mesh level file: {exc}") from exc
+    return cfg.output.mesh_threshold

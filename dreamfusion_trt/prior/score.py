@@ -9,9 +9,11 @@ names, all in world units on the run's box ``[-bound, bound]^3``:
   (even-odd rule; exact for the closed meshes `export.mesh` writes). Columns are offset by a
   tiny irrational fraction of a cell so they never run exactly along mesh edges.
 - ``best_iou`` / ``best_threshold``: the run's density itself (from its checkpoint), voxelised
-  on the same kind of grid (`FIELD_RESOLUTION`^3 at most) at each of `THRESHOLD_FACTORS` times the mesh threshold and compared with the
-  true occupancy; the best of those IoUs and its threshold. ``field_iou`` is the same at the
-  mesh's own threshold (the voxel twin of ``iou``, without cavity filling). A right but faint
+  on the same kind of grid (`FIELD_RESOLUTION`^3 at most) at each of `THRESHOLD_FACTORS` times
+  the config's fixed level (``output.mesh_threshold``) and compared with the true occupancy; the
+  best of those IoUs and its threshold. ``field_iou`` is the same at the level the mesh was cut
+  at (``mesh_threshold``, from the run's ``mesh_level.json``; the voxel twin of ``iou``, without
+  cavity filling). A right but faint
   shape has a low ``iou`` and a high ``best_iou``; a wrong shape has both low.
 - ``opacity_on_object`` / ``opacity_off_object``: the run's scene rendered (albedo, no jitter)
   from `OPACITY_VIEWS` validation cameras around the object at the run's render size; the mean
@@ -195,16 +197,18 @@ def score_mesh(
 
 
 def score_checkpoint(run_dir: str | Path, obj: AnalyticObject, resolution: int = FIELD_RESOLUTION) -> dict[str, Any]:
-    """`score_field` of the one-prompt scene in `run_dir`'s checkpoint, at its mesh threshold,
-    render size and validation cameras."""
+    """`score_field` of the one-prompt scene in `run_dir`'s checkpoint, at the level its mesh
+    was cut at, its render size and validation cameras."""
     from ..checkpoint import load_checkpoint
+    from ..export.artifacts import mesh_threshold_of
     from ..scene import scene_from_checkpoint
 
     ckpt = load_checkpoint(run_dir)
     renderer = scene_from_checkpoint(ckpt, "cpu")
     cfg = ckpt.config
     cams = orbit_cameras(OPACITY_VIEWS, cfg.camera.val_elevation, cfg.camera.val_radius, cfg.camera.val_fovy)
-    return score_field(renderer, obj, cfg.field.bound, cfg.output.mesh_threshold, cams, cfg.camera.render_size, resolution)
+    return score_field(renderer, obj, cfg.field.bound, cfg.output.mesh_threshold, cams, cfg.camera.render_size, resolution,
+                       mesh_threshold=mesh_threshold_of(Path(run_dir), cfg))  # fmt: skip
 
 
 @torch.no_grad()
@@ -217,11 +221,14 @@ def score_field(
     size: int = 64,
     resolution: int = FIELD_RESOLUTION,
     chunk: int = 2**16,
+    mesh_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Scores of a one-prompt scene's density against `obj` (see the module docstring):
-    ``best_iou``, ``best_threshold``, ``field_iou`` (at `threshold`) and the IoU at every
-    threshold tried, on the ``resolution^3`` grid of `grid_axes`; ``opacity_on_object`` and
-    ``opacity_off_object`` over `cams` (N cameras) rendered at ``size x size``."""
+    ``best_iou``, ``best_threshold`` and the IoU at every threshold tried (`THRESHOLD_FACTORS`
+    times `threshold`, the config's fixed level), ``field_iou`` (at `mesh_threshold`, the level
+    the mesh was cut at; `threshold` when None), on the ``resolution^3`` grid of `grid_axes`;
+    ``opacity_on_object`` and ``opacity_off_object`` over `cams` (N cameras) rendered at
+    ``size x size``."""
     if renderer.num_prompts != 1:
         raise ValueError(f"score_field scores a one-prompt scene, got {renderer.num_prompts} prompts")
     if threshold <= 0 or size < 1 or resolution < 2:
@@ -247,7 +254,8 @@ def score_field(
     return {
         "best_iou": ious[best],
         "best_threshold": thresholds[best],
-        "field_iou": occupancy_iou(sigma > threshold, inside_true),
+        "field_iou": occupancy_iou(sigma > (threshold if mesh_threshold is None else mesh_threshold), inside_true),
+        "mesh_threshold": threshold if mesh_threshold is None else mesh_threshold,
         "field_resolution": resolution,
         "iou_by_threshold": {f"{t:g}": iou for t, iou in zip(thresholds, ious)},
         "opacity_on_object": float(on_all.mean()) if len(on_all) else None,
