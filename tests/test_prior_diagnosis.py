@@ -173,3 +173,15 @@ def test_the_random_colour_field_is_seeded_smooth_and_not_one_colour():
     c = a(x)
     assert (c > 0).all() and (c < 1).all() and c.std(0).min() > 0.1
     assert (a(x + 1e-3) - c).abs().max() < 0.05
+
+
+def test_a_softer_density_edge_renders_a_larger_silhouette_and_is_cut_lower():
+    from dreamfusion_trt.bench.prior_diagnosis import measure_silhouette_halo
+
+    res = measure_silhouette_halo([0.003, 0.03], size=16, samples=64)
+    assert set(res["by_shape"]) == {"cube", "sphere", "cone", "torus", "cylinder"} and res["views"] == 12
+    for shape, rows in res["by_shape"].items():
+        sharp, soft = rows["0.003"], rows["0.03"]
+        assert soft["silhouette_area_ratio"] > sharp["silhouette_area_ratio"] > 0.85, shape
+        assert sharp["silhouette_iou"] > soft["silhouette_iou"], shape
+        assert soft["opacity_level"] < sharp["opacity_level"], shape

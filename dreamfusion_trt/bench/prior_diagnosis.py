@@ -32,6 +32,9 @@ Per colour (true renders from the prior's own training distribution, 64x64, whit
 - ``hole`` (``--hole-scales``, a torus): at each guidance scale and t, the share of a filled
   torus's hole that x0^ shows as background, from noised renders of the filled torus (does SDS
   open the hole?) and of the true one (does it keep it open?).
+- ``silhouette_halo`` (``--silhouette-widths``, no prior loaded): where the known objects'
+  renders put their edge at each density edge width: the rendered silhouette's area and IoU
+  against the true one, and the level `export.mesh_level` would cut that density at.
 - ``guidance_inflation`` (``--inflation-scales``): where SDS at the true render points. At each
   guidance scale and timestep, the decoded one-step prediction x0^ (classifier-free guidance at
   that scale, averaged over noise draws) from noised latents of the true renders; its silhouette
@@ -597,6 +600,59 @@ def measure_shape_oracle(caption: str, steps: int, view_dependent: bool, seed: i
     return out
 
 
+def measure_silhouette_halo(widths: Sequence[float], size: int = 64, samples: int = 256) -> dict[str, Any]:
+    """Where the known objects' renders put their edge, per shape (its blue version) and density
+    edge width (the prior's training objects: `scenes.DEFAULT_WIDTH`). The object is rendered
+    like a field (albedo, `samples` per ray) from the mesh level's 12 cameras
+    (`export.mesh_level.level_cameras` on the prior's validation orbit) at ``size x size``; its
+    silhouette (opacity > 0.5) against the true one (sdf < 0): area ratio and IoU; and the level
+    `export.mesh_level.choose_level` cuts its own density at, with the IoU of the true solid and
+    that level's set (64^3), and of the true solid and {density > 10}."""
+    from ..cameras import CameraBatch, get_rays
+    from ..config import FieldConfig, RenderConfig
+    from ..export.mesh import sample_density_grid
+    from ..export.mesh_level import LEVEL_GRID, choose_level, level_cameras
+    from ..field.background import Background
+    from ..prior.dataset import PRIOR_BOUND, PRIOR_CAMERA
+    from ..prior.scenes import make_object
+    from ..prior.score import occupancy_iou, true_silhouette
+    from ..render.renderer import Renderer
+
+    bound, cam_cfg = PRIOR_BOUND, PRIOR_CAMERA
+    cams = level_cameras(cam_cfg.val_elevation, cam_cfg.val_radius, cam_cfg.val_fovy)
+    out: dict[str, Any] = {"size": size, "samples": samples, "views": len(cams), "by_shape": {}}
+    for shape in ("cube", "sphere", "cone", "torus", "cylinder"):
+        rows = {}
+        for width in widths:
+            obj = make_object(f"a blue {shape}", bound=bound, width=width)
+            renderer = Renderer(obj, Background(FieldConfig(background="solid"), 1),
+                                RenderConfig(backend="torch", num_samples=samples), bound=bound).eval()  # fmt: skip
+            rendered, truth, opacity, rays_o, rays_d = 0, 0, [], [], []
+            inter = union = 0
+            for i in range(len(cams)):
+                cam = CameraBatch(**{n: t[i : i + 1] for n, t in cams.__dict__.items()})
+                op = renderer.render_image(cam, size, size, shading="albedo")["opacity"].reshape(-1)
+                hit = true_silhouette(obj, cam, size, bound)
+                sil = op > 0.5
+                rendered, truth = rendered + int(sil.sum()), truth + int(hit.sum())
+                inter, union = inter + int((sil & hit).sum()), union + int((sil | hit).sum())
+                o, d = get_rays(cam, size, size)
+                opacity.append(op)
+                rays_o.append(o[0])
+                rays_d.append(d[0])
+            grid = torch.from_numpy(sample_density_grid(lambda x, obj=obj: obj.density(x[None])[0].float(), bound, LEVEL_GRID))
+            level = choose_level(grid, bound, torch.cat(opacity), torch.cat(rays_o), torch.cat(rays_d), 10.0)
+            pts = torch.stack(torch.meshgrid(*[torch.linspace(-bound, bound, LEVEL_GRID)] * 3, indexing="ij"), -1).reshape(-1, 3)
+            inside = obj.occupancy(pts)
+            rows[f"{width:g}"] = {
+                "silhouette_area_ratio": rendered / max(truth, 1), "silhouette_iou": inter / max(union, 1),
+                "opacity_level": level.threshold, "iou_at_opacity_level": occupancy_iou(grid.reshape(-1) > level.threshold, inside),
+                "iou_at_10": occupancy_iou(grid.reshape(-1) > 10.0, inside),
+            }  # fmt: skip
+        out["by_shape"][shape] = rows
+    return out
+
+
 def albedo_logits(caption: str) -> dict[str, Any]:
     rgb = PALETTE[resolve_caption(caption).colors[0]]
     logits = [math.log(c / (1 - c)) for c in rgb]
@@ -686,6 +742,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shape-oracle-objects", default="a red cube", help="comma-separated known captions (default: %(default)s)")
     p.add_argument("--shape-oracle-vd", default="on", help="with --shape-oracle-steps: view-dependent prompts on, off or on,off")
     p.add_argument("--run-flags", default="", help="with --shape-oracle-steps or --janus-oracle-steps: run flags on top of the preset, e.g. '--sds.guidance_scale 30'")
+    p.add_argument("--silhouette-widths", default="",
+                   help="comma-separated density edge widths: where the known objects' renders put their edge (no prior loaded)")
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (globs) to read thresholds and albedo from")
     p.add_argument("--skip-model", action="store_true", help="only the albedo and --runs numbers (no prior loaded)")
     p.add_argument("--device", default="cpu")
@@ -762,6 +820,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "; ".join(f"step {r['step']}: IoU {r['iou']:.3f} (against the true level {r['iou_true_level']:.3f}), "
                                    f"volume {r['volume_ratio']:.2f}" + (f", faces {r['faces_right']}" if "faces_right" in r else "")
                                    for r in res["trajectory"]))  # fmt: skip
+    if args.silhouette_widths:
+        result["silhouette_halo"] = measure_silhouette_halo([float(w) for w in args.silhouette_widths.split(",")])
+        for shape, rows in result["silhouette_halo"]["by_shape"].items():
+            log.info("%s: rendered / true silhouette area by width: %s", shape,
+                     ", ".join(f"{w} {r['silhouette_area_ratio']:.3f} (level {r['opacity_level']:.3g})" for w, r in rows.items()))  # fmt: skip
     folders = sorted({Path(f) for pattern in args.runs for f in glob.glob(pattern)})
     result["runs"] = [r for r in (measure_run(f) for f in folders if f.is_dir()) if r is not None]
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
