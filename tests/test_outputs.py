@@ -62,7 +62,7 @@ def test_all_outputs_in_order(scene, tmp_path):
     assert isinstance(out, RunOutputs) and out.failed == {}
     assert out.meshes == [tmp_path / "mesh.glb"] and out.grid == tmp_path / "validation.png"
     assert out.turntable == tmp_path / "turntable.mp4" and out.score == tmp_path / "score.json"
-    assert calls == [["mesh.glb"]]  # the mesh first, then the score; grid and video afterwards
+    assert calls == [["mesh.glb", "mesh_level.json"]]  # the mesh (and its level) first, then the score; grid and video afterwards
     assert all(p.is_file() for p in (*out.meshes, out.grid, out.turntable))
 
 
@@ -74,7 +74,7 @@ def test_missing_video_writer_loses_only_the_video(scene, tmp_path, monkeypatch,
     assert set(out.failed) == {"turntable"} and out.turntable is None
     assert "pip install imageio-ffmpeg" in out.failed["turntable"]
     assert out.meshes and out.grid is not None and out.score is not None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mesh.glb", "score.json", "validation.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mesh.glb", "mesh_level.json", "score.json", "validation.png"]
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and r.message.startswith("turntable not written")]
     assert len(warnings) == 1
 
