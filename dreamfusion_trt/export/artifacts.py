@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..cameras import orbit_cameras
 from ..atomic import atomic_write_text
+from ..cameras import orbit_cameras
 from ..config import RunConfig
 from ..render.renderer import Renderer
 from .media import image_grid, to_uint8, write_png, write_video
