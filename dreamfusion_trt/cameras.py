@@ -35,6 +35,23 @@ class CameraBatch:
     def __len__(self) -> int:
         return self.c2w.shape[0]
 
+    def take(self, index: int | slice | torch.Tensor) -> "CameraBatch":
+        """The cameras at `index`: an int gives a batch of one, a slice or index tensor a batch of them."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return CameraBatch(**{k: v[index] for k, v in self.__dict__.items()})
+
+    def repeated(self, k: int) -> "CameraBatch":
+        """A batch of one camera as `k` copies of it (one per prompt)."""
+        if len(self) != 1:
+            raise ValueError(f"repeated() takes a batch of one camera, got {len(self)}")
+        return CameraBatch(**{n: t.expand(k, *t.shape[1:]).contiguous() for n, t in self.__dict__.items()})
+
+    @staticmethod
+    def cat(batches: "list[CameraBatch]") -> "CameraBatch":
+        """The cameras of `batches`, in order."""
+        return CameraBatch(**{f: torch.cat([getattr(b, f) for b in batches]) for f in batches[0].__dict__})
+
 
 def look_at_origin(elevation_deg: torch.Tensor, azimuth_deg: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """Camera-to-world matrices [K, 4, 4] for cameras on a sphere looking at the origin."""

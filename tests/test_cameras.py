@@ -105,3 +105,17 @@ def test_the_step_plan_draws_each_slot_s_cameras_by_its_own_progress():
     assert elevation[0] == sample_random_cameras(1, angle, torch.Generator().manual_seed(3)).elevation_deg[0]
     assert elevation[1] == sample_random_cameras(1, cfg.camera, torch.Generator().manual_seed(4)).elevation_deg[0]
     assert elevation[1] != sample_random_cameras(1, angle, torch.Generator().manual_seed(4)).elevation_deg[0]
+
+
+def test_take_repeated_and_cat_keep_every_field_of_the_cameras():
+    cams = orbit_cameras(4, 15.0, 2.0, 45.0)
+    one = cams.take(2)
+    assert len(one) == 1 and torch.equal(one.c2w, cams.c2w[2:3]) and torch.equal(one.light_dir, cams.light_dir[2:3])
+    picked = cams.take(torch.tensor([3, 0]))
+    assert torch.equal(picked.azimuth_deg, cams.azimuth_deg[[3, 0]])
+    three = one.repeated(3)
+    assert len(three) == 3 and all(torch.equal(getattr(three, f)[i], getattr(one, f)[0]) for f in one.__dict__ for i in range(3))
+    both = type(cams).cat([cams.take(slice(0, 2)), cams.take(slice(2, 4))])
+    assert all(torch.equal(getattr(both, f), getattr(cams, f)) for f in cams.__dict__)
+    with pytest.raises(ValueError, match="batch of one"):
+        cams.repeated(2)

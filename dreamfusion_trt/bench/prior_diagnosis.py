@@ -429,8 +429,10 @@ def _random_colours(amplitude: float, seed: int, device: torch.device, waves: in
     phase = (torch.rand(3, waves, generator=gen) * 2 * math.pi).to(device)
 
     def colours(x: torch.Tensor) -> torch.Tensor:
-        logits = torch.sin(torch.einsum("...d,cwd->...cw", x, k) + phase).sum(-1) * (amplitude / math.sqrt(waves))
-        return torch.sigmoid(logits)
+        from ..field.nerf import plane_wave_sum
+
+        logits = plane_wave_sum(x.reshape(1, -1, 3), k[None], phase[None]).reshape(*x.shape[:-1], 3)
+        return torch.sigmoid(logits * (amplitude / math.sqrt(waves)))
 
     return colours
 
@@ -608,9 +610,9 @@ def measure_silhouette_halo(widths: Sequence[float], size: int = 64, samples: in
     silhouette (opacity > 0.5) against the true one (sdf < 0): area ratio and IoU; and the level
     `export.mesh_level.choose_level` cuts its own density at, with the IoU of the true solid and
     that level's set (64^3), and of the true solid and {density > 10}."""
-    from ..cameras import CameraBatch, get_rays
+    from ..cameras import get_rays
     from ..config import FieldConfig, RenderConfig
-    from ..export.mesh import sample_density_grid
+    from ..export.mesh import grid_coordinates, sample_density_grid
     from ..export.mesh_level import LEVEL_GRID, choose_level, level_cameras
     from ..field.background import Background
     from ..prior.dataset import PRIOR_BOUND, PRIOR_CAMERA
@@ -630,7 +632,7 @@ def measure_silhouette_halo(widths: Sequence[float], size: int = 64, samples: in
             rendered, truth, opacity, rays_o, rays_d = 0, 0, [], [], []
             inter = union = 0
             for i in range(len(cams)):
-                cam = CameraBatch(**{n: t[i : i + 1] for n, t in cams.__dict__.items()})
+                cam = cams.take(i)
                 op = renderer.render_image(cam, size, size, shading="albedo")["opacity"].reshape(-1)
                 hit = true_silhouette(obj, cam, size, bound)
                 sil = op > 0.5
@@ -642,7 +644,8 @@ def measure_silhouette_halo(widths: Sequence[float], size: int = 64, samples: in
                 rays_d.append(d[0])
             grid = torch.from_numpy(sample_density_grid(lambda x, obj=obj: obj.density(x[None])[0].float(), bound, LEVEL_GRID))
             level = choose_level(grid, bound, torch.cat(opacity), torch.cat(rays_o), torch.cat(rays_d), 10.0)
-            pts = torch.stack(torch.meshgrid(*[torch.linspace(-bound, bound, LEVEL_GRID)] * 3, indexing="ij"), -1).reshape(-1, 3)
+            axis = torch.as_tensor(grid_coordinates(bound, LEVEL_GRID), dtype=torch.float32)  # the density grid's points
+            pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
             inside = obj.occupancy(pts)
             rows[f"{width:g}"] = {
                 "silhouette_area_ratio": rendered / max(truth, 1), "silhouette_iou": inter / max(union, 1),

@@ -104,9 +104,7 @@ def _orbit(cfg: RunConfig, n: int, light_dir=None):
 
 def _repeat_for_prompts(cams, index: int, k: int):
     """Camera `index` of an orbit, repeated for all K prompts: [K] cameras."""
-    from ..cameras import CameraBatch
-
-    return CameraBatch(**{name: t[index : index + 1].expand(k, *t.shape[1:]).contiguous() for name, t in cams.__dict__.items()})
+    return cams.take(index).repeated(k)
 
 
 def image_chunk(device: torch.device, k: int) -> int:

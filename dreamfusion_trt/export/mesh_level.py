@@ -64,7 +64,7 @@ class MeshLevel:
 def level_cameras(val_elevation: float, radius: float, fovy: float) -> CameraBatch:
     """The `2 * VIEWS_PER_RING` cameras the level is matched from."""
     rings = [orbit_cameras(VIEWS_PER_RING, e, radius, fovy) for e in (val_elevation, TOP_ELEVATION_DEG)]
-    return CameraBatch(**{k: torch.cat([getattr(r, k) for r in rings]) for k in rings[0].__dict__})
+    return CameraBatch.cat(rings)
 
 
 def ray_max_density(volume: torch.Tensor, bound: float, rays_o: torch.Tensor, rays_d: torch.Tensor, samples: int) -> torch.Tensor:
@@ -129,9 +129,8 @@ def opacity_levels(renderer, cfg, density_grids: list[torch.Tensor]) -> list[Mes
     device = next(renderer.parameters()).device
     opacity, rays_o, rays_d = [], [], []
     for i in range(len(cams)):
-        one = CameraBatch(**{n: t[i : i + 1] for n, t in cams.__dict__.items()})
-        view = CameraBatch(**{n: t.expand(k, *t.shape[1:]).contiguous() for n, t in one.__dict__.items()})
-        out = renderer.render_image(view.to(device), size, size, shading="albedo", ambient_ratio=cfg.render.ambient_ratio)
+        one = cams.take(i)
+        out = renderer.render_image(one.repeated(k).to(device), size, size, shading="albedo", ambient_ratio=cfg.render.ambient_ratio)
         opacity.append(out["opacity"].reshape(k, -1).float().cpu())  # [K, H*W]
         o, d = get_rays(one, size, size)  # [1, H*W, 3]
         rays_o.append(o[0].float())

@@ -97,6 +97,13 @@ def density_blob_gradient(x: torch.Tensor, blob_density: float, blob_radius: flo
     return torch.where(sq >= 1e-12, (-blob_density / blob_radius) * x / r, torch.zeros_like(x))
 
 
+def plane_wave_sum(x: torch.Tensor, waves: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """Per prompt and channel, the sum of its plane waves sin(k . x + phase): points ``x [K, N, 3]``,
+    wave vectors ``waves [K, C, W, 3]``, phases ``phase [K, C, W]`` -> ``[K, N, C]``."""
+    arg = torch.einsum("knd,kcwd->kncw", x, waves.to(x.dtype)) + phase[:, None].to(x.dtype)
+    return torch.sin(arg).sum(dim=-1)
+
+
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """float32, or float64 when `t` is (a float64 field is how gradcheck runs it)."""
     return t if t.dtype == torch.float64 else t.float()
@@ -238,8 +245,7 @@ class NeRFField(nn.Module):
         (and, with field.albedo_noise_fade, by the share of it left)."""
         waves = self.albedo_waves if prompts is None else self.albedo_waves[prompts]  # [K', 3, W, 3]
         phase = self.albedo_phase if prompts is None else self.albedo_phase[prompts]  # [K', 3, W]
-        arg = torch.einsum("knd,kcwd->kncw", x, waves.to(x.dtype)) + phase[:, None].to(x.dtype)
-        offset = torch.sin(arg).sum(dim=-1) * (self.cfg.albedo_noise * math.sqrt(2.0 / ALBEDO_NOISE_WAVES))
+        offset = plane_wave_sum(x, waves, phase) * (self.cfg.albedo_noise * math.sqrt(2.0 / ALBEDO_NOISE_WAVES))
         if self.cfg.albedo_noise_fade <= 0:
             return offset
         scale = self.albedo_noise_scale if prompts is None else self.albedo_noise_scale[prompts]  # [K']

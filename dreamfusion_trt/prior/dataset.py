@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..cameras import CameraBatch, get_rays, sample_random_cameras
+from ..cameras import get_rays, sample_random_cameras
 from ..config import CameraConfig, FieldConfig, PromptConfig, RenderConfig
 from ..field.background import Background
 from ..guidance.text import VIEWS, view_indices, view_prompt
@@ -168,7 +168,7 @@ def render_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> Re
                 renderer = Renderer(
                     obj.with_prompts(k), Background(FieldConfig(background="solid"), k), render_cfg, bound=obj.bound
                 ).eval()
-                sub = _select(cams, chunk).to(device)
+                sub = cams.take(chunk).to(device)
                 rays_o, rays_d = get_rays(sub, size, size)  # [k, H*W, 3]
                 result = renderer.render(
                     rays_o, rays_d, sub.light_dir, shading=mode, ambient_ratio=cfg.ambient_ratio,
@@ -196,7 +196,3 @@ def render_dataset(cfg: DatasetConfig, device: torch.device | str = "cpu") -> Re
         captions=tuple(cfg.captions),
         texts=caption_texts(tuple(cfg.captions)),
     )
-
-
-def _select(cams: CameraBatch, index: torch.Tensor) -> CameraBatch:
-    return CameraBatch(**{k: v[index] for k, v in cams.__dict__.items()})

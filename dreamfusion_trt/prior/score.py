@@ -245,7 +245,7 @@ def score_field(
 
     on, off = [], []
     for i in range(len(cams)):
-        cam = CameraBatch(**{name: t[i : i + 1] for name, t in cams.__dict__.items()})
+        cam = cams.take(i)
         opacity = renderer.render_image(cam, size, size, shading="albedo")["opacity"].reshape(-1).cpu()  # [H*W]
         hit = true_silhouette(obj, cam, size, bound)  # [H*W]
         on.append(opacity[hit])

@@ -109,7 +109,7 @@ def host_plan(slots: Sequence, cfg: RunConfig, phase_of: Callable, shading_of: C
         if members:
             groups.append(RenderGroup(phase, render_size[phase], len(order), len(order) + len(members), members))
             order += members
-    cam = CameraBatch(**{f.name: torch.cat([getattr(c, f.name) for c in cams]) for f in dataclasses.fields(CameraBatch)})
+    cam = CameraBatch.cat(cams)
     views = view_indices(cam.elevation_deg, cam.azimuth_deg, cfg.prompt)
     pack = _pack({
         "c2w": cam.c2w, "fovy": cam.fovy_deg, "elevation": cam.elevation_deg, "azimuth": cam.azimuth_deg,
