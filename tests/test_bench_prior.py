@@ -227,3 +227,31 @@ def test_the_commit_is_named_only_for_a_tree_git_tracks_or_when_given(tmp_path, 
     out = subprocess.run([sys.executable, "-c", code], cwd=repo / "snap", env={**env, "PYTHONPATH": str(repo / "snap")},
                          capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
     assert out[0].startswith(str(repo / "snap")) and out[1] == "None"
+
+
+def test_volume_ratio_says_too_big_from_too_small_and_the_table_shows_it(tmp_path):
+    # two runs with the same IoU-like error, one 20 % too big and one 15 % too small, and one
+    # that left no mesh: the ratio tells them apart, and a missing mesh counts as neither
+    result = _quick_result()
+    rows = result["settings"]["on"]["rows"]
+    for row, mesh in zip(rows, (0.36, 0.255, None, 0.3)):
+        row.update(mesh_volume_fraction=mesh, true_volume_fraction=0.3)
+    assert bench_prior.volume_ratio(rows[0]) == pytest.approx(1.2)
+    assert bench_prior.volume_ratio(rows[1]) == pytest.approx(0.85)
+    assert bench_prior.volume_ratio(rows[2]) is None
+    summary = bench_prior.summarize(rows)
+    assert summary["median_volume_ratio"] == pytest.approx(1.0)
+    assert (summary["objects_too_big"], summary["objects_too_small"]) == (1, 1)
+
+    # a file written before the ratio existed: the table fills it in from the rows
+    old = copy.deepcopy(result)
+    old["settings"]["on"]["summary"] = {k: v for k, v in summary.items()
+                                        if k not in ("median_volume_ratio", "objects_too_big", "objects_too_small")}  # fmt: skip
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    md = bench_prior.table([str(path)])
+    assert "volume ×" in md.splitlines()[0]
+    red_cube = next(line for line in md.splitlines() if line.startswith("| a red cube |"))
+    assert " / 1.20 / " in red_cube
+    assert "| objects over 1.1× / under 0.9× the true volume | 1 / 1 |" in md
+    assert " / 1.00 / " in next(line for line in md.splitlines() if line.startswith("| median |"))

@@ -115,12 +115,20 @@ def collect(batch_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def volume_ratio(row: dict[str, Any]) -> float | None:
+    """The mesh's volume over the true object's: above 1 the run came out too big, below 1 too
+    small. IoU alone does not say which (a sphere 20 % too big and one 15 % too small read alike)."""
+    mesh, true = row.get("mesh_volume_fraction"), row.get("true_volume_fraction")
+    return mesh / true if mesh is not None and true else None
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def med(key: str, among: list[dict[str, Any]] = rows) -> float | None:
         values = [r[key] for r in among if r.get(key) is not None]
         return statistics.median(values) if values else None
 
     analytic = [r for r in rows if r["object"] != "a six-colored cube"]
+    ratios = [v for v in map(volume_ratio, rows) if v is not None]
     shares = [r["face_color_share"] for r in rows if r.get("face_color_share") is not None]
     return {
         "median_iou": med("iou"),
@@ -129,6 +137,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "median_chamfer": med("chamfer"),
         "median_color_error": med("color_error"),
         "median_wall_s": med("wall_s"),
+        "median_volume_ratio": statistics.median(ratios) if ratios else None,
+        "objects_too_big": sum(1 for v in ratios if v > 1.1),  # over 10 % more volume than the truth
+        "objects_too_small": sum(1 for v in ratios if v < 0.9),
         "min_iou_analytic": min((r["iou"] or 0.0 for r in analytic), default=None),
         "objects_iou_at_least_0_8": sum(1 for r in analytic if (r["iou"] or 0.0) >= 0.8),
         "objects_analytic": len(analytic),
@@ -356,8 +367,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def table(paths: Sequence[str]) -> str:
     """Markdown: one row per object (and seed, when several), per (file, view-dependent setting)
-    IoU / best IoU over thresholds / opacity on the object / Chamfer / colour error / wall time,
-    then the medians."""
+    IoU / best IoU over thresholds / opacity on the object / Chamfer / colour error / the mesh's
+    volume over the true one / wall time, then the medians."""
     runs = []
     for p in paths:
         data = json.loads(Path(p).read_text())
@@ -365,9 +376,10 @@ def table(paths: Sequence[str]) -> str:
         for setting, block in data["settings"].items():
             seeded = len(data.get("seeds") or []) > 1
             rows = {(f"{r['object']}, seed {r['seed']}" if seeded else r["object"]): r for r in block["rows"]}
-            runs.append((f"{where}, view-dep. {setting}", rows, block["summary"]))
+            summary = {**summarize(block["rows"]), **block["summary"]}  # files written before a key existed
+            runs.append((f"{where}, view-dep. {setting}", rows, summary))
     objects = list(dict.fromkeys(o for _, rows, _ in runs for o in rows))
-    head = "| object | " + " | ".join(f"{name}: IoU / best IoU / opacity / Chamfer / colour err. / s" for name, _, _ in runs) + " |"
+    head = "| object | " + " | ".join(f"{name}: IoU / best IoU / opacity / Chamfer / colour err. / volume × / s" for name, _, _ in runs) + " |"
     lines = [head, "| --- |" + " --- |" * len(runs)]
     for obj in objects:
         cells = []
@@ -376,7 +388,7 @@ def table(paths: Sequence[str]) -> str:
             if r is None:
                 cells.append("not run")
                 continue
-            cell = f"{_fmt(r['iou'])} / {_fmt(r.get('best_iou'))} / {_fmt(r.get('opacity_on_object'), 2)} / {_fmt(r['chamfer'], 4)} / {_fmt(r['color_error'], 2)} / {_fmt(r['wall_s'], 0)}"
+            cell = f"{_fmt(r['iou'])} / {_fmt(r.get('best_iou'))} / {_fmt(r.get('opacity_on_object'), 2)} / {_fmt(r['chamfer'], 4)} / {_fmt(r['color_error'], 2)} / {_fmt(volume_ratio(r), 2)} / {_fmt(r['wall_s'], 0)}"
             if r.get("face_color_share") is not None:
                 cell += f" (faces right {r['face_color_share']:.2f})"
             if r["status"] != "done":
@@ -384,11 +396,14 @@ def table(paths: Sequence[str]) -> str:
             cells.append(cell)
         lines.append(f"| {obj} | " + " | ".join(cells) + " |")
     meds = [f"**{_fmt(s['median_iou'])} / {_fmt(s.get('median_best_iou'))} / {_fmt(s.get('median_opacity_on_object'), 2)} / "
-            f"{_fmt(s['median_chamfer'], 4)} / {_fmt(s['median_color_error'], 2)} / {_fmt(s['median_wall_s'], 0)}**"
+            f"{_fmt(s['median_chamfer'], 4)} / {_fmt(s['median_color_error'], 2)} / {_fmt(s.get('median_volume_ratio'), 2)} / "
+            f"{_fmt(s['median_wall_s'], 0)}**"
             for _, _, s in runs]  # fmt: skip
     lines.append("| median | " + " | ".join(meds) + " |")
     hits = [f"{s['objects_iou_at_least_0_8']} of {s['objects_analytic']} (min {_fmt(s['min_iou_analytic'])})" for _, _, s in runs]
     lines.append("| analytic objects with IoU ≥ 0.8 | " + " | ".join(hits) + " |")
+    sizes = [f"{s['objects_too_big']} / {s['objects_too_small']}" if "objects_too_big" in s else "–" for _, _, s in runs]
+    lines.append("| objects over 1.1× / under 0.9× the true volume | " + " | ".join(sizes) + " |")
     if any(s.get("six_colored_face_shares") for _, _, s in runs):
         janus = [f"{_fmt(s.get('six_colored_face_share_mean'), 2)} ± {_fmt(s.get('six_colored_face_share_stdev'), 2)} "
                  f"(n = {len(s.get('six_colored_face_shares') or [])})" for _, _, s in runs]  # fmt: skip
