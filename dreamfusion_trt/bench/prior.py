@@ -402,7 +402,7 @@ def table(paths: Sequence[str]) -> str:
     lines.append("| median | " + " | ".join(meds) + " |")
     hits = [f"{s['objects_iou_at_least_0_8']} of {s['objects_analytic']} (min {_fmt(s['min_iou_analytic'])})" for _, _, s in runs]
     lines.append("| analytic objects with IoU ≥ 0.8 | " + " | ".join(hits) + " |")
-    sizes = [f"{s['objects_too_big']} / {s['objects_too_small']}" if "objects_too_big" in s else "–" for _, _, s in runs]
+    sizes = [f"{s['objects_too_big']} / {s['objects_too_small']}" for _, _, s in runs]
     lines.append("| objects over 1.1× / under 0.9× the true volume | " + " | ".join(sizes) + " |")
     if any(s.get("six_colored_face_shares") for _, _, s in runs):
         janus = [f"{_fmt(s.get('six_colored_face_share_mean'), 2)} ± {_fmt(s.get('six_colored_face_share_stdev'), 2)} "
