@@ -2,6 +2,7 @@
 nearest-neighbour features the prior's self-check uses."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -121,9 +122,13 @@ def _fake_run(tmp_path, prompt, mesh=None, name="mesh.glb"):
     return tmp_path
 
 
-def test_score_run_reads_the_prompt_and_mesh_and_writes_score_json(tmp_path):
+def test_score_run_reads_the_prompt_and_mesh_and_writes_score_json(tmp_path, caplog):
     run = _fake_run(tmp_path, "A red cube, front view", analytic_mesh("a red cube", 40), name="mesh.ply")
-    result = score_run(run, resolution=40, surface_samples=3000)
+    with caplog.at_level(logging.INFO, logger="dreamfusion_trt.prior.score"):
+        result = score_run(run, resolution=40, surface_samples=3000)
+    # the log line alone says which way a run misses: its volume over the truth's
+    ratio = result["mesh_volume_fraction"] / result["true_volume_fraction"]
+    assert f"volume {ratio:.2f}x the truth's" in caplog.text and 0.9 < ratio < 1.1
     assert result["object"] == "a red cube" and result["mesh"] == "mesh.ply"
     assert result["iou"] > 0.9 and result["color_error"] < 0.02
     saved = json.loads((run / "score.json").read_text())

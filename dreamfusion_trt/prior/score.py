@@ -126,10 +126,11 @@ def score_run(
         result.update(score_checkpoint(run_dir, obj, min(resolution, FIELD_RESOLUTION)))
     if write:
         atomic_write_text(run_dir / SCORE_NAME, json.dumps(result, indent=2) + "\n")
+    mesh_v, true_v = result.get("mesh_volume_fraction"), result.get("true_volume_fraction")
     logger.info(
-        "%s: IoU %.3f (best over thresholds %s, opacity on the object %s), Chamfer %.4f, colour error %s",
+        "%s: IoU %.3f (best over thresholds %s, opacity on the object %s), Chamfer %.4f, colour error %s, volume %s the truth's",
         spec.caption, result["iou"], _opt(result.get("best_iou")), _opt(result.get("opacity_on_object")),
-        result["chamfer"], _opt(result["color_error"]),
+        result["chamfer"], _opt(result["color_error"]), "n/a" if mesh_v is None or not true_v else f"{mesh_v / true_v:.2f}x",
     )  # fmt: skip
     return result
 
