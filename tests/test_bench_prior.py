@@ -255,3 +255,76 @@ def test_volume_ratio_says_too_big_from_too_small_and_the_table_shows_it(tmp_pat
     assert " / 1.20 / " in red_cube
     assert "| objects over 1.1× / under 0.9× the true volume | 1 / 1 |" in md
     assert " / 1.00 / " in next(line for line in md.splitlines() if line.startswith("| median |"))
+
+
+def _result_file(path: Path, ious: dict[tuple[str, int], float], setting: str = "on") -> str:
+    rows = [{"object": o, "seed": s, "status": "done", "wall_s": 100.0, **{k: None for k in bench_prior.SCORE_KEYS},
+             "iou": i, "chamfer": 0.1 - i / 10} for (o, s), i in ious.items()]  # fmt: skip
+    data = {"benchmark": "prior", "date": "2026-12-04T00:00:00+00:00", "machine": {"device": "cpu"}, "run_flags": [],
+            "seeds": sorted({s for _, s in ious}), "settings": {setting: {"rows": rows, "summary": bench_prior.summarize(rows)}}}  # fmt: skip
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_sign_test_and_bootstrap_interval_are_exact_and_seeded():
+    assert bench_prior.sign_test_p(8, 0) == pytest.approx(2 / 256)  # all 8 pairs one way
+    assert bench_prior.sign_test_p(0, 8) == bench_prior.sign_test_p(8, 0)
+    assert bench_prior.sign_test_p(4, 4) == 1.0 and bench_prior.sign_test_p(0, 0) == 1.0
+    assert bench_prior.sign_test_p(9, 1) == pytest.approx(2 * 11 / 1024)
+    deltas = [0.01, 0.03, -0.02, 0.05, 0.0, 0.02]
+    low, high = bench_prior.bootstrap_mean_interval(deltas)
+    assert low < sum(deltas) / len(deltas) < high and min(deltas) <= low and high <= max(deltas)
+    assert bench_prior.bootstrap_mean_interval(deltas) == (low, high)  # seeded: the same files, the same interval
+    assert bench_prior.bootstrap_mean_interval([0.02] * 5) == pytest.approx((0.02, 0.02))
+    with pytest.raises(ValueError):
+        bench_prior.bootstrap_mean_interval([])
+
+
+def test_compare_pairs_runs_by_setting_object_and_seed_across_files(tmp_path):
+    objects = ("a red cube", "a green sphere", "a blue torus", "a red cone")
+    base_s1 = _result_file(tmp_path / "b1.json", {(o, 1): 0.6 for o in objects})
+    base_s2 = _result_file(tmp_path / "b2.json", {(o, 2): 0.7 for o in objects})
+    base_off = _result_file(tmp_path / "boff.json", {(o, 1): 0.5 for o in objects}, setting="off")
+    # the new side: better on seed 1 in every object, worse on seed 2 in one, seed 3 only on this side
+    new_s1 = _result_file(tmp_path / "n1.json", {(o, 1): 0.65 for o in objects})
+    new_s2 = _result_file(tmp_path / "n2.json", {**{(o, 2): 0.7 for o in objects[:3]}, (objects[3], 2): 0.6, (objects[0], 3): 0.9})
+    result = bench_prior.compare([base_s1, base_s2, base_off], [new_s1, new_s2])
+    on = result["by_setting"]["on"]
+    assert (on["pairs"], on["new_better"], on["new_worse"], on["ties"]) == (8, 4, 1, 3)
+    assert on["mean_delta"] == pytest.approx((4 * 0.05 - 0.1) / 8)
+    assert on["base_median"] == pytest.approx(0.65) and on["new_median"] == pytest.approx(0.65)  # 0.6, 0.65 x4, 0.7 x3
+    assert on["sign_test_p"] == pytest.approx(bench_prior.sign_test_p(4, 1))
+    assert list(result["by_setting"]) == ["on"]  # the off runs have no partner
+    assert sorted(map(tuple, result["base_only"])) == [("off", o, 1) for o in sorted(objects)]
+    assert result["new_only"] == [["on", "a red cube", 3]]
+    # a metric where lower is better: the same runs' Chamfer fell, so the new side wins there too
+    chamfer = bench_prior.compare([base_s1], [new_s1], metric="chamfer")["all"]
+    assert chamfer["new_better"] == 4 and chamfer["mean_delta"] < 0
+    md = bench_prior.compare_table(result)
+    assert "| on, a red cone, seed 2 | 0.700 | 0.600 | -0.100 |" in md
+    assert "new better in 4 of 8, worse in 1" in md and "sign test p = " in md
+    assert "Not paired: 4 run(s) on the base side only, 1 on the new side only." in md
+
+
+def test_compare_errors_name_the_problem(tmp_path):
+    a = _result_file(tmp_path / "a.json", {("a red cube", 1): 0.6})
+    twin = _result_file(tmp_path / "twin.json", {("a red cube", 1): 0.7})
+    other = _result_file(tmp_path / "other.json", {("a red cube", 2): 0.7})
+    with pytest.raises(ValueError, match="the base side has 'a red cube', seed 1, view-dependent on twice"):
+        bench_prior.compare([a, twin], [other])
+    with pytest.raises(ValueError, match="no run has 'iou' on both sides"):
+        bench_prior.compare([a], [other])
+    with pytest.raises(ValueError, match="--metric must be one of"):
+        bench_prior.compare([a], [twin], metric="speed")
+    (tmp_path / "not_prior.json").write_text(json.dumps({"benchmark": "train"}))
+    with pytest.raises(ValueError, match="is not a 'bench prior' result file"):
+        bench_prior.compare([str(tmp_path / "not_prior.json")], [a])
+
+
+def test_compare_from_the_command_line_prints_the_paired_table(tmp_path, capsys):
+    a = _result_file(tmp_path / "a.json", {("a red cube", 1): 0.6, ("a blue torus", 1): 0.4})
+    b = _result_file(tmp_path / "b.json", {("a red cube", 1): 0.7, ("a blue torus", 1): 0.5})
+    assert bench_prior.main(["--compare", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "| on, a blue torus, seed 1 | 0.400 | 0.500 | +0.100 |" in out
+    assert "new better in 2 of 2, worse in 0" in out and "mean Δ +0.100" in out

@@ -6,7 +6,9 @@ score of its run against the true object (``score.json``: IoU at the mesh's thre
 IoU over density thresholds, the opacity on and off the true silhouette, Chamfer, colour error,
 the six-colored cube's share of right faces) and its wall time from the batch manifest. Writes
 one JSON with the rows, the medians and the machine; ``--table`` prints the Markdown table of one
-or more such files (BENCHMARKS.md's table).
+or more such files (BENCHMARKS.md's table), and ``--compare BASE NEW`` pairs two sets of them run
+by run (setting, object, seed): wins, mean difference with a bootstrap interval, and a sign test,
+since one seed's median moves by about 0.04 IoU from seed to seed.
 
 ``--quick`` is the gate every speed change quotes: a fixed subset (one shape per colour and the
 six-colored cube, seed 0, view-dependent prompts, one batch of K = 4) compared with the stored
@@ -19,6 +21,7 @@ it fails. ``--write-reference`` stores the run as that reference.
     dreamfusion-trt bench prior --quick --out quick.json                                     # the gate
     dreamfusion-trt bench prior --objects "a six-colored cube" --seeds 0,1,2,3,4 --concurrency 5   # Janus
     dreamfusion-trt bench prior --table prior_gpu_vd.json prior_cpu.json
+    dreamfusion-trt bench prior --compare base_s1.json,base_s2.json new_s1.json,new_s2.json   # paired, with a sign test
     dreamfusion-trt bench prior --out x.json -- --sds.guidance_scale 50     # run flags after --
 """
 
@@ -30,7 +33,9 @@ import hashlib
 import json
 import os
 import logging
+import math
 import platform
+import random
 import statistics
 import subprocess
 import tempfile
@@ -411,6 +416,112 @@ def table(paths: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+# --compare: which metrics it pairs, and which way is better.
+COMPARE_HIGHER_IS_BETTER = {"iou": True, "best_iou": True, "opacity_on_object": True, "face_color_share": True,
+                            "chamfer": False, "color_error": False}  # fmt: skip
+COMPARE_RESAMPLES = 10_000  # bootstrap resamples of the mean difference (seeded: the same files give the same interval)
+
+
+def _rows_by_run(paths: Sequence[str], side: str) -> dict[tuple[str, str, Any], dict[str, Any]]:
+    """(view-dependent setting, object, seed) -> row, over result files; ValueError when one run
+    appears twice on one side (two files of the same seed and setting)."""
+    out: dict[tuple[str, str, Any], dict[str, Any]] = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or data.get("benchmark") != "prior" or "settings" not in data:
+            raise ValueError(f"--compare: {path} is not a 'bench prior' result file")
+        for setting, block in data["settings"].items():
+            for row in block["rows"]:
+                key = (setting, row["object"], row.get("seed"))
+                if key in out:
+                    raise ValueError(f"--compare: the {side} side has {row['object']!r}, seed {row.get('seed')}, "
+                                     f"view-dependent {setting} twice ({path} and an earlier file)")  # fmt: skip
+                out[key] = row
+    return out
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven between ``wins`` and
+    ``losses`` if either side were equally likely to win each pair (ties are left out)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2.0 * tail)
+
+
+def bootstrap_mean_interval(deltas: Sequence[float], resamples: int = COMPARE_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean of ``deltas`` (pure Python with a seeded
+    `random.Random`, so it does not depend on the machine)."""
+    if not deltas:
+        raise ValueError("bootstrap_mean_interval needs at least one difference")
+    rng, n = random.Random(seed), len(deltas)
+    means = sorted(sum(rng.choice(deltas) for _ in range(n)) / n for _ in range(resamples))
+    return means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
+
+
+def compare(base_paths: Sequence[str], new_paths: Sequence[str], metric: str = "iou") -> dict[str, Any]:
+    """Pair the runs of two sets of result files by (view-dependent setting, object, seed) and
+    say, per setting and over all, how often and by how much the new side differs in ``metric``:
+    wins and losses (by which way the metric is better), the mean and median difference, its 95 %
+    bootstrap interval and the sign test's p-value, beside each side's median over the pairs.
+    Runs on one side only are listed, not paired. The seed-to-seed spread of one setting's
+    median is about 0.04 IoU on this prior (BENCHMARKS.md), so one seed's medians alone do not
+    separate changes that small."""
+    if metric not in COMPARE_HIGHER_IS_BETTER:
+        raise ValueError(f"--metric must be one of {', '.join(COMPARE_HIGHER_IS_BETTER)}, got {metric!r}")
+    higher = COMPARE_HIGHER_IS_BETTER[metric]
+    base, new = _rows_by_run(base_paths, "base"), _rows_by_run(new_paths, "new")
+    pairs = [(key, base[key][metric], new[key][metric]) for key in base if key in new
+             and base[key].get(metric) is not None and new[key].get(metric) is not None]  # fmt: skip
+    if not pairs:
+        raise ValueError(f"--compare: no run has {metric!r} on both sides (runs pair by view-dependent setting, object and seed)")
+
+    def group(selected: list[tuple[tuple[str, str, Any], float, float]]) -> dict[str, Any]:
+        deltas = [n - b for _, b, n in selected]
+        better = [d if higher else -d for d in deltas]
+        wins, losses = sum(1 for d in better if d > 0), sum(1 for d in better if d < 0)
+        low, high = bootstrap_mean_interval(deltas)
+        return {
+            "pairs": len(selected), "new_better": wins, "new_worse": losses, "ties": len(selected) - wins - losses,
+            "mean_delta": statistics.fmean(deltas), "median_delta": statistics.median(deltas),
+            "mean_delta_95": [low, high], "sign_test_p": sign_test_p(wins, losses),
+            "base_median": statistics.median(b for _, b, _ in selected),
+            "new_median": statistics.median(n for _, _, n in selected),
+        }  # fmt: skip
+
+    settings = sorted({key[0] for key, _, _ in pairs})
+    return {
+        "metric": metric,
+        "higher_is_better": higher,
+        "pairs": [{"setting": k[0], "object": k[1], "seed": k[2], "base": b, "new": n, "delta": n - b} for k, b, n in pairs],
+        "by_setting": {s: group([p for p in pairs if p[0][0] == s]) for s in settings},
+        "all": group(pairs),
+        "base_only": [list(k) for k in base if k not in new],
+        "new_only": [list(k) for k in new if k not in base],
+    }
+
+
+def compare_table(result: dict[str, Any]) -> str:
+    """Markdown of `compare`: one row per paired run, base → new and the difference, then per
+    setting and over all the wins, the mean difference with its interval and the sign test."""
+    metric = result["metric"]
+    lines = [f"| run (view-dep., object, seed) | base {metric} | new {metric} | Δ |", "| --- | ---: | ---: | ---: |"]
+    for p in result["pairs"]:
+        lines.append(f"| {p['setting']}, {p['object']}, seed {p['seed']} | {p['base']:.3f} | {p['new']:.3f} | {p['delta']:+.3f} |")
+    groups = [(f"view-dep. {s}", g) for s, g in result["by_setting"].items()]
+    if len(groups) > 1:
+        groups.append(("all", result["all"]))
+    for name, g in groups:
+        low, high = g["mean_delta_95"]
+        lines.append(f"| **{name}: median {g['base_median']:.3f} → {g['new_median']:.3f}** | new better in {g['new_better']} "
+                     f"of {g['pairs']}, worse in {g['new_worse']} | mean Δ {g['mean_delta']:+.3f} (95 % {low:+.3f} to "
+                     f"{high:+.3f}), median Δ {g['median_delta']:+.3f} | sign test p = {g['sign_test_p']:.3g} |")  # fmt: skip
+    if result["base_only"] or result["new_only"]:
+        lines.append(f"\nNot paired: {len(result['base_only'])} run(s) on the base side only, {len(result['new_only'])} on the new side only.")
+    return "\n".join(lines)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dreamfusion-trt bench prior", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -428,6 +539,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=str(QUICK_REFERENCE),
                    help="the quick references' JSON, one entry per device kind (default: the package's %(default)s)")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print the Markdown table of these result files and exit")
+    p.add_argument("--compare", nargs=2, metavar=("BASE", "NEW"),
+                   help="pair the runs of two result files (each may be a comma-separated list, e.g. one file per seed) "
+                        "by setting, object and seed, print the paired Markdown table and exit")  # fmt: skip
+    p.add_argument("--metric", default="iou", choices=tuple(COMPARE_HIGHER_IS_BETTER), help="with --compare (default: %(default)s)")
     return p
 
 
@@ -442,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.table:
         print(table(args.table))
+        return 0
+    if args.compare:
+        print(compare_table(compare(*(side.split(",") for side in args.compare), metric=args.metric)))
         return 0
     if args.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {args.concurrency!r}")
