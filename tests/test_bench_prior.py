@@ -328,3 +328,19 @@ def test_compare_from_the_command_line_prints_the_paired_table(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "| on, a blue torus, seed 1 | 0.400 | 0.500 | +0.100 |" in out
     assert "new better in 2 of 2, worse in 0" in out and "mean Δ +0.100" in out
+
+
+def test_collect_keeps_each_runs_score_and_its_iou_at_every_level(tmp_path):
+    run = tmp_path / "a-red-cube-0"
+    run.mkdir()
+    score = {"iou": 0.7, "best_iou": 0.8, "best_threshold": 2.5, "iou_by_threshold": {"2.5": 0.8, "10": 0.7},
+             "mesh_volume_fraction": 0.25, "true_volume_fraction": 0.3, "unrelated": 1}  # fmt: skip
+    (run / "score.json").write_text(json.dumps(score))
+    manifest = [{"prompt": "a red cube", "seed": 1, "status": "done", "wall_s": 9.0, "step": 5, "id": run.name,
+                 "outputs": {"score": f"{run.name}/score.json"}},
+                {"prompt": "a blue torus", "seed": 1, "status": "failed", "error": "out of memory", "id": "x"}]  # fmt: skip
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
+    done, failed = bench_prior.collect(tmp_path)
+    assert done["iou_by_threshold"] == {"2.5": 0.8, "10": 0.7} and done["best_threshold"] == 2.5
+    assert done["steps"] == 5 and done["folder"] == run.name and "unrelated" not in done
+    assert failed["status"] == "failed" and failed["error"] == "out of memory" and failed["iou"] is None
