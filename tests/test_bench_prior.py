@@ -344,3 +344,23 @@ def test_collect_keeps_each_runs_score_and_its_iou_at_every_level(tmp_path):
     assert done["iou_by_threshold"] == {"2.5": 0.8, "10": 0.7} and done["best_threshold"] == 2.5
     assert done["steps"] == 5 and done["folder"] == run.name and "unrelated" not in done
     assert failed["status"] == "failed" and failed["error"] == "out of memory" and failed["iou"] is None
+
+
+def test_compare_tries_a_mesh_level_on_the_same_files(tmp_path):
+    # the runs' IoU at level 2.5 against their mesh IoU: better in two runs, worse in one; a row
+    # written before iou_by_threshold was kept is left out of the pairs
+    path = tmp_path / "r.json"
+    _result_file(path, {("a red cube", 1): 0.6, ("a green sphere", 1): 0.8, ("a blue torus", 1): 0.4, ("a red cone", 1): 0.5})
+    data = json.loads(path.read_text())
+    for row, levels in zip(data["settings"]["on"]["rows"], ({"2.5": 0.7, "10": 0.6}, {"2.5": 0.9}, {"2.5": 0.3}, None)):
+        row["iou_by_threshold"] = levels
+    path.write_text(json.dumps(data))
+    result = bench_prior.compare([str(path)], [str(path)], metric="iou", new_metric="iou@2.50")
+    assert (result["all"]["pairs"], result["all"]["new_better"], result["all"]["new_worse"]) == (3, 2, 1)
+    assert result["all"]["mean_delta"] == pytest.approx(0.1 / 3)
+    assert "| base iou | new iou@2.50 |" in bench_prior.compare_table(result)
+    assert bench_prior.compare([str(path)], [str(path)], metric="iou@10")["all"]["pairs"] == 1
+    with pytest.raises(ValueError, match="iou@LEVEL needs a number"):
+        bench_prior.compare([str(path)], [str(path)], metric="iou@high")
+    with pytest.raises(ValueError, match="better in opposite directions"):
+        bench_prior.compare([str(path)], [str(path)], metric="iou", new_metric="chamfer")

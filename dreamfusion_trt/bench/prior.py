@@ -42,7 +42,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -463,7 +463,22 @@ def bootstrap_mean_interval(deltas: Sequence[float], resamples: int = COMPARE_RE
     return means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]
 
 
-def compare(base_paths: Sequence[str], new_paths: Sequence[str], metric: str = "iou") -> dict[str, Any]:
+def metric_reader(metric: str) -> Callable[[dict[str, Any]], float | None]:
+    """A row's value of ``metric``: one of `COMPARE_HIGHER_IS_BETTER`, or ``iou@LEVEL``, the field's
+    IoU at that density level (from the row's ``iou_by_threshold``; None where the row has none,
+    as in files written before it was kept). ValueError for anything else."""
+    if metric.startswith("iou@"):
+        try:
+            level = f"{float(metric[4:]):g}"
+        except ValueError:
+            raise ValueError(f"--metric iou@LEVEL needs a number, e.g. iou@2.5; got {metric!r}") from None
+        return lambda row: (row.get("iou_by_threshold") or {}).get(level)
+    if metric not in COMPARE_HIGHER_IS_BETTER:
+        raise ValueError(f"--metric must be one of {', '.join(COMPARE_HIGHER_IS_BETTER)} or iou@LEVEL, got {metric!r}")
+    return lambda row: row.get(metric)
+
+
+def compare(base_paths: Sequence[str], new_paths: Sequence[str], metric: str = "iou", new_metric: str | None = None) -> dict[str, Any]:
     """Pair the runs of two sets of result files by (view-dependent setting, object, seed) and
     say, per setting and over all, how often and by how much the new side differs in ``metric``:
     wins and losses (by which way the metric is better), the mean and median difference, its 95 %
@@ -471,12 +486,14 @@ def compare(base_paths: Sequence[str], new_paths: Sequence[str], metric: str = "
     Runs on one side only are listed, not paired. The seed-to-seed spread of one setting's
     median is about 0.04 IoU on this prior (BENCHMARKS.md), so one seed's medians alone do not
     separate changes that small."""
-    if metric not in COMPARE_HIGHER_IS_BETTER:
-        raise ValueError(f"--metric must be one of {', '.join(COMPARE_HIGHER_IS_BETTER)}, got {metric!r}")
-    higher = COMPARE_HIGHER_IS_BETTER[metric]
+    new_metric = new_metric or metric
+    value, new_value = metric_reader(metric), metric_reader(new_metric)
+    higher = COMPARE_HIGHER_IS_BETTER[metric.split("@")[0]]
+    if COMPARE_HIGHER_IS_BETTER[new_metric.split("@")[0]] != higher:
+        raise ValueError(f"--metric {metric} and --new-metric {new_metric} are better in opposite directions")
     base, new = _rows_by_run(base_paths, "base"), _rows_by_run(new_paths, "new")
-    pairs = [(key, base[key][metric], new[key][metric]) for key in base if key in new
-             and base[key].get(metric) is not None and new[key].get(metric) is not None]  # fmt: skip
+    pairs = [(key, value(base[key]), new_value(new[key])) for key in base if key in new
+             and value(base[key]) is not None and new_value(new[key]) is not None]  # fmt: skip
     if not pairs:
         raise ValueError(f"--compare: no run has {metric!r} on both sides (runs pair by view-dependent setting, object and seed)")
 
@@ -496,6 +513,7 @@ def compare(base_paths: Sequence[str], new_paths: Sequence[str], metric: str = "
     settings = sorted({key[0] for key, _, _ in pairs})
     return {
         "metric": metric,
+        "new_metric": new_metric,
         "higher_is_better": higher,
         "pairs": [{"setting": k[0], "object": k[1], "seed": k[2], "base": b, "new": n, "delta": n - b} for k, b, n in pairs],
         "by_setting": {s: group([p for p in pairs if p[0][0] == s]) for s in settings},
@@ -508,8 +526,8 @@ def compare(base_paths: Sequence[str], new_paths: Sequence[str], metric: str = "
 def compare_table(result: dict[str, Any]) -> str:
     """Markdown of `compare`: one row per paired run, base → new and the difference, then per
     setting and over all the wins, the mean difference with its interval and the sign test."""
-    metric = result["metric"]
-    lines = [f"| run (view-dep., object, seed) | base {metric} | new {metric} | Δ |", "| --- | ---: | ---: | ---: |"]
+    metric, new_metric = result["metric"], result.get("new_metric") or result["metric"]
+    lines = [f"| run (view-dep., object, seed) | base {metric} | new {new_metric} | Δ |", "| --- | ---: | ---: | ---: |"]
     for p in result["pairs"]:
         lines.append(f"| {p['setting']}, {p['object']}, seed {p['seed']} | {p['base']:.3f} | {p['new']:.3f} | {p['delta']:+.3f} |")
     groups = [(f"view-dep. {s}", g) for s, g in result["by_setting"].items()]
@@ -545,7 +563,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs=2, metavar=("BASE", "NEW"),
                    help="pair the runs of two result files (each may be a comma-separated list, e.g. one file per seed) "
                         "by setting, object and seed, print the paired Markdown table and exit")  # fmt: skip
-    p.add_argument("--metric", default="iou", choices=tuple(COMPARE_HIGHER_IS_BETTER), help="with --compare (default: %(default)s)")
+    p.add_argument("--metric", default="iou",
+                   help=f"with --compare: {', '.join(COMPARE_HIGHER_IS_BETTER)}, or iou@LEVEL for the IoU at one density "
+                        "level (e.g. iou@2.5; default: %(default)s)")  # fmt: skip
+    p.add_argument("--new-metric", help="with --compare: the NEW side's metric, when it differs from --metric (e.g. the "
+                                        "same files at --metric iou and --new-metric iou@2.5 try a mesh level)")  # fmt: skip
     return p
 
 
@@ -562,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(args.table))
         return 0
     if args.compare:
-        print(compare_table(compare(*(side.split(",") for side in args.compare), metric=args.metric)))
+        print(compare_table(compare(*(side.split(",") for side in args.compare), metric=args.metric, new_metric=args.new_metric)))
         return 0
     if args.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {args.concurrency!r}")
