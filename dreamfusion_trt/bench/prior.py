@@ -8,7 +8,7 @@ the six-colored cube's share of right faces) and its wall time from the batch ma
 one JSON with the rows, the medians and the machine; ``--table`` prints the Markdown table of one
 or more such files (BENCHMARKS.md's table), and ``--compare BASE NEW`` pairs two sets of them run
 by run (setting, object, seed): wins, mean difference with a bootstrap interval, and a sign test,
-since one seed's median moves by about 0.04 IoU from seed to seed.
+since one setting's median moves by 0.04-0.08 IoU from seed to seed.
 
 ``--quick`` is the gate every speed change quotes: a fixed subset (one shape per colour and the
 six-colored cube, seed 0, view-dependent prompts, one batch of K = 4) compared with the stored
@@ -483,9 +483,9 @@ def compare(base_paths: Sequence[str], new_paths: Sequence[str], metric: str = "
     say, per setting and over all, how often and by how much the new side differs in ``metric``:
     wins and losses (by which way the metric is better), the mean and median difference, its 95 %
     bootstrap interval and the sign test's p-value, beside each side's median over the pairs.
-    Runs on one side only are listed, not paired. The seed-to-seed spread of one setting's
-    median is about 0.04 IoU on this prior (BENCHMARKS.md), so one seed's medians alone do not
-    separate changes that small."""
+    Runs on one side only are listed, not paired. One setting's median moves by 0.04-0.08 IoU
+    from seed to seed on this prior (BENCHMARKS.md, eighteenth session), so one seed's medians
+    alone do not separate changes that small."""
     new_metric = new_metric or metric
     value, new_value = metric_reader(metric), metric_reader(new_metric)
     higher = COMPARE_HIGHER_IS_BETTER[metric.split("@")[0]]
