@@ -68,6 +68,9 @@ class SDSConfig:
     rgb_mode: Literal["latent", "image"] = "latent"  # RGB phase: SDS on latents (backprop through the VAE encoder) or image-space SDS (encoder and decoder inference-only, so they can be engines)
     colour_preconditioning: bool = False  # multiply each pixel's RGB gradient by a damped Gauss-Newton colour preconditioner from the VAE's colour -> latent map, so colour directions the latent barely sees (red against white, for the built-in prior) pull as hard as the others (guidance/precondition.py)
     colour_damping: float = 0.1  # the preconditioner's damping, relative to the map's mean eigenvalue; smaller = closer to the full inverse
+    estimator: Literal["sds", "ism"] = "sds"  # sds: DreamFusion's w(t) (eps_hat(x_t) - eps) with fresh noise; ism: interval score matching (LucidDreamer, Liang et al. 2024): x_t comes from the render by deterministic DDIM inversion through x_s, s = t - ism_interval, and the target is the unconditional prediction at x_s instead of the drawn noise (latent space only). On the built-in prior at its guidance 7.5 it lost 0.110 IoU over 48 paired runs (H200, BENCHMARKS.md, nineteenth session)
+    ism_interval: float = 0.05  # with estimator ism: t - s, as a fraction of the scheduler's timesteps
+    ism_inversion_steps: int = 3  # with estimator ism: unconditional DDIM inversion steps from 0 to s (each one predictor call on the K renders), then one step from s to t
 
 
 @dataclass

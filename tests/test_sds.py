@@ -385,3 +385,109 @@ def test_the_trainer_renders_each_slot_with_its_own_geometry_grad(tmp_path, tiny
     drawn = torch.cat([p.t for p in plans[1:]])
     assert (drawn > 500).any() and (drawn <= 500).any()  # both kinds of step were taken
     assert all(r.finite for r in trainer.poll())
+
+
+# ---------------------------------------------------------------------------------------------
+# interval score matching
+
+
+def _ism_reference(pred, ac, latents, t, cond, uncond, scale, interval, steps):
+    """ISM for one prompt at a time in float64, written from the paper's equations: DDIM inversion
+    with eps_u from 0 to s = t - interval in `steps` equal steps, one more to t, then
+    w(t) (eps_hat(x_t) - eps_u(x_s, s))."""
+    ac = ac.double()
+    out = []
+    for k in range(latents.shape[0]):
+        x, tk = latents[k : k + 1].double(), int(t[k])
+        s = max(tk - interval, 0)
+        taus = [s * i // steps for i in range(steps + 1)] + [tk]
+        for a, b in zip(taus[:-1], taus[1:]):
+            eps = pred.eps(x, torch.tensor([a]), uncond[k : k + 1].double())
+            x0 = (x - (1 - ac[a]).sqrt() * eps) / ac[a].sqrt()
+            x = ac[b].sqrt() * x0 + (1 - ac[b]).sqrt() * eps
+        tt = torch.tensor([tk])
+        eps_u = pred.eps(x, tt, uncond[k : k + 1].double())
+        eps_c = pred.eps(x, tt, cond[k : k + 1].double())
+        out.append((1 - ac[tk]) * (eps_u + scale * (eps_c - eps_u) - eps))
+    return torch.cat(out)
+
+
+def test_ism_matches_a_per_prompt_float64_reference():
+    ac = sd_alphas_cumprod()
+    cfg = SDSConfig(guidance_scale=7.5, estimator="ism", ism_interval=0.05, ism_inversion_steps=3)
+    pred = RecordingPredictor()
+    sds = _guidance(pred, ac, cfg)
+    latents, cond, uncond = inputs()
+    t = torch.tensor([30, 400, 977])  # the first one's s clamps to 0
+    noise = torch.randn(K, C, H, W, generator=torch.Generator().manual_seed(3))
+    grad, _ = sds.grad(latents.detach(), t, noise, cond, uncond)
+    want = _ism_reference(RecordingPredictor, ac, latents.detach(), t, cond, uncond, 7.5, 50, 3)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-5)
+    # 3 steps to s and one to t, each one unconditional call on the K renders, then one CFG call
+    assert [c[0].shape[0] for c in pred.calls] == [K, K, K, K, 2 * K]
+    assert all(torch.equal(c[2], uncond) for c in pred.calls[:4])
+    s = torch.tensor([0, 350, 927])
+    assert torch.equal(pred.calls[0][1], torch.zeros(K, dtype=torch.long))
+    assert torch.equal(pred.calls[3][1], s)  # eps_u(x_s, s), the target
+    assert torch.equal(pred.calls[4][1], torch.cat([t, t]))
+    # the drawn noise plays no part: ISM is deterministic given the render and t
+    grad2, _ = sds.grad(latents.detach(), t, torch.zeros_like(noise), cond, uncond)
+    torch.testing.assert_close(grad2, grad, rtol=0, atol=0)
+    # and it differs from SDS's estimate for the same inputs
+    plain, _ = _guidance(RecordingPredictor(), ac, SDSConfig(guidance_scale=7.5)).grad(latents.detach(), t, noise, cond, uncond)
+    assert (plain - grad).abs().max() > 1e-2
+
+
+def test_ism_loss_backpropagates_its_gradient_to_the_render():
+    ac = sd_alphas_cumprod()
+    sds = _guidance(RecordingPredictor(), ac, SDSConfig(guidance_scale=7.5, estimator="ism"))
+    latents, cond, uncond = inputs(1)
+    t = torch.tensor([100, 500, 900])
+    noise = torch.randn(K, C, H, W, generator=torch.Generator().manual_seed(4))
+    loss = sds(_one_part(latents), t, list(noise[:, None]), cond, uncond)
+    grad, _ = sds.grad(latents.detach(), t, noise, cond, uncond)
+    loss.sum().backward()
+    torch.testing.assert_close(latents.grad, grad, rtol=0, atol=0)
+
+
+def test_ddim_step_inverts_itself_and_keeps_x_at_equal_alphas():
+    from dreamfusion_trt.guidance.sds import ddim_step
+
+    ac = sd_alphas_cumprod().double()
+    gen = torch.Generator().manual_seed(5)
+    x, eps = torch.randn(2, 4, 3, 3, generator=gen, dtype=torch.float64), torch.randn(2, 4, 3, 3, generator=gen, dtype=torch.float64)
+    a, b = ac[torch.tensor([10, 200])], ac[torch.tensor([300, 900])]
+    torch.testing.assert_close(ddim_step(ddim_step(x, eps, a, b), eps, b, a), x)
+    torch.testing.assert_close(ddim_step(x, eps, a, a), x)
+
+
+def test_ism_settings_are_checked():
+    ac = sd_alphas_cumprod()
+    with pytest.raises(ValueError, match="ism_interval"):
+        _guidance(RecordingPredictor(), ac, SDSConfig(estimator="ism", ism_interval=0.0))
+    with pytest.raises(ValueError, match="ism_inversion_steps"):
+        _guidance(RecordingPredictor(), ac, SDSConfig(estimator="ism", ism_inversion_steps=0))
+    with pytest.raises(ValueError, match="estimator"):
+        _guidance(RecordingPredictor(), ac, SDSConfig(estimator="vsd"))
+    from dreamfusion_trt.guidance.inputs import ImageSpace
+
+    image = ImageSpace(None, None, 64, 64, (4, 8, 8))
+    with pytest.raises(ValueError, match="rgb_mode latent"):
+        SDSGuidance(RecordingPredictor(), ac, SDSConfig(estimator="ism"), {"rgb": image})
+
+
+def test_the_trainer_takes_ism_steps(tmp_path, tiny_sd_paths):  # noqa: F811
+    """A trainer built with sds.estimator ism trains with finite losses and calls the predictor
+    ism_inversion_steps + 2 times a step."""
+    import dataclasses
+
+    from test_coarse_to_fine import two_prompt_trainer
+
+    trainer = two_prompt_trainer(tmp_path, tiny_sd_paths.folder)
+    trainer.guidance.cfg = dataclasses.replace(trainer.guidance.cfg, estimator="ism", ism_inversion_steps=2)
+    calls = []
+    real = trainer.guidance.predictor
+    trainer.guidance.predictor = lambda *a: (calls.append(a[0].shape[0]), real(*a))[1]
+    trainer.train_step()
+    assert calls == [2, 2, 2, 4]  # two prompts: 2 steps to s, one to t, one CFG call
+    assert all(r.finite for r in trainer.poll())

@@ -4,6 +4,8 @@ For the model input x of each prompt's render (latents, or the VAE's input image
 and that prompt's own t and eps: x_t = sqrt(a_t) x + sqrt(1 - a_t) eps, the noise is predicted
 with classifier-free guidance (`engines.base.guided_noise`, the one place CFG is written), and
 w(t) (eps_hat - eps) is the gradient of the loss with respect to x, skipping the UNet's Jacobian.
+With ``sds.estimator ism`` (interval score matching) x_t is instead the render's own DDIM
+inversion and the unconditional prediction at an earlier timestep replaces eps.
 The noise predictor is injected (eager, compiled or TensorRT) and so is the strategy that turns a
 render into x (`inputs.py`), so this file is the same on every backend and in every phase.
 Nothing here synchronises with the host.
@@ -32,6 +34,16 @@ def sds_weight(alphas_cumprod_t: torch.Tensor, weighting: str) -> torch.Tensor:
     if weighting == "uniform":
         return torch.ones_like(alphas_cumprod_t)
     raise ValueError(f"unknown SDS weighting {weighting!r} (expected one_minus_alpha, sqrt_one_minus_alpha, uniform)")
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: torch.Tensor, alpha_to: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step (either direction) of x [K, ...] with predicted noise eps
+    from cumulative alphas `alpha_from` [K] to `alpha_to` [K]: the predicted x_0 re-noised with
+    the same eps. Equal alphas give x back."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    a0, a1 = alpha_from.view(shape), alpha_to.view(shape)
+    x0 = (x - (1.0 - a0).sqrt() * eps) / a0.sqrt()
+    return a1.sqrt() * x0 + (1.0 - a1).sqrt() * eps
 
 
 def sds_surrogate(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -75,6 +87,14 @@ class SDSGuidance:
             raise ValueError(f"sds.high_noise_share must be in [0, 1], and with a share sds.high_noise_t < sds.high_noise_t_max <= 1; "
                              f"got {cfg.high_noise_share!r}, {cfg.high_noise_t!r} and {cfg.high_noise_t_max!r}")  # fmt: skip
         sds_weight(alphas_cumprod[:1], cfg.weighting)  # rejects an unknown weighting now
+        if cfg.estimator not in ("sds", "ism"):
+            raise ValueError(f"unknown sds.estimator {cfg.estimator!r} (expected sds or ism)")
+        if cfg.estimator == "ism":
+            if not 0.0 < cfg.ism_interval < 1.0 or cfg.ism_inversion_steps < 1:
+                raise ValueError(f"sds.ism_interval must be in (0, 1) and sds.ism_inversion_steps >= 1, got "
+                                 f"{cfg.ism_interval!r} and {cfg.ism_inversion_steps!r}")  # fmt: skip
+            if any(isinstance(s, ImageSpace) for s in (inputs or {}).values()):
+                raise ValueError("sds.estimator ism works on latents: it needs sds.rgb_mode latent")
         self.predictor = predictor
         self.alphas_cumprod = alphas_cumprod.float()  # [T]
         self.cfg = cfg
@@ -148,10 +168,40 @@ class SDSGuidance:
             raise ValueError(f"expected latents [K,C,h,w], t [K] and cond, uncond [K,77,D]; got {tuple(latents.shape)}, "
                              f"{tuple(t.shape)}, {tuple(cond.shape)}, {tuple(uncond.shape)}")  # fmt: skip
         a = self.alphas_cumprod.to(latents.device)[t].view(k, 1, 1, 1)
-        x_t = (a.sqrt() * latents + (1.0 - a).sqrt() * noise).to(latents.dtype)
+        if self.cfg.estimator == "ism":
+            x_t, target = self.ism_inversion(latents, t, uncond)
+        else:
+            x_t, target = (a.sqrt() * latents + (1.0 - a).sqrt() * noise).to(latents.dtype), noise
         eps_hat = guided_noise(self.predictor, x_t, t, cond, uncond, self.guidance_scales(t))
-        grad = torch.nan_to_num(sds_weight(a, self.cfg.weighting) * (eps_hat - noise)).to(latents.dtype)
+        grad = torch.nan_to_num(sds_weight(a, self.cfg.weighting) * (eps_hat - target)).to(latents.dtype)
         return grad, eps_hat
+
+    def ism_interval_start(self, t: torch.Tensor) -> torch.Tensor:
+        """s = t - ism_interval of the schedule, at least 0, per prompt [K] (long)."""
+        return (t - max(round(self.cfg.ism_interval * self.num_timesteps), 1)).clamp(min=0)
+
+    @torch.no_grad()
+    def ism_inversion(self, latents: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Interval score matching's noisy input and target (LucidDreamer, Liang et al. 2024).
+
+        Deterministic DDIM inversion with the unconditional prediction, in `ism_inversion_steps`
+        equal steps from timestep 0 to s = `ism_interval_start(t)` (per prompt), then one step
+        from s to t with eps_u(x_s, s). Returns x_t [K, C, h, w] in the latents' dtype and the
+        target eps_u(x_s, s) [K, C, h, w] float32: the gradient is w(t) (eps_hat(x_t) - target),
+        so the render is matched along its own inverted trajectory instead of against fresh
+        noise. Costs `ism_inversion_steps` + 1 predictor calls on K renders."""
+        ac = self.alphas_cumprod.to(latents.device)
+        s = self.ism_interval_start(t)
+        n = self.cfg.ism_inversion_steps
+        x = latents.float()
+        here = torch.zeros_like(t)
+        eps = x
+        for i in range(1, n + 2):  # n steps 0 -> s, then s -> t
+            there = torch.div(s * i, n, rounding_mode="floor") if i <= n else t
+            eps = self.predictor(x.to(latents.dtype), here, uncond).float().clone()
+            x = ddim_step(x, eps, ac[here], ac[there])
+            here = there
+        return x.to(latents.dtype), eps
 
     def __call__(
         self,
