@@ -185,3 +185,30 @@ def test_a_softer_density_edge_renders_a_larger_silhouette_and_is_cut_lower():
         assert soft["silhouette_area_ratio"] > sharp["silhouette_area_ratio"] > 0.85, shape
         assert sharp["silhouette_iou"] > soft["silhouette_iou"], shape
         assert soft["opacity_level"] < sharp["opacity_level"], shape
+
+
+def test_the_pixel_ceiling_grows_the_true_solid_by_whole_pixels_and_reads_a_run_s_volume_as_its_size_error(tmp_path):
+    from dreamfusion_trt.bench.prior_diagnosis import measure_pixel_ceiling, pixel_footprint
+
+    pixel = pixel_footprint(2.0, 45.0, 64)
+    assert pixel == pytest.approx(2 * 2 * math.tan(math.radians(22.5)) / 64)
+    r, d = 0.45, 0.5 * pixel  # the sphere of scenes.SHAPES
+    want = (r / (r + d)) ** 3  # a sphere inside a larger concentric one
+    # a sphere run 1.5 pixels too big (by volume), with its IoU; a row without volumes is skipped
+    grown = ((r + 1.5 * pixel) / r) ** 3
+    rows = [{"object": "a green sphere", "seed": 1, "iou": 0.7, "mesh_volume_fraction": 0.1 * grown, "true_volume_fraction": 0.1},
+            {"object": "a red cube", "seed": 1, "iou": 0.7}]  # fmt: skip
+    result = tmp_path / "bench.json"
+    result.write_text(json.dumps({"settings": {"on": {"rows": rows}}}))
+    out = measure_pixel_ceiling([-1.0, 0.5, 1.0], pixel, [str(result)], resolution=96)
+    sphere = out["by_shape"]["sphere"]
+    assert sphere["0.5"]["iou"] == pytest.approx(want, abs=0.01)
+    assert sphere["0.5"]["volume_ratio"] == pytest.approx(1 / want, rel=0.02)
+    assert sphere["-1"]["iou"] == pytest.approx(((r - pixel) / r) ** 3, abs=0.01)
+    for shape in out["by_shape"].values():  # growing by more costs more, for every shape
+        assert shape["1"]["iou"] < shape["0.5"]["iou"] < 1.0
+    assert out["by_shape"]["torus"]["1"]["iou"] < out["by_shape"]["sphere"]["1"]["iou"]  # the thin tube pays most
+    (run,) = out["runs"]
+    assert run["offset_px"] == pytest.approx(1.5, abs=0.1)
+    assert run["size_only_iou"] == pytest.approx(1 / grown, abs=0.01)
+    assert run["volume_ratio"] == pytest.approx(grown)

@@ -35,6 +35,10 @@ Per colour (true renders from the prior's own training distribution, 64x64, whit
 - ``silhouette_halo`` (``--silhouette-widths``, no prior loaded): where the known objects'
   renders put their edge at each density edge width: the rendered silhouette's area and IoU
   against the true one, and the level `export.mesh_level` would cut that density at.
+- ``pixel_ceiling`` (``--pixel-offsets``, no prior loaded): what one pixel of the preset's
+  renders is worth in IoU, per shape (the true solid grown by k pixels), and with
+  ``--pixel-results`` each run's volume as a size error in pixels with the IoU that size alone
+  allows (`measure_pixel_ceiling`).
 - ``guidance_inflation`` (``--inflation-scales``): where SDS at the true render points. At each
   guidance scale and timestep, the decoded one-step prediction x0^ (classifier-free guidance at
   that scale, averaged over noise draws) from noised latents of the true renders; its silhouette
@@ -656,6 +660,58 @@ def measure_silhouette_halo(widths: Sequence[float], size: int = 64, samples: in
     return out
 
 
+def pixel_footprint(radius: float, fovy_deg: float, render_size: int) -> float:
+    """The world length one pixel spans at the object's centre, seen from `radius` with a
+    vertical field of view of `fovy_deg` over `render_size` pixels."""
+    return 2.0 * radius * math.tan(math.radians(fovy_deg) / 2.0) / render_size
+
+
+def measure_pixel_ceiling(offsets_px: Sequence[float], pixel: float, results: Sequence[str] = (), resolution: int = 128,
+                          bound: float = 0.6) -> dict[str, Any]:  # fmt: skip
+    """What one pixel of the renders is worth in IoU. Per shape of `scenes.SHAPES`, the true
+    solid grown by k pixels (shrunk for k < 0), {sdf < k * pixel} (the shapes' SDFs are exact
+    distances, so that is the solid offset by k pixels), against the true solid on the score's
+    ``resolution``^3 grid over the box: IoU and volume ratio.
+
+    With `results` (`bench prior` JSON files), each run's mesh volume over the truth's becomes
+    the offset, in pixels, of its shape's offset solid of the same volume (`offset_px`: its size
+    error), and that solid's IoU (`size_only_iou`: what the run would score if its size were its
+    only error). The run's IoU below `size_only_iou` is its shape's error."""
+    from ..prior.scenes import SHAPES
+    from ..prior.score import grid_axes
+
+    axes = grid_axes(bound, resolution)
+    pts = torch.stack(torch.meshgrid(*[torch.as_tensor(a, dtype=torch.float64) for a in axes], indexing="ij"), dim=-1).reshape(-1, 3)
+    sdfs, by_shape = {}, {}
+    for name, spec in SHAPES.items():
+        sdf = spec.sdf(pts)
+        sdfs[name] = sdf
+        by_shape[name] = {f"{k:g}": _offset_scores(sdf, k * pixel) for k in offsets_px}
+    runs = []
+    for path in results:
+        data = json.loads(Path(path).read_text())
+        for setting, block in data.get("settings", {}).items():
+            for row in block.get("rows") or []:
+                mesh, true = row.get("mesh_volume_fraction"), row.get("true_volume_fraction")
+                if not mesh or not true or row.get("iou") is None:
+                    continue
+                shape = resolve_caption(row["object"]).shape
+                sdf = sdfs[shape]
+                ratio = mesh / true
+                rank = min(max(round(ratio * int((sdf < 0).sum())), 1), sdf.numel())
+                offset = float(torch.kthvalue(sdf, rank).values)  # the level whose solid has the run's volume
+                runs.append({"file": Path(path).name, "setting": setting, "object": row["object"], "seed": row.get("seed"),
+                             "iou": row["iou"], "volume_ratio": ratio, "offset_px": offset / pixel,
+                             "size_only_iou": _offset_scores(sdf, offset)["iou"]})  # fmt: skip
+    return {"pixel": pixel, "resolution": resolution, "bound": bound, "by_shape": by_shape, "runs": runs}
+
+
+def _offset_scores(sdf: torch.Tensor, offset: float) -> dict[str, float]:
+    """IoU and volume ratio of {sdf < offset} against {sdf < 0}."""
+    truth, grown = sdf < 0, sdf < offset
+    return {"iou": float((truth & grown).sum() / (truth | grown).sum()), "volume_ratio": float(grown.sum() / truth.sum())}
+
+
 def albedo_logits(caption: str) -> dict[str, Any]:
     rgb = PALETTE[resolve_caption(caption).colors[0]]
     logits = [math.log(c / (1 - c)) for c in rgb]
@@ -747,6 +803,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run-flags", default="", help="with --shape-oracle-steps or --janus-oracle-steps: run flags on top of the preset, e.g. '--sds.guidance_scale 30'")
     p.add_argument("--silhouette-widths", default="",
                    help="comma-separated density edge widths: where the known objects' renders put their edge (no prior loaded)")
+    p.add_argument("--pixel-offsets", default="",
+                   help="comma-separated offsets in pixels of the preset's renders: the IoU of each true solid grown by that much (no prior loaded), e.g. -1,-0.5,0.5,1")
+    p.add_argument("--pixel-results", nargs="*", default=[],
+                   help="with --pixel-offsets: bench prior JSON files whose runs' volumes become size errors in pixels")
+    p.add_argument("--pixel-render-size", type=int, default=0, help="with --pixel-offsets: the renders' size (default: the GPU preset's)")
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (globs) to read thresholds and albedo from")
     p.add_argument("--skip-model", action="store_true", help="only the albedo and --runs numbers (no prior loaded)")
     p.add_argument("--device", default="cpu")
@@ -828,6 +889,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for shape, rows in result["silhouette_halo"]["by_shape"].items():
             log.info("%s: rendered / true silhouette area by width: %s", shape,
                      ", ".join(f"{w} {r['silhouette_area_ratio']:.3f} (level {r['opacity_level']:.3g})" for w, r in rows.items()))  # fmt: skip
+    if args.pixel_offsets:
+        from ..prior.preset import preset_config
+
+        cam = preset_config(None, on_cpu=False).camera
+        size = args.pixel_render_size or cam.render_size
+        if size < 1:
+            p.error(f"--pixel-render-size must be positive, got {size}")
+        pixel = pixel_footprint(sum(cam.radius_range) / 2, sum(cam.fovy_range) / 2, size)
+        result["pixel_ceiling"] = res = measure_pixel_ceiling([float(v) for v in args.pixel_offsets.split(",")], pixel, args.pixel_results)
+        for shape, rows in res["by_shape"].items():
+            log.info("%s grown by k pixels (%.4f each): IoU %s", shape, pixel, ", ".join(f"{k}: {r['iou']:.3f}" for k, r in rows.items()))
+        for r in res["runs"]:
+            log.info("%s %s %s seed %s: IoU %.3f, volume %.2fx = %+.2f px, size-only IoU %.3f", r["file"], r["setting"], r["object"],
+                     r["seed"], r["iou"], r["volume_ratio"], r["offset_px"], r["size_only_iou"])  # fmt: skip
     folders = sorted({Path(f) for pattern in args.runs for f in glob.glob(pattern)})
     result["runs"] = [r for r in (measure_run(f) for f in folders if f.is_dir()) if r is not None]
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
