@@ -14,6 +14,12 @@ without that term (its VAE put red six times closer to white than blue), into an
 
     python build_scripts/train_prior.py --device cuda --color-isometry-weight 0 --out /tmp/prior_plain
 
+A training too long for one job is split: the second job continues the first one's UNet and text
+encoder (keeping its VAE) for --steps-unet more steps, e.g. a prior at 128 x 128:
+
+    python build_scripts/train_prior.py --device cuda --image-size 128 --steps-unet 1000 --out /tmp/p128_a
+    python build_scripts/train_prior.py --device cuda --image-size 128 --steps-unet 3000 --unet-from /tmp/p128_a --out /tmp/p128
+
 A seconds-long CPU smoke run of the whole pipeline with tiny networks:
 
     python build_scripts/train_prior.py --tiny --out /tmp/tiny_prior
@@ -64,6 +70,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-from", metavar="FOLDER",
                    help="keep this trained prior's VAE instead of training one (e.g. the shipped "
                         "dreamfusion_trt/prior/weights), so only the UNet and text encoder are retrained")  # fmt: skip
+    p.add_argument("--unet-from", metavar="FOLDER",
+                   help="start the UNet and text encoder from this trained prior (and keep its VAE unless --vae-from says "
+                        "otherwise), then train --steps-unet more steps: a long training split into shorter jobs")  # fmt: skip
+    p.add_argument("--image-size", type=int,
+                   help=f"pixels of the training renders and of the prior (default: {d.arch.image_size}); the preset's "
+                        "renders follow it")  # fmt: skip
     p.add_argument("--tiny", action="store_true",
                    help="a seconds-long CPU run with tiny networks and 2 renders per object (tests, smoke checks); "
                         "the flags above still override its settings")  # fmt: skip
@@ -78,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> PriorTrainConfig:
     given = {
         name: getattr(args, name)
         for name in ("steps_vae", "steps_unet", "batch_size", "eval_per_caption", "log_every", "color_isometry_weight",
-                     "vae_from")
+                     "vae_from", "unet_from")
         if getattr(args, name) is not None
     }
     data = replace(cfg.data, seed=args.seed)
@@ -90,7 +102,11 @@ def config_from_args(args: argparse.Namespace) -> PriorTrainConfig:
         data = replace(data, num_samples=args.render_samples)
     if args.elevation_sampling is not None:
         data = replace(data, camera=replace(data.camera, elevation_sampling=args.elevation_sampling))
-    return replace(cfg, data=data, **given)
+    arch = cfg.arch
+    if args.image_size is not None:
+        arch = replace(arch, image_size=args.image_size)
+        data = replace(data, image_size=args.image_size, camera=replace(data.camera, render_size=args.image_size))
+    return replace(cfg, arch=arch, data=data, **given)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,3 +242,56 @@ def test_the_shipped_preset_is_what_a_retrain_with_the_default_config_writes():
     cfg = PriorTrainConfig()
     assert yaml.safe_load(preset_yaml(cfg)) == yaml.safe_load((WEIGHTS_DIR / PRESET_NAME).read_text())
     assert yaml.safe_load(preset_cpu_yaml(cfg)) == yaml.safe_load((WEIGHTS_DIR / PRESET_CPU_NAME).read_text())
+
+
+def test_unet_from_continues_a_trained_prior_and_keeps_its_vae(tmp_path):
+    """--unet-from starts the UNet and text encoder from the source's weights (so a different
+    seed's fresh initialisation plays no part), keeps its VAE bit for bit, and trains on."""
+    unet_file, vae_file = "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"
+    source, _ = train_prior(_tiny(tmp_path, "source", eval_per_caption=0))
+    script = _train_prior_script()
+    out = tmp_path / "continued"
+    argv = ["--tiny", "--out", str(out), "--eval-per-caption", "0", "--seed", "1", "--unet-from", str(source)]
+    assert script.main(argv) == 0
+    src, cont = load_file(source / unet_file), load_file(out / unet_file)
+    assert not all(torch.equal(src[k], cont[k]) for k in src)  # trained on
+    fresh, _ = train_prior(_tiny(tmp_path, "fresh", seed=1, eval_per_caption=0))  # what seed 1 gives from scratch
+    far = load_file(fresh / unet_file)
+
+    def dist(a, b):
+        return sum(float((a[k].float() - b[k].float()).square().sum()) for k in a) ** 0.5
+
+    assert dist(cont, src) < 0.01 * dist(far, src)
+    before, after = load_file(source / vae_file), load_file(out / vae_file)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    record = json.loads((out / "prior_train.json").read_text())
+    assert record["unet"]["from"] == str(source) and record["vae"]["from"] == str(source)
+
+
+def test_unet_from_rejects_a_folder_without_a_unet_or_with_another_architecture(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no trained prior's unet"):
+        train_prior(_tiny(tmp_path, "x", unet_from=str(tmp_path / "empty"), eval_per_caption=0))
+    source, _ = train_prior(_tiny(tmp_path, "source", eval_per_caption=0))
+    cfg = _tiny(tmp_path, "x", unet_from=str(source), vae_from=None, eval_per_caption=0)
+    wider = replace(cfg.arch, unet_channels=tuple(2 * c for c in cfg.arch.unet_channels))
+    with pytest.raises(ValueError, match="unet in .* another architecture"):
+        train_prior(replace(cfg, arch=wider))
+    few = _tiny(tmp_path, "few", eval_per_caption=0)
+    few, _ = train_prior(replace(few, data=replace(few.data, captions=("a red cube", "a blue cube"))))
+    with pytest.raises(ValueError, match="other captions"):
+        train_prior(_tiny(tmp_path, "x", unet_from=str(few), eval_per_caption=0))
+    assert not (tmp_path / "x").exists()
+
+
+def test_image_size_sets_the_prior_the_renders_and_the_preset():
+    script = _train_prior_script()
+    cfg = script.config_from_args(script.make_parser().parse_args(["--tiny", "--image-size", "64", "--out", "unused"]))
+    assert cfg.arch.image_size == cfg.data.image_size == 64 and cfg.arch.latent_size == 16
+    from dreamfusion_trt.config import RunConfig, from_dict
+    from dreamfusion_trt.prior.model import preset_yaml
+
+    import yaml
+
+    preset = from_dict(yaml.safe_load(preset_yaml(cfg)), RunConfig())
+    assert preset.camera.render_size == 64 and preset.train.encode_size == 64

@@ -116,6 +116,11 @@ class PriorTrainConfig:
     # must be `arch`'s): a prior retrained on other renders then shares the shipped one's latent
     # space, so only its UNet and text encoder differ.
     vae_from: str | None = None
+    # A trained prior's folder whose UNet and text encoder this run starts from instead of a fresh
+    # initialisation (their architecture must be `arch`'s), keeping that folder's VAE too unless
+    # `vae_from` names another: `steps_unet` more steps, with the schedule's warm-up and decay run
+    # again. One long UNet training then spans several shorter jobs.
+    unet_from: str | None = None
     arch: PriorArchitecture = field(default_factory=PriorArchitecture)
     data: DatasetConfig = field(default_factory=DatasetConfig)
 
@@ -384,6 +389,32 @@ def load_trained_vae(folder: str | Path, fresh, device: torch.device):
     if theirs != ours:
         raise ValueError(f"--vae-from: the VAE in '{folder}' has another architecture ({theirs}) than this prior's ({ours})")
     return vae.to(device).eval().requires_grad_(False)
+
+
+def load_trained_denoiser(folder: str | Path, parts: dict[str, Any], device: torch.device) -> None:
+    """Replace ``parts``' fresh UNet and text encoder by the trained ones in `folder` (its
+    ``unet/`` and ``text_encoder/``), in float32 on `device`. ValueError when the folder lacks
+    them, has another architecture, or was trained on other captions (its tokenizer differs)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    root = Path(folder).expanduser()
+    for sub in ("unet", "text_encoder", "tokenizer"):
+        if not (root / sub).is_dir():
+            raise ValueError(f"--unet-from: '{folder}' holds no trained prior's {sub} (no {sub}/ folder)")
+    from transformers import AutoTokenizer
+
+    if AutoTokenizer.from_pretrained(str(root / "tokenizer")).get_vocab() != parts["tokenizer"].get_vocab():
+        raise ValueError(f"--unet-from: the prior in '{folder}' was trained on other captions (its tokenizer differs)")
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32)
+    text = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=torch.float32)
+    for name, loaded in (("unet", unet), ("text_encoder", text)):
+        fresh = parts[name]
+        shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        if shapes != {k: tuple(v.shape) for k, v in loaded.state_dict().items()}:
+            raise ValueError(f"--unet-from: the {name} in '{folder}' has another architecture than this prior's")
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.to(device)
 
 
 def flat_color_latents(vae, colors: torch.Tensor, size: int = 16) -> torch.Tensor:
@@ -676,15 +707,18 @@ def train_prior(cfg: PriorTrainConfig) -> tuple[Path, dict]:
     for n in ("text_encoder", "unet", "vae"):
         parts[n].to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    if cfg.vae_from is None:
+    vae_from = cfg.vae_from if cfg.vae_from is not None else cfg.unet_from
+    if cfg.unet_from is not None:
+        load_trained_denoiser(cfg.unet_from, parts, device)
+    if vae_from is None:
         vae_stats = train_vae(parts["vae"], data, cfg, device, gen)
     else:
-        parts["vae"] = load_trained_vae(cfg.vae_from, parts["vae"], device)
-        vae_stats = {"from": str(cfg.vae_from), "seconds": 0.0, "psnr": reconstruction_psnr(parts["vae"], data, device),
+        parts["vae"] = load_trained_vae(vae_from, parts["vae"], device)
+        vae_stats = {"from": str(vae_from), "seconds": 0.0, "psnr": reconstruction_psnr(parts["vae"], data, device),
                      "color_isometry": color_isometry_stats(parts["vae"], device)}  # fmt: skip
     mean, std = encode_dataset(parts["vae"], data, device)
     sample = mean + std * torch.randn(mean.shape, generator=gen, device=device)
-    if cfg.vae_from is None:
+    if vae_from is None:
         scaling_factor = float(1.0 / sample.std())
         parts["vae"].register_to_config(scaling_factor=scaling_factor)
     else:  # the kept VAE's own scale, so the latents SDS sees are scaled as before
@@ -721,7 +755,7 @@ def train_prior(cfg: PriorTrainConfig) -> tuple[Path, dict]:
             "dataset_images": len(data),
             "render_seconds": round(render_s, 2),
             "vae": vae_stats,
-            "unet": unet_stats,
+            "unet": {**unet_stats, **({"from": str(cfg.unet_from)} if cfg.unet_from is not None else {})},
             "scaling_factor": scaling_factor,
             "weight_bytes": size,
             "total_seconds": round(time.perf_counter() - started, 2),
