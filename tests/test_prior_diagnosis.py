@@ -212,3 +212,36 @@ def test_the_pixel_ceiling_grows_the_true_solid_by_whole_pixels_and_reads_a_run_
     assert run["offset_px"] == pytest.approx(1.5, abs=0.1)
     assert run["size_only_iou"] == pytest.approx(1 / grown, abs=0.01)
     assert run["volume_ratio"] == pytest.approx(grown)
+
+
+def test_the_radial_error_of_an_untrained_blob_is_its_radius_against_the_object_s(tmp_path):
+    """An untrained scene is its density blob, a ball: against a sphere it is off by the same
+    amount along every ray; against a cube it is off far more towards the corners and edges
+    than towards the faces' centres."""
+    from dreamfusion_trt.bench.prior_diagnosis import fibonacci_directions, measure_radial_error
+
+    dirs = fibonacci_directions(500)
+    torch.testing.assert_close(dirs.norm(dim=-1), torch.ones(500, dtype=torch.float64))
+    assert dirs.mean(0).abs().max() < 0.01  # spread over the whole sphere
+    pixel = 0.0259
+    results = {}
+    for caption in ("a blue sphere", "a blue cube", "a blue torus"):
+        folder = tmp_path / caption.replace(" ", "-")
+        cfg = from_dict({"prompt": {"text": caption}, "field": {"num_levels": 4, "log2_hashmap_size": 12,
+                         "max_resolution": 64, "hidden_dim": 16, "bound": 0.6}}, RunConfig())  # fmt: skip
+        torch.manual_seed(0)
+        save_checkpoint(Checkpoint(step=1, config=cfg, model=build_scene(cfg).state_dict()), folder)
+        (folder / "score.json").write_text(json.dumps({"object": caption, "iou": 0.5}))
+        results[caption] = measure_radial_error(folder, pixel, directions=500)
+    assert results["a blue torus"] is None  # not star-shaped from its centre
+    # the blob's level-10 radius, sigma = exp(blob_density (1 - r / blob_radius)) = 10, up to the untrained network's output
+    r_blob = cfg.field.blob_radius * (1 - math.log(cfg.output.mesh_threshold) / cfg.field.blob_density)
+    sphere = results["a blue sphere"]
+    assert sphere["sharp"] is None and sphere["smooth"]["rays"] == 500
+    assert sphere["all"]["median_px"] == pytest.approx((r_blob - 0.45) / pixel, abs=0.5)
+    assert sphere["all"]["q75_px"] - sphere["all"]["q25_px"] < 0.5
+    cube = results["a blue cube"]
+    assert cube["sharp"]["rays"] + cube["smooth"]["rays"] == 500 and cube["sharp"]["rays"] > 0
+    assert cube["sharp"]["median_px"] < cube["smooth"]["median_px"] - 2  # the ball cuts the corners
+    face_centre = (r_blob - 0.4) / pixel  # the rays through the faces' centres are the least off
+    assert face_centre - 3 < cube["smooth"]["q75_px"] < face_centre + 0.5

@@ -39,6 +39,8 @@ Per colour (true renders from the prior's own training distribution, 64x64, whit
   renders is worth in IoU, per shape (the true solid grown by k pixels), and with
   ``--pixel-results`` each run's volume as a size error in pixels with the IoU that size alone
   allows (`measure_pixel_ceiling`).
+- ``radial_error`` (``--radial-runs``, no prior loaded): where finished runs' surfaces are off,
+  along rays from the centre, in pixels, near sharp features and elsewhere (`measure_radial_error`).
 - ``guidance_inflation`` (``--inflation-scales``): where SDS at the true render points. At each
   guidance scale and timestep, the decoded one-step prediction x0^ (classifier-free guidance at
   that scale, averaged over noise draws) from noised latents of the true renders; its silhouette
@@ -706,10 +708,98 @@ def measure_pixel_ceiling(offsets_px: Sequence[float], pixel: float, results: Se
     return {"pixel": pixel, "resolution": resolution, "bound": bound, "by_shape": by_shape, "runs": runs}
 
 
+def _px(stats: dict[str, float] | None) -> str:
+    return "-" if stats is None else f"{stats['median_px']:+.2f} [{stats['q25_px']:+.2f}, {stats['q75_px']:+.2f}]"
+
+
 def _offset_scores(sdf: torch.Tensor, offset: float) -> dict[str, float]:
     """IoU and volume ratio of {sdf < offset} against {sdf < 0}."""
     truth, grown = sdf < 0, sdf < offset
     return {"iou": float((truth & grown).sum() / (truth | grown).sum()), "volume_ratio": float(grown.sum() / truth.sum())}
+
+
+def fibonacci_directions(n: int) -> torch.Tensor:
+    """`n` unit vectors [n, 3] spread evenly over the sphere (a Fibonacci lattice)."""
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    z = 1.0 - 2.0 * i / n
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    r = (1.0 - z * z).sqrt()
+    return torch.stack([r * phi.cos(), r * phi.sin(), z], dim=-1)
+
+
+def radial_surface(inside: Any, directions: torch.Tensor, r_max: float, steps: int = 600) -> torch.Tensor:
+    """Per direction [n, 3] from the origin, the outermost radius in (0, r_max] where `inside`
+    (points [..., 3] -> bool [...]) holds, on `steps` equal steps [n] (0 where it never does)."""
+    radii = torch.linspace(r_max / steps, r_max, steps, dtype=torch.float64)
+    pts = directions[:, None, :] * radii[None, :, None]  # [n, steps, 3]
+    hit = inside(pts)  # [n, steps]
+    last = torch.where(hit, torch.arange(steps)[None, :], torch.full_like(hit, -1, dtype=torch.long)).amax(dim=1)
+    return torch.where(last >= 0, radii[last.clamp(min=0)], torch.zeros(()))
+
+
+def sharp_directions(sdf: Any, surface: torch.Tensor, spread: float, cos_min: float = 0.99) -> torch.Tensor:
+    """Bool [n]: is the true surface at points `surface` [n, 3] near a sharp feature (an edge,
+    corner, rim or apex): does its normal turn by more than acos(cos_min) within `spread` of it."""
+    def normal(x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(sdf(x).sum(), x)
+        return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    n0 = normal(surface)
+    out = torch.zeros(surface.shape[0], dtype=torch.bool)
+    for axis in torch.eye(3, dtype=surface.dtype):
+        for sign in (-1.0, 1.0):
+            moved = surface + sign * spread * axis
+            out |= (normal(moved) * n0).sum(-1) < cos_min
+    return out
+
+
+def measure_radial_error(folder: Path, pixel: float, directions: int = 2000) -> dict[str, Any] | None:
+    """Where a finished run's surface is off, for star-shaped objects (not the torus): along
+    `directions` rays from the centre, the run's outermost point at its mesh level against the
+    true surface's, in pixels of `pixel` world units; the median and the quartiles of that
+    error, apart for rays whose true surface point is near a sharp feature (within 2 pixels of
+    an edge, corner, rim or apex) and for the rest (faces, sides). None for a torus or a folder
+    without a checkpoint."""
+    from ..checkpoint import load_checkpoint
+    from ..scene import scene_from_checkpoint
+
+    score_path = folder / "score.json"
+    if not score_path.is_file() or not (folder / "checkpoint.json").is_file():
+        return None
+    caption = json.loads(score_path.read_text())["object"]
+    spec = resolve_caption(caption)
+    if spec.shape == "torus":
+        return None
+    from ..prior.scenes import SHAPES
+
+    ckpt = load_checkpoint(folder)
+    renderer = scene_from_checkpoint(ckpt, "cpu")
+    level = float(ckpt.config.output.mesh_threshold)
+    bound = float(ckpt.config.field.bound)
+    sdf = SHAPES[spec.shape].sdf
+    dirs = fibonacci_directions(directions)
+    r_true = radial_surface(lambda x: sdf(x) < 0, dirs, bound)
+
+    def run_inside(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            flat = x.reshape(-1, 3).float()
+            sigma = torch.cat([renderer.field.density(c[None])[0] for c in flat.split(2**16)])
+        return (sigma > level).reshape(x.shape[:-1])
+
+    r_run = radial_surface(run_inside, dirs, bound)
+    error = (r_run - r_true) / pixel
+    sharp = sharp_directions(sdf, dirs * r_true[:, None], 2 * pixel)
+
+    def stats(e: torch.Tensor) -> dict[str, float] | None:
+        if e.numel() == 0:
+            return None
+        q = torch.quantile(e, torch.tensor([0.25, 0.5, 0.75], dtype=e.dtype))
+        return {"rays": int(e.numel()), "median_px": float(q[1]), "q25_px": float(q[0]), "q75_px": float(q[2]),
+                "mean_abs_px": float(e.abs().mean())}  # fmt: skip
+
+    return {"folder": str(folder), "object": caption, "level": level, "pixel": pixel, "all": stats(error),
+            "sharp": stats(error[sharp]), "smooth": stats(error[~sharp])}  # fmt: skip
 
 
 def albedo_logits(caption: str) -> dict[str, Any]:
@@ -807,6 +897,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated offsets in pixels of the preset's renders: the IoU of each true solid grown by that much (no prior loaded), e.g. -1,-0.5,0.5,1")
     p.add_argument("--pixel-results", nargs="*", default=[],
                    help="with --pixel-offsets: bench prior JSON files whose runs' volumes become size errors in pixels")
+    p.add_argument("--radial-runs", nargs="*", default=[],
+                   help="finished run folders (globs): where each surface is off along rays from the centre, near sharp features and elsewhere, in pixels (no prior loaded)")
     p.add_argument("--pixel-render-size", type=int, default=0, help="with --pixel-offsets: the renders' size (default: the GPU preset's)")
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (globs) to read thresholds and albedo from")
     p.add_argument("--skip-model", action="store_true", help="only the albedo and --runs numbers (no prior loaded)")
@@ -903,6 +995,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in res["runs"]:
             log.info("%s %s %s seed %s: IoU %.3f, volume %.2fx = %+.2f px, size-only IoU %.3f", r["file"], r["setting"], r["object"],
                      r["seed"], r["iou"], r["volume_ratio"], r["offset_px"], r["size_only_iou"])  # fmt: skip
+    if args.radial_runs:
+        from ..prior.preset import preset_config
+
+        cam = preset_config(None, on_cpu=False).camera
+        pixel = pixel_footprint(sum(cam.radius_range) / 2, sum(cam.fovy_range) / 2, cam.render_size)
+        radial = sorted({Path(f) for pattern in args.radial_runs for f in glob.glob(pattern)})
+        result["radial_error"] = [r for r in (measure_radial_error(f, pixel) for f in radial if f.is_dir()) if r is not None]
+        for r in result["radial_error"]:
+            log.info("%s: surface off by %s px in median (sharp features %s, elsewhere %s)", r["object"], _px(r["all"]),
+                     _px(r["sharp"]), _px(r["smooth"]))  # fmt: skip
     folders = sorted({Path(f) for pattern in args.runs for f in glob.glob(pattern)})
     result["runs"] = [r for r in (measure_run(f) for f in folders if f.is_dir()) if r is not None]
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
