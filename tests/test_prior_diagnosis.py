@@ -188,7 +188,8 @@ def test_a_softer_density_edge_renders_a_larger_silhouette_and_is_cut_lower():
 
 
 def test_the_pixel_ceiling_grows_the_true_solid_by_whole_pixels_and_reads_a_run_s_volume_as_its_size_error(tmp_path):
-    from dreamfusion_trt.bench.prior_diagnosis import measure_pixel_ceiling, pixel_footprint
+    from dreamfusion_trt.bench.prior_diagnosis import measure_pixel_ceiling
+    from dreamfusion_trt.prior.score import pixel_footprint
 
     pixel = pixel_footprint(2.0, 45.0, 64)
     assert pixel == pytest.approx(2 * 2 * math.tan(math.radians(22.5)) / 64)
@@ -218,7 +219,8 @@ def test_the_radial_error_of_an_untrained_blob_is_its_radius_against_the_object_
     """An untrained scene is its density blob, a ball: against a sphere it is off by the same
     amount along every ray; against a cube it is off far more towards the corners and edges
     than towards the faces' centres."""
-    from dreamfusion_trt.bench.prior_diagnosis import fibonacci_directions, measure_radial_error
+    from dreamfusion_trt.bench.prior_diagnosis import measure_radial_error
+    from dreamfusion_trt.prior.score import fibonacci_directions
 
     dirs = fibonacci_directions(500)
     torch.testing.assert_close(dirs.norm(dim=-1), torch.ones(500, dtype=torch.float64))

@@ -237,3 +237,24 @@ def test_score_command_prints_the_scores_and_fails_in_one_line(tmp_path, capsys)
     assert cli.main(["score", str(burger)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dreamfusion-trt: error: ") and "a hamburger" in err[0]
+
+
+def test_radial_error_reads_a_uniform_offset_as_uniform_and_a_ball_for_a_cube_as_cut_corners():
+    """Analytic fields: a cube's own density at the mesh level lies a fixed distance outside the
+    true surface (200 sigmoid(-sdf / 0.01) = 10 at sdf = 0.01 ln 19), so every ray reads at least
+    that much, faces and edges alike; a sphere scored as a cube misses the corners by far more
+    than the faces; the torus has no radial profile."""
+    from dreamfusion_trt.prior.score import radial_error
+
+    pixel = 0.0259
+    cube = make_object("a red cube", bound=0.6)
+    offset = 0.01 * np.log(19.0) / pixel  # in pixels
+    same = radial_error(cube, cube, 10.0, pixel, directions=400)
+    assert same["sharp"]["rays"] > 0 and same["sharp"]["rays"] + same["smooth"]["rays"] == 400
+    for part in ("sharp", "smooth"):  # oblique rays cross the offset shell over a longer path
+        assert offset - 0.1 < same[part]["q25_px"] <= same[part]["median_px"] < offset + 0.8
+    ball = radial_error(make_object("a red sphere", bound=0.6), cube, 10.0, pixel, directions=400)
+    assert ball["sharp"]["median_px"] < ball["smooth"]["median_px"] - 2 and ball["sharp"]["median_px"] < -3
+    assert radial_error(make_object("a red torus", bound=0.6), make_object("a red torus", bound=0.6), 10.0, pixel) is None
+    with pytest.raises(ValueError, match="pixel > 0"):
+        radial_error(cube, cube, 10.0, 0.0)

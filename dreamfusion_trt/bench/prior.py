@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 # files afterwards; best_iou alone says only that some level would do better.
 SCORE_KEYS = ("iou", "best_iou", "best_threshold", "opacity_on_object", "opacity_off_object", "chamfer",
               "color_error", "face_color_share", "mesh_volume_fraction", "true_volume_fraction",
-              "iou_by_threshold")  # fmt: skip
+              "iou_by_threshold", "radial_error")  # fmt: skip
 
 # The quick gate: one shape per colour and the six-colored cube, seed 0, one batch.
 QUICK_OBJECTS = ("a red cube", "a green sphere", "a blue torus", "a six-colored cube")

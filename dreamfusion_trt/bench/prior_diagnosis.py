@@ -71,6 +71,7 @@ from ..atomic import atomic_write_text
 from ..prior import WEIGHTS_DIR
 from ..prior.dataset import DatasetConfig, render_dataset
 from ..prior.scenes import PALETTE, resolve_caption
+from ..prior.score import pixel_footprint
 
 log = logging.getLogger(__name__)
 
@@ -662,12 +663,6 @@ def measure_silhouette_halo(widths: Sequence[float], size: int = 64, samples: in
     return out
 
 
-def pixel_footprint(radius: float, fovy_deg: float, render_size: int) -> float:
-    """The world length one pixel spans at the object's centre, seen from `radius` with a
-    vertical field of view of `fovy_deg` over `render_size` pixels."""
-    return 2.0 * radius * math.tan(math.radians(fovy_deg) / 2.0) / render_size
-
-
 def measure_pixel_ceiling(offsets_px: Sequence[float], pixel: float, results: Sequence[str] = (), resolution: int = 128,
                           bound: float = 0.6) -> dict[str, Any]:  # fmt: skip
     """What one pixel of the renders is worth in IoU. Per shape of `scenes.SHAPES`, the true
@@ -718,88 +713,24 @@ def _offset_scores(sdf: torch.Tensor, offset: float) -> dict[str, float]:
     return {"iou": float((truth & grown).sum() / (truth | grown).sum()), "volume_ratio": float(grown.sum() / truth.sum())}
 
 
-def fibonacci_directions(n: int) -> torch.Tensor:
-    """`n` unit vectors [n, 3] spread evenly over the sphere (a Fibonacci lattice)."""
-    i = torch.arange(n, dtype=torch.float64) + 0.5
-    z = 1.0 - 2.0 * i / n
-    phi = i * math.pi * (3.0 - math.sqrt(5.0))
-    r = (1.0 - z * z).sqrt()
-    return torch.stack([r * phi.cos(), r * phi.sin(), z], dim=-1)
-
-
-def radial_surface(inside: Any, directions: torch.Tensor, r_max: float, steps: int = 600) -> torch.Tensor:
-    """Per direction [n, 3] from the origin, the outermost radius in (0, r_max] where `inside`
-    (points [..., 3] -> bool [...]) holds, on `steps` equal steps [n] (0 where it never does)."""
-    radii = torch.linspace(r_max / steps, r_max, steps, dtype=torch.float64)
-    pts = directions[:, None, :] * radii[None, :, None]  # [n, steps, 3]
-    hit = inside(pts)  # [n, steps]
-    last = torch.where(hit, torch.arange(steps)[None, :], torch.full_like(hit, -1, dtype=torch.long)).amax(dim=1)
-    return torch.where(last >= 0, radii[last.clamp(min=0)], torch.zeros(()))
-
-
-def sharp_directions(sdf: Any, surface: torch.Tensor, spread: float, cos_min: float = 0.99) -> torch.Tensor:
-    """Bool [n]: is the true surface at points `surface` [n, 3] near a sharp feature (an edge,
-    corner, rim or apex): does its normal turn by more than acos(cos_min) within `spread` of it."""
-    def normal(x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(sdf(x).sum(), x)
-        return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-    n0 = normal(surface)
-    out = torch.zeros(surface.shape[0], dtype=torch.bool)
-    for axis in torch.eye(3, dtype=surface.dtype):
-        for sign in (-1.0, 1.0):
-            moved = surface + sign * spread * axis
-            out |= (normal(moved) * n0).sum(-1) < cos_min
-    return out
-
-
 def measure_radial_error(folder: Path, pixel: float, directions: int = 2000) -> dict[str, Any] | None:
-    """Where a finished run's surface is off, for star-shaped objects (not the torus): along
-    `directions` rays from the centre, the run's outermost point at its mesh level against the
-    true surface's, in pixels of `pixel` world units; the median and the quartiles of that
-    error, apart for rays whose true surface point is near a sharp feature (within 2 pixels of
-    an edge, corner, rim or apex) and for the rest (faces, sides). None for a torus or a folder
-    without a checkpoint."""
+    """Where a finished run's surface is off (`score.radial_error` at its mesh level, in pixels of
+    `pixel` world units), with the run's folder and object; None for a torus or a folder without
+    a checkpoint and score."""
     from ..checkpoint import load_checkpoint
+    from ..prior.score import radial_error
     from ..scene import scene_from_checkpoint
 
     score_path = folder / "score.json"
     if not score_path.is_file() or not (folder / "checkpoint.json").is_file():
         return None
     caption = json.loads(score_path.read_text())["object"]
-    spec = resolve_caption(caption)
-    if spec.shape == "torus":
-        return None
-    from ..prior.scenes import SHAPES
-
     ckpt = load_checkpoint(folder)
     renderer = scene_from_checkpoint(ckpt, "cpu")
+    obj = resolve_caption(caption).build(bound=ckpt.config.field.bound)
     level = float(ckpt.config.output.mesh_threshold)
-    bound = float(ckpt.config.field.bound)
-    sdf = SHAPES[spec.shape].sdf
-    dirs = fibonacci_directions(directions)
-    r_true = radial_surface(lambda x: sdf(x) < 0, dirs, bound)
-
-    def run_inside(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            flat = x.reshape(-1, 3).float()
-            sigma = torch.cat([renderer.field.density(c[None])[0] for c in flat.split(2**16)])
-        return (sigma > level).reshape(x.shape[:-1])
-
-    r_run = radial_surface(run_inside, dirs, bound)
-    error = (r_run - r_true) / pixel
-    sharp = sharp_directions(sdf, dirs * r_true[:, None], 2 * pixel)
-
-    def stats(e: torch.Tensor) -> dict[str, float] | None:
-        if e.numel() == 0:
-            return None
-        q = torch.quantile(e, torch.tensor([0.25, 0.5, 0.75], dtype=e.dtype))
-        return {"rays": int(e.numel()), "median_px": float(q[1]), "q25_px": float(q[0]), "q75_px": float(q[2]),
-                "mean_abs_px": float(e.abs().mean())}  # fmt: skip
-
-    return {"folder": str(folder), "object": caption, "level": level, "pixel": pixel, "all": stats(error),
-            "sharp": stats(error[sharp]), "smooth": stats(error[~sharp])}  # fmt: skip
+    result = radial_error(renderer.field, obj, level, pixel, directions=directions)
+    return None if result is None else {"folder": str(folder), "object": caption, "level": level, **result}
 
 
 def albedo_logits(caption: str) -> dict[str, Any]:

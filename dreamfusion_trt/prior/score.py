@@ -19,6 +19,12 @@ names, all in world units on the run's box ``[-bound, bound]^3``:
   from `OPACITY_VIEWS` validation cameras around the object at the run's render size; the mean
   ray opacity over the pixels whose rays hit the true object, and over those that miss it. A
   translucent shell reads low on the object; a shape too big reads high off it.
+- ``radial_error`` (not for the torus): along `RADIAL_DIRECTIONS` rays from the centre, how far
+  the field's surface at the mesh's level lies outside (+) or inside (−) the true one, in pixels
+  of the images the prior sees (``train.encode_size`` at the cameras' mean radius and field of
+  view), apart where the true surface turns sharply (its normal by more than 8° within 2 pixels:
+  edges, corners, rims, apexes, and a cone's tightly curved top) and elsewhere: a rounded cube
+  reads negative at its edges, a bulging one positive on its faces.
 - ``chamfer``: the mean of the two mean point-to-surface distances: from area-uniform samples of
   the mesh to the true surface (|sdf|, exact) and from area-uniform samples of the true surface
   to the mesh (closest point on the nearest triangles); also given per direction.
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -208,8 +215,10 @@ def score_checkpoint(run_dir: str | Path, obj: AnalyticObject, resolution: int =
     renderer = scene_from_checkpoint(ckpt, "cpu")
     cfg = ckpt.config
     cams = orbit_cameras(OPACITY_VIEWS, cfg.camera.val_elevation, cfg.camera.val_radius, cfg.camera.val_fovy)
+    seen = cfg.train.encode_size or cfg.camera.render_size  # the pixels the model sees
+    pixel = pixel_footprint(sum(cfg.camera.radius_range) / 2, sum(cfg.camera.fovy_range) / 2, seen)
     return score_field(renderer, obj, cfg.field.bound, cfg.output.mesh_threshold, cams, cfg.camera.render_size, resolution,
-                       mesh_threshold=mesh_threshold_of(Path(run_dir), cfg))  # fmt: skip
+                       mesh_threshold=mesh_threshold_of(Path(run_dir), cfg), pixel=pixel)  # fmt: skip
 
 
 @torch.no_grad()
@@ -223,13 +232,14 @@ def score_field(
     resolution: int = FIELD_RESOLUTION,
     chunk: int = 2**16,
     mesh_threshold: float | None = None,
+    pixel: float | None = None,
 ) -> dict[str, Any]:
     """Scores of a one-prompt scene's density against `obj` (see the module docstring):
     ``best_iou``, ``best_threshold`` and the IoU at every threshold tried (`THRESHOLD_FACTORS`
     times `threshold`, the config's fixed level), ``field_iou`` (at `mesh_threshold`, the level
     the mesh was cut at; `threshold` when None), on the ``resolution^3`` grid of `grid_axes`;
     ``opacity_on_object`` and ``opacity_off_object`` over `cams` (N cameras) rendered at
-    ``size x size``."""
+    ``size x size``; with `pixel` (world units), ``radial_error`` at the mesh's level."""
     if renderer.num_prompts != 1:
         raise ValueError(f"score_field scores a one-prompt scene, got {renderer.num_prompts} prompts")
     if threshold <= 0 or size < 1 or resolution < 2:
@@ -263,7 +273,97 @@ def score_field(
         "opacity_off_object": float(off_all.mean()) if len(off_all) else None,
         "opacity_views": len(cams),
         "opacity_size": size,
+        **({} if pixel is None else {"radial_error": radial_error(renderer.field, obj, threshold if mesh_threshold is None else mesh_threshold, pixel)}),
     }
+
+
+RADIAL_DIRECTIONS = 1000  # rays from the centre for `radial_error` in score.json
+RADIAL_STEPS = 500  # radii per ray out to the box's corners: 0.002 world units on the prior's box, under a tenth of its pixel
+
+
+@torch.no_grad()
+def radial_error(density: Any, obj: AnalyticObject, level: float, pixel: float, directions: int = RADIAL_DIRECTIONS,
+                 steps: int = RADIAL_STEPS, chunk: int = 2**16) -> dict[str, Any] | None:  # fmt: skip
+    """Where a field's surface {density > level} is off from `obj`'s, along `directions` rays from
+    the centre: the outermost point of each against the true surface's, in pixels of `pixel`
+    world units. Quartiles and mean |error| over all rays, over rays whose true surface point is
+    where the true surface turns sharply (`sharp_directions` over 2 pixels: edges, corners,
+    rims, apexes and tightly curved parts, ``sharp``) and over the others (faces and gently
+    curved sides, ``smooth``). None for shapes that are not star-shaped from their
+    centre (the torus). `density` is a field module whose ``density`` maps points [1, N, 3] to
+    [1, N]."""
+    if obj.spec.shape == "torus":
+        return None
+    if pixel <= 0 or level <= 0:
+        raise ValueError(f"radial_error needs pixel > 0 and level > 0, got {pixel!r} and {level!r}")
+    dirs = fibonacci_directions(directions)
+    reach = obj.bound * math.sqrt(3.0)  # the box's corners: a cube's corners lie beyond radius `bound`
+    r_true = radial_surface(lambda x: obj.sdf(x) < 0, dirs, reach, steps)
+
+    device = next(density.parameters()).device
+
+    def inside(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, 3).float()
+        sigma = torch.cat([density.density(c[None].to(device))[0].float().cpu() for c in flat.split(chunk)])
+        in_box = flat.abs().amax(dim=-1) <= obj.bound  # renders never sample outside the box
+        return ((sigma > level) & in_box).reshape(x.shape[:-1])
+
+    error = (radial_surface(inside, dirs, reach, steps) - r_true) / pixel
+    sharp = sharp_directions(obj.sdf, dirs * r_true[:, None], 2 * pixel)
+    return {"pixel": pixel, "all": _spread(error), "sharp": _spread(error[sharp]), "smooth": _spread(error[~sharp])}
+
+
+def _spread(e: torch.Tensor) -> dict[str, float] | None:
+    if e.numel() == 0:
+        return None
+    q = torch.quantile(e, torch.tensor([0.25, 0.5, 0.75], dtype=e.dtype))
+    return {"rays": int(e.numel()), "median_px": float(q[1]), "q25_px": float(q[0]), "q75_px": float(q[2]),
+            "mean_abs_px": float(e.abs().mean())}  # fmt: skip
+
+
+def pixel_footprint(radius: float, fovy_deg: float, render_size: int) -> float:
+    """The world length one pixel spans at the object's centre, seen from `radius` with a
+    vertical field of view of `fovy_deg` over `render_size` pixels."""
+    return 2.0 * radius * math.tan(math.radians(fovy_deg) / 2.0) / render_size
+
+
+def fibonacci_directions(n: int) -> torch.Tensor:
+    """`n` unit vectors [n, 3] spread evenly over the sphere (a Fibonacci lattice)."""
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    z = 1.0 - 2.0 * i / n
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    r = (1.0 - z * z).sqrt()
+    return torch.stack([r * phi.cos(), r * phi.sin(), z], dim=-1)
+
+
+def radial_surface(inside: Any, directions: torch.Tensor, r_max: float, steps: int = RADIAL_STEPS) -> torch.Tensor:
+    """Per direction [n, 3] from the origin, the outermost radius in (0, r_max] where `inside`
+    (points [..., 3] -> bool [...]) holds, on `steps` equal steps [n] (0 where it never does)."""
+    radii = torch.linspace(r_max / steps, r_max, steps, dtype=torch.float64)
+    pts = directions[:, None, :] * radii[None, :, None]  # [n, steps, 3]
+    hit = inside(pts)  # [n, steps]
+    last = torch.where(hit, torch.arange(steps)[None, :], torch.full_like(hit, -1, dtype=torch.long)).amax(dim=1)
+    return torch.where(last >= 0, radii[last.clamp(min=0)], torch.zeros(()))
+
+
+def sharp_directions(sdf: Any, surface: torch.Tensor, spread: float, cos_min: float = 0.99) -> torch.Tensor:
+    """Bool [n]: does the true surface turn sharply at points `surface` [n, 3] (an edge, corner,
+    rim or apex, or a tight curve): does its normal turn by more than acos(cos_min) (8° by
+    default) between the point and a point `spread` away along any axis."""
+
+    def normal(x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(sdf(x).sum(), x)
+        return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    n0 = normal(surface)
+    out = torch.zeros(surface.shape[0], dtype=torch.bool)
+    for axis in torch.eye(3, dtype=surface.dtype):
+        for sign in (-1.0, 1.0):
+            moved = surface + sign * spread * axis
+            out |= (normal(moved) * n0).sum(-1) < cos_min
+    return out
 
 
 def occupancy_iou(inside: torch.Tensor, truth: torch.Tensor) -> float:
