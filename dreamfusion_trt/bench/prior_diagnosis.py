@@ -70,8 +70,8 @@ import torch.nn.functional as F
 from ..atomic import atomic_write_text
 from ..prior import WEIGHTS_DIR
 from ..prior.dataset import DatasetConfig, render_dataset
-from ..prior.scenes import PALETTE, resolve_caption
-from ..prior.score import pixel_footprint
+from ..prior.scenes import PALETTE, SHAPES, resolve_caption
+from ..prior.score import grid_axes, pixel_footprint, radial_error
 
 log = logging.getLogger(__name__)
 
@@ -674,9 +674,6 @@ def measure_pixel_ceiling(offsets_px: Sequence[float], pixel: float, results: Se
     the offset, in pixels, of its shape's offset solid of the same volume (`offset_px`: its size
     error), and that solid's IoU (`size_only_iou`: what the run would score if its size were its
     only error). The run's IoU below `size_only_iou` is its shape's error."""
-    from ..prior.scenes import SHAPES
-    from ..prior.score import grid_axes
-
     axes = grid_axes(bound, resolution)
     pts = torch.stack(torch.meshgrid(*[torch.as_tensor(a, dtype=torch.float64) for a in axes], indexing="ij"), dim=-1).reshape(-1, 3)
     sdfs, by_shape = {}, {}
@@ -703,6 +700,15 @@ def measure_pixel_ceiling(offsets_px: Sequence[float], pixel: float, results: Se
     return {"pixel": pixel, "resolution": resolution, "bound": bound, "by_shape": by_shape, "runs": runs}
 
 
+def _preset_pixel(render_size: int = 0) -> float:
+    """World size of one pixel at the object's centre for the GPU preset's cameras, at
+    `render_size` (default: the preset's own)."""
+    from ..prior.preset import preset_config
+
+    cam = preset_config(None, on_cpu=False).camera
+    return pixel_footprint(sum(cam.radius_range) / 2, sum(cam.fovy_range) / 2, render_size or cam.render_size)
+
+
 def _px(stats: dict[str, float] | None) -> str:
     return "-" if stats is None else f"{stats['median_px']:+.2f} [{stats['q25_px']:+.2f}, {stats['q75_px']:+.2f}]"
 
@@ -718,7 +724,6 @@ def measure_radial_error(folder: Path, pixel: float, directions: int = 2000) -> 
     `pixel` world units), with the run's folder and object; None for a torus or a folder without
     a checkpoint and score."""
     from ..checkpoint import load_checkpoint
-    from ..prior.score import radial_error
     from ..scene import scene_from_checkpoint
 
     score_path = folder / "score.json"
@@ -828,9 +833,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated offsets in pixels of the preset's renders: the IoU of each true solid grown by that much (no prior loaded), e.g. -1,-0.5,0.5,1")
     p.add_argument("--pixel-results", nargs="*", default=[],
                    help="with --pixel-offsets: bench prior JSON files whose runs' volumes become size errors in pixels")
-    p.add_argument("--radial-runs", nargs="*", default=[],
-                   help="finished run folders (globs): where each surface is off along rays from the centre, near sharp features and elsewhere, in pixels (no prior loaded)")
     p.add_argument("--pixel-render-size", type=int, default=0, help="with --pixel-offsets: the renders' size (default: the GPU preset's)")
+    p.add_argument("--radial-runs", nargs="*", default=[],
+                   help="finished run folders (globs): where each surface is off along rays from the centre, at sharp turns and elsewhere, in pixels (no prior loaded)")
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (globs) to read thresholds and albedo from")
     p.add_argument("--skip-model", action="store_true", help="only the albedo and --runs numbers (no prior loaded)")
     p.add_argument("--device", default="cpu")
@@ -912,14 +917,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for shape, rows in result["silhouette_halo"]["by_shape"].items():
             log.info("%s: rendered / true silhouette area by width: %s", shape,
                      ", ".join(f"{w} {r['silhouette_area_ratio']:.3f} (level {r['opacity_level']:.3g})" for w, r in rows.items()))  # fmt: skip
+    if args.pixel_render_size < 0:
+        p.error(f"--pixel-render-size must be positive, got {args.pixel_render_size}")
     if args.pixel_offsets:
-        from ..prior.preset import preset_config
-
-        cam = preset_config(None, on_cpu=False).camera
-        size = args.pixel_render_size or cam.render_size
-        if size < 1:
-            p.error(f"--pixel-render-size must be positive, got {size}")
-        pixel = pixel_footprint(sum(cam.radius_range) / 2, sum(cam.fovy_range) / 2, size)
+        pixel = _preset_pixel(args.pixel_render_size)
         result["pixel_ceiling"] = res = measure_pixel_ceiling([float(v) for v in args.pixel_offsets.split(",")], pixel, args.pixel_results)
         for shape, rows in res["by_shape"].items():
             log.info("%s grown by k pixels (%.4f each): IoU %s", shape, pixel, ", ".join(f"{k}: {r['iou']:.3f}" for k, r in rows.items()))
@@ -927,10 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("%s %s %s seed %s: IoU %.3f, volume %.2fx = %+.2f px, size-only IoU %.3f", r["file"], r["setting"], r["object"],
                      r["seed"], r["iou"], r["volume_ratio"], r["offset_px"], r["size_only_iou"])  # fmt: skip
     if args.radial_runs:
-        from ..prior.preset import preset_config
-
-        cam = preset_config(None, on_cpu=False).camera
-        pixel = pixel_footprint(sum(cam.radius_range) / 2, sum(cam.fovy_range) / 2, cam.render_size)
+        pixel = _preset_pixel()
         radial = sorted({Path(f) for pattern in args.radial_runs for f in glob.glob(pattern)})
         result["radial_error"] = [r for r in (measure_radial_error(f, pixel) for f in radial if f.is_dir()) if r is not None]
         for r in result["radial_error"]:

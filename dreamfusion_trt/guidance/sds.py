@@ -195,7 +195,6 @@ class SDSGuidance:
         n = self.cfg.ism_inversion_steps
         x = latents.float()
         here = torch.zeros_like(t)
-        eps = x
         for i in range(1, n + 2):  # n steps 0 -> s, then s -> t
             there = torch.div(s * i, n, rounding_mode="floor") if i <= n else t
             eps = self.predictor(x.to(latents.dtype), here, uncond).float().clone()

@@ -396,14 +396,12 @@ def load_trained_denoiser(folder: str | Path, parts: dict[str, Any], device: tor
     ``unet/`` and ``text_encoder/``), in float32 on `device`. ValueError when the folder lacks
     them, has another architecture, or was trained on other captions (its tokenizer differs)."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import AutoTokenizer, CLIPTextModel
 
     root = Path(folder).expanduser()
     for sub in ("unet", "text_encoder", "tokenizer"):
         if not (root / sub).is_dir():
             raise ValueError(f"--unet-from: '{folder}' holds no trained prior's {sub} (no {sub}/ folder)")
-    from transformers import AutoTokenizer
-
     if AutoTokenizer.from_pretrained(str(root / "tokenizer")).get_vocab() != parts["tokenizer"].get_vocab():
         raise ValueError(f"--unet-from: the prior in '{folder}' was trained on other captions (its tokenizer differs)")
     unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32)

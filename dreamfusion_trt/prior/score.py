@@ -286,10 +286,10 @@ def radial_error(density: Any, obj: AnalyticObject, level: float, pixel: float, 
                  steps: int = RADIAL_STEPS, chunk: int = 2**16) -> dict[str, Any] | None:  # fmt: skip
     """Where a field's surface {density > level} is off from `obj`'s, along `directions` rays from
     the centre: the outermost point of each against the true surface's, in pixels of `pixel`
-    world units. Quartiles and mean |error| over all rays, over rays whose true surface point is
-    where the true surface turns sharply (`sharp_directions` over 2 pixels: edges, corners,
-    rims, apexes and tightly curved parts, ``sharp``) and over the others (faces and gently
-    curved sides, ``smooth``). None for shapes that are not star-shaped from their
+    world units. Quartiles and mean |error| over all rays, over the rays whose true surface
+    point lies where the surface turns sharply (`sharp_directions` over 2 pixels: edges,
+    corners, rims, apexes and tightly curved parts, ``sharp``) and over the others (faces and
+    gently curved sides, ``smooth``). None for shapes that are not star-shaped from their
     centre (the torus). `density` is a field module whose ``density`` maps points [1, N, 3] to
     [1, N]."""
     if obj.spec.shape == "torus":
