@@ -8,11 +8,17 @@ prior_train.json and prior_eval.json:
 
     python build_scripts/train_prior.py --device cuda
 
-The shipped weights were trained with these defaults, whose VAE keeps flat colours' RGB
-distances in latent space (``--color-isometry-weight 1.0``; 463 s on an H200). The earlier prior,
-without that term (its VAE put red six times closer to white than blue), into another folder:
+The shipped weights' VAE was trained with these defaults at ``--object-offset 0`` (463 s on an
+H200); it keeps flat colours' RGB distances in latent space (``--color-isometry-weight 1.0``).
+Their UNet and text encoder were then retrained on renders whose density sits 0.03 inside each
+object's surface (the default since), so the renders' silhouettes are the objects' own size
+(367 s on an H200, from the weights of commit 82f5c1c):
 
-    python build_scripts/train_prior.py --device cuda --color-isometry-weight 0 --out /tmp/prior_plain
+    python build_scripts/train_prior.py --device cuda --object-offset 0.03 --vae-from dreamfusion_trt/prior/weights --out /tmp/prior_off
+
+The earlier prior without the colour term (its VAE put red six times closer to white than blue):
+
+    python build_scripts/train_prior.py --device cuda --color-isometry-weight 0 --object-offset 0 --out /tmp/prior_plain
 
 A training too long for one job is split: the second job continues the first one's UNet and text
 encoder (keeping its VAE) for --steps-unet more steps, e.g. a prior at 128 x 128:
@@ -65,6 +71,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--object-width", type=float,
                    help="world units over which the training objects' density falls at their surface "
                         f"(density scale x sigmoid(-sdf / width); default: {d.data.object_width})")  # fmt: skip
+    p.add_argument("--object-offset", type=float,
+                   help="world units inside the surface at which the training objects' density is centred, so that "
+                        "their soft edge's silhouette lies on the true one (0.03 at width 0.01: prior_diagnosis "
+                        f"--silhouette-widths 0.01 --silhouette-offsets ...; default: {d.data.object_offset})")  # fmt: skip
     p.add_argument("--render-samples", type=int,
                    help=f"samples per ray of the training renders; a sharper edge needs more (default: {d.data.num_samples})")
     p.add_argument("--vae-from", metavar="FOLDER",
@@ -98,6 +108,8 @@ def config_from_args(args: argparse.Namespace) -> PriorTrainConfig:
         data = replace(data, images_per_object=args.images_per_object)
     if args.object_width is not None:
         data = replace(data, object_width=args.object_width)
+    if args.object_offset is not None:
+        data = replace(data, object_offset=args.object_offset)
     if args.render_samples is not None:
         data = replace(data, num_samples=args.render_samples)
     if args.elevation_sampling is not None:

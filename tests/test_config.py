@@ -94,4 +94,4 @@ def test_help_shows_the_defaults_the_prior_and_a_cpu_run_will_use(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--train.iters VALUE (default: 10000; built-in prior: 2000; built-in prior on a CPU: 400; another model on a CPU: 400)" in text
+    assert "--train.iters VALUE (default: 10000; built-in prior: 2000; built-in prior on a CPU: 600; another model on a CPU: 400)" in text

@@ -1,5 +1,5 @@
 """The built-in prior's known answer, end to end on the CPU: the README's main command with its
-CPU settings (32x32 renders, 400 steps) must recover a cube, scored against the true one."""
+CPU settings (32x32 renders, 600 steps) must recover a cube, scored against the true one."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dreamfusion_trt.cameras import orbit_cameras
+from dreamfusion_trt.cameras import get_rays, orbit_cameras
 from dreamfusion_trt.config import FieldConfig, RenderConfig
 from dreamfusion_trt.field.background import Background
 from dreamfusion_trt.field.nerf import FieldOutput
@@ -48,6 +48,31 @@ def test_occupancy_matches_density_and_the_object_fits_the_box(caption):
     # the surface keeps well inside the default bound
     pts = obj.sample_surface(2000, gen)
     assert pts.abs().max() < 0.6
+
+
+def test_an_offset_moves_the_density_inside_and_leaves_the_solid_as_it_is():
+    """``offset`` centres the soft edge that far inside the surface: half the scale at sdf =
+    -offset, the same solid (sdf, occupancy), and a smaller rendered silhouette."""
+    plain, moved = make_object("a blue cube"), make_object("a blue cube", offset=0.03)
+    x = torch.tensor([[[0.4, 0.0, 0.0], [0.37, 0.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.0, 0.0]]])
+    assert torch.allclose(plain.density(x)[0, 0], torch.tensor(plain.density_scale / 2))
+    assert torch.allclose(moved.density(x)[0, 1], torch.tensor(moved.density_scale / 2))
+    assert moved.density(x)[0, 0] < 0.1 * moved.density_scale  # the surface is 3 widths outside the edge now
+    assert torch.allclose(moved.density(x)[0, 2], plain.density(x)[0, 2])  # deep inside: the full scale
+    assert torch.equal(moved.sdf(x), plain.sdf(x)) and torch.equal(moved.occupancy(x), plain.occupancy(x))
+    assert moved.with_prompts(3).offset == 0.03
+
+    cams = orbit_cameras(4, elevation_deg=20.0, radius=2.0, fovy_deg=45.0)
+    areas = []
+    for obj in (plain, moved):
+        renderer = Renderer(obj.with_prompts(4), Background(FieldConfig(background="solid"), 4),
+                            RenderConfig(backend="torch", num_samples=96), bound=0.6).eval()  # fmt: skip
+        rays_o, rays_d = get_rays(cams, 32, 32)
+        with torch.no_grad():
+            areas.append(float((renderer.render(rays_o, rays_d, cams.light_dir, shading="albedo").opacity > 0.5).sum()))
+    assert areas[1] < 0.95 * areas[0], areas
+    with pytest.raises(ValueError, match="offset"):
+        make_object("a blue cube", offset=-0.01)
 
 
 @pytest.mark.parametrize("caption", ["a red cube", "a red cone", "a red torus", "a red cylinder", "a red sphere"])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from dreamfusion_trt.config import PromptConfig, load_yaml
 from dreamfusion_trt.guidance.text import VIEWS, view_indices, view_prompt
-from dreamfusion_trt.prior.dataset import PLAIN, SHADINGS, DatasetConfig, render_dataset
+from dreamfusion_trt.prior.dataset import PLAIN, PRIOR_OFFSET, SHADINGS, DatasetConfig, render_dataset
 from dreamfusion_trt.prior.model import (
     MAX_WEIGHT_BYTES,
     PriorArchitecture,
@@ -103,6 +103,22 @@ def test_dataset_object_width_sharpens_the_silhouette_edge():
     args = script.make_parser().parse_args(["--tiny", "--object-width", "0.003", "--render-samples", "192"])
     cfg = script.config_from_args(args)
     assert cfg.data.object_width == 0.003 and cfg.data.num_samples == 192
+
+
+def test_dataset_object_offset_renders_the_objects_smaller_and_reaches_the_script():
+    base = DatasetConfig(images_per_object=4, image_size=32, num_samples=128, batch=4, seed=1,
+                         shading_probs=(1.0, 0.0, 0.0), captions=("a blue sphere",))  # fmt: skip
+
+    def covered_pixels(offset: float) -> int:
+        return int((render_dataset(replace(base, object_offset=offset)).float_images()[:, 0] < 0.5).sum())
+
+    assert covered_pixels(0.03) < 0.92 * covered_pixels(0.0)
+    with pytest.raises(ValueError, match="object_offset"):
+        render_dataset(replace(base, object_offset=-0.01))
+    script = _train_prior_script()
+    cfg = script.config_from_args(script.make_parser().parse_args(["--tiny", "--object-offset", "0.03"]))
+    assert cfg.data.object_offset == 0.03
+    assert script.config_from_args(script.make_parser().parse_args(["--tiny"])).data.object_offset == PRIOR_OFFSET == 0.03
 
 
 def test_dataset_rejects_unknown_captions():

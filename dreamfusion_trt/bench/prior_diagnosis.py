@@ -34,7 +34,8 @@ Per colour (true renders from the prior's own training distribution, 64x64, whit
   open the hole?) and of the true one (does it keep it open?).
 - ``silhouette_halo`` (``--silhouette-widths``, no prior loaded): where the known objects'
   renders put their edge at each density edge width: the rendered silhouette's area and IoU
-  against the true one, and the level `export.mesh_level` would cut that density at.
+  against the true one, and the level `export.mesh_level` would cut that density at; with
+  ``--silhouette-offsets`` also for the density moved that far inside the surface.
 - ``pixel_ceiling`` (``--pixel-offsets``, no prior loaded): what one pixel of the preset's
   renders is worth in IoU, per shape (the true solid grown by k pixels), and with
   ``--pixel-results`` each run's volume as a size error in pixels with the IoU that size alone
@@ -609,9 +610,11 @@ def measure_shape_oracle(caption: str, steps: int, view_dependent: bool, seed: i
     return out
 
 
-def measure_silhouette_halo(widths: Sequence[float], size: int = 64, samples: int = 256) -> dict[str, Any]:
-    """Where the known objects' renders put their edge, per shape (its blue version) and density
-    edge width (the prior's training objects: `scenes.DEFAULT_WIDTH`). The object is rendered
+def measure_silhouette_halo(widths: Sequence[float], size: int = 64, samples: int = 256,
+                            offsets: Sequence[float] = (0.0,)) -> dict[str, Any]:
+    """Where the known objects' renders put their edge, per shape (its blue version), density
+    edge width (the prior's training objects: `scenes.DEFAULT_WIDTH`) and density offset (rows
+    ``"W"`` at offset 0, ``"W@O"`` otherwise: the density centred O inside the surface). The object is rendered
     like a field (albedo, `samples` per ray) from the mesh level's 12 cameras
     (`export.mesh_level.level_cameras` on the prior's validation orbit) at ``size x size``; its
     silhouette (opacity > 0.5) against the true one (sdf < 0): area ratio and IoU; and the level
@@ -632,8 +635,8 @@ def measure_silhouette_halo(widths: Sequence[float], size: int = 64, samples: in
     out: dict[str, Any] = {"size": size, "samples": samples, "views": len(cams), "by_shape": {}}
     for shape in ("cube", "sphere", "cone", "torus", "cylinder"):
         rows = {}
-        for width in widths:
-            obj = make_object(f"a blue {shape}", bound=bound, width=width)
+        for width, offset in ((w, o) for w in widths for o in offsets):
+            obj = make_object(f"a blue {shape}", bound=bound, width=width, offset=offset)
             renderer = Renderer(obj, Background(FieldConfig(background="solid"), 1),
                                 RenderConfig(backend="torch", num_samples=samples), bound=bound).eval()  # fmt: skip
             rendered, truth, opacity, rays_o, rays_d = 0, 0, [], [], []
@@ -654,7 +657,7 @@ def measure_silhouette_halo(widths: Sequence[float], size: int = 64, samples: in
             axis = torch.as_tensor(grid_coordinates(bound, LEVEL_GRID), dtype=torch.float32)  # the density grid's points
             pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
             inside = obj.occupancy(pts)
-            rows[f"{width:g}"] = {
+            rows[f"{width:g}" if offset == 0 else f"{width:g}@{offset:g}"] = {
                 "silhouette_area_ratio": rendered / max(truth, 1), "silhouette_iou": inter / max(union, 1),
                 "opacity_level": level.threshold, "iou_at_opacity_level": occupancy_iou(grid.reshape(-1) > level.threshold, inside),
                 "iou_at_10": occupancy_iou(grid.reshape(-1) > 10.0, inside),
@@ -829,6 +832,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run-flags", default="", help="with --shape-oracle-steps or --janus-oracle-steps: run flags on top of the preset, e.g. '--sds.guidance_scale 30'")
     p.add_argument("--silhouette-widths", default="",
                    help="comma-separated density edge widths: where the known objects' renders put their edge (no prior loaded)")
+    p.add_argument("--silhouette-offsets", default="0",
+                   help="with --silhouette-widths: comma-separated density offsets inside the surface, world units (default: %(default)s)")
     p.add_argument("--pixel-offsets", default="",
                    help="comma-separated offsets in pixels of the preset's renders: the IoU of each true solid grown by that much (no prior loaded), e.g. -1,-0.5,0.5,1")
     p.add_argument("--pixel-results", nargs="*", default=[],
@@ -913,9 +918,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    f"volume {r['volume_ratio']:.2f}" + (f", faces {r['faces_right']}" if "faces_right" in r else "")
                                    for r in res["trajectory"]))  # fmt: skip
     if args.silhouette_widths:
-        result["silhouette_halo"] = measure_silhouette_halo([float(w) for w in args.silhouette_widths.split(",")])
+        result["silhouette_halo"] = measure_silhouette_halo([float(w) for w in args.silhouette_widths.split(",")],
+                                                            offsets=[float(o) for o in args.silhouette_offsets.split(",")])  # fmt: skip
         for shape, rows in result["silhouette_halo"]["by_shape"].items():
-            log.info("%s: rendered / true silhouette area by width: %s", shape,
+            log.info("%s: rendered / true silhouette area by width[@offset]: %s", shape,
                      ", ".join(f"{w} {r['silhouette_area_ratio']:.3f} (level {r['opacity_level']:.3g})" for w, r in rows.items()))  # fmt: skip
     if args.pixel_render_size < 0:
         p.error(f"--pixel-render-size must be positive, got {args.pixel_render_size}")

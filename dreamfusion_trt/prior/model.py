@@ -627,11 +627,11 @@ field:
   normals: autograd
 render:
   num_samples: 32
-  albedo_iters: 200
+  albedo_iters: 300
 camera:
   render_size: {size // 2}
 train:
-  iters: 400
+  iters: 600  # 400 left the prior's runs faint and small since its objects are rendered at their own size (README red cube 0.743 -> 0.798 at 600; BENCHMARKS.md, twentieth session)
   encode_size: {size}
 output:
   mesh_resolution: 64

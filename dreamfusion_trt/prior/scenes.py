@@ -8,8 +8,12 @@ the training renders of the built-in prior come out of the same code path as a N
 - Shapes (z is up, centred at the origin, inside ``[-0.5, 0.5]^3``): cube, sphere, cone (apex up),
   torus (lying in the xy-plane), cylinder (axis z). Their SDFs are exact Euclidean distances, so
   ``x - sdf(x) * grad sdf(x)`` is the nearest surface point.
-- Density: ``density_scale * sigmoid(-sdf / width)``: a sharp shell, ``density_scale / 2`` on the
-  surface itself. Outside ``[-bound, bound]^3`` it is zero, as in `NeRFField`.
+- Density: ``density_scale * sigmoid(-(sdf + offset) / width)``: a sharp shell, ``density_scale / 2``
+  on the surface itself (``offset`` 0) or ``offset`` inside it. A ray that grazes the object runs a
+  long way through the soft edge, so its rendered silhouette lies outside the surface (by about a
+  pixel of the prior's renders at width 0.01); an ``offset`` moves the density in by that much, so
+  the renders show the object at its own size. The solid (``sdf``, ``occupancy``) is the same at
+  any offset. Outside ``[-bound, bound]^3`` the density is zero, as in `NeRFField`.
 - Albedo: one colour, or for the six-colored cube one colour per face, picked by the dominant
   axis of the point (``FACES`` order: +x, -x, +y, -y, +z, -z). The camera at azimuth 0 (the
   front view) looks at the +x face, the back view at -x, overhead at +z.
@@ -198,6 +202,7 @@ class AnalyticObject(nn.Module):
         bound: float = 1.0,
         density_scale: float = DEFAULT_DENSITY_SCALE,
         width: float = DEFAULT_WIDTH,
+        offset: float = 0.0,
     ) -> None:
         super().__init__()
         if spec.shape not in SHAPES:
@@ -208,12 +213,15 @@ class AnalyticObject(nn.Module):
             raise ValueError(f"per-face colours need a cube, got shape {spec.shape!r}")
         if density_scale <= 0 or width <= 0 or bound <= 0:
             raise ValueError(f"density_scale, width and bound must be positive, got {density_scale!r}, {width!r}, {bound!r}")
+        if not 0.0 <= offset < 0.1:
+            raise ValueError(f"density offset must be in [0, 0.1) world units, got {offset!r}")
         self.spec = spec
         self.caption = spec.caption
         self.num_prompts = int(num_prompts)
         self.bound = float(bound)
         self.density_scale = float(density_scale)
         self.width = float(width)
+        self.offset = float(offset)
         self.shape = SHAPES[spec.shape]
         self.register_buffer("colors", spec.color_values())  # [C, 3]
         # The Renderer finds its device through the field's parameters; this empty one moves with
@@ -222,7 +230,7 @@ class AnalyticObject(nn.Module):
 
     def with_prompts(self, num_prompts: int) -> "AnalyticObject":
         """The same object for another number of prompts, on the same device."""
-        other = AnalyticObject(self.spec, num_prompts, self.bound, self.density_scale, self.width)
+        other = AnalyticObject(self.spec, num_prompts, self.bound, self.density_scale, self.width, self.offset)
         return other.to(self.colors.device)
 
     # -- geometry over any leading shape ----------------------------------------------------------
@@ -284,7 +292,7 @@ class AnalyticObject(nn.Module):
             raise ValueError(f"expected positions of shape [K, N, 3], got {tuple(x.shape)}")
 
     def _density_from_sdf(self, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        sigma = self.density_scale * torch.sigmoid(-d / self.width)
+        sigma = self.density_scale * torch.sigmoid(-(d + self.offset) / self.width)
         inside = (x.abs() <= self.bound).all(dim=-1)
         return torch.where(inside, sigma, torch.zeros_like(sigma))
 
@@ -310,7 +318,8 @@ class AnalyticObject(nn.Module):
         return FieldOutput(sigma=sigma, albedo=self.surface_color(x), normal=normal)
 
     def extra_repr(self) -> str:
-        return f"caption={self.caption!r}, prompts={self.num_prompts}, scale={self.density_scale:g}, width={self.width:g}"
+        return (f"caption={self.caption!r}, prompts={self.num_prompts}, scale={self.density_scale:g}, "
+                f"width={self.width:g}, offset={self.offset:g}")
 
 
 def make_object(caption: str, num_prompts: int = 1, device: torch.device | str = "cpu", **kwargs) -> AnalyticObject:
