@@ -614,8 +614,8 @@ def measure_silhouette_halo(widths: Sequence[float], size: int = 64, samples: in
                             offsets: Sequence[float] = (0.0,)) -> dict[str, Any]:
     """Where the known objects' renders put their edge, per shape (its blue version), density
     edge width (the prior's training objects: `scenes.DEFAULT_WIDTH`) and density offset (rows
-    ``"W"`` at offset 0, ``"W@O"`` otherwise: the density centred O inside the surface). The object is rendered
-    like a field (albedo, `samples` per ray) from the mesh level's 12 cameras
+    ``"W"`` at offset 0, ``"W@O"`` otherwise: the density centred O inside the surface). The
+    object is rendered like a field (albedo, `samples` per ray) from the mesh level's 12 cameras
     (`export.mesh_level.level_cameras` on the prior's validation orbit) at ``size x size``; its
     silhouette (opacity > 0.5) against the true one (sdf < 0): area ratio and IoU; and the level
     `export.mesh_level.choose_level` cuts its own density at, with the IoU of the true solid and

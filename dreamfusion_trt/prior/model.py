@@ -631,7 +631,7 @@ render:
 camera:
   render_size: {size // 2}
 train:
-  iters: 600  # 400 left the prior's runs faint and small since its objects are rendered at their own size (README red cube 0.743 -> 0.798 at 600; BENCHMARKS.md, twentieth session)
+  iters: 600  # at 400 this prior's runs stay faint and small: README red cube 0.743, 0.798 at 600 (BENCHMARKS.md, twentieth session)
   encode_size: {size}
 output:
   mesh_resolution: 64
