@@ -76,15 +76,17 @@ def _uniform(lo_hi: tuple[float, float], n: int, gen: torch.Generator) -> torch.
     return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
 
 
-def _elevations(cfg: CameraConfig, n: int, generator: torch.Generator) -> torch.Tensor:
-    """[n] float64 degrees in ``cfg.elevation_range``: uniform on the sphere's band (``sphere``, so
-    overhead views are as rare as their solid angle) or uniform in degrees (``angle``)."""
+def _elevations(cfg: CameraConfig, u: torch.Tensor) -> torch.Tensor:
+    """Shares `u` [n] float64 in [0, 1) -> degrees in ``cfg.elevation_range``: uniform on the
+    sphere's band (``sphere``, so overhead views are as rare as their solid angle) or uniform in
+    degrees (``angle``)."""
     if cfg.elevation_sampling == "angle":
-        return _uniform(cfg.elevation_range, n, generator)
+        lo, hi = cfg.elevation_range
+        return lo + (hi - lo) * u
     if cfg.elevation_sampling != "sphere":
         raise ValueError(f"camera.elevation_sampling must be 'sphere' or 'angle', got {cfg.elevation_sampling!r}")
     lo, hi = (math.sin(math.radians(v)) for v in cfg.elevation_range)
-    return torch.rad2deg(torch.asin(_uniform((lo, hi), n, generator)))
+    return torch.rad2deg(torch.asin(lo + (hi - lo) * u))
 
 
 def cameras_at(cfg: CameraConfig, progress: float) -> CameraConfig:
@@ -97,11 +99,21 @@ def cameras_at(cfg: CameraConfig, progress: float) -> CameraConfig:
     return cfg
 
 
-def sample_random_cameras(n: int, cfg: CameraConfig, generator: torch.Generator) -> CameraBatch:
-    """DreamFusion's training distribution; sampled on the CPU from `generator` (reproducible)."""
+def sample_random_cameras(n: int, cfg: CameraConfig, generator: torch.Generator, shares: torch.Tensor | None = None) -> CameraBatch:
+    """DreamFusion's training distribution; sampled on the CPU from `generator` (reproducible).
+    `shares` [n, 2] in [0, 1), when given, place the cameras' elevations and azimuths in their
+    ranges instead of the generator's draws (``camera.sequence stratified``: `sequence.py`); the
+    generator draws them all the same, so radius, field of view and light do not change."""
     radius = _uniform(cfg.radius_range, n, generator)
-    elevation = _elevations(cfg, n, generator)
-    azimuth = _uniform(cfg.azimuth_range, n, generator)
+    u_elevation = torch.rand(n, generator=generator, dtype=torch.float64)
+    u_azimuth = torch.rand(n, generator=generator, dtype=torch.float64)
+    if shares is not None:
+        if shares.shape != (n, 2):
+            raise ValueError(f"camera shares must be [{n}, 2] (azimuth, elevation), got {tuple(shares.shape)}")
+        u_azimuth, u_elevation = shares.double().unbind(-1)
+    elevation = _elevations(cfg, u_elevation)
+    lo, hi = cfg.azimuth_range
+    azimuth = lo + (hi - lo) * u_azimuth
     azimuth = torch.remainder(azimuth + 180.0, 360.0) - 180.0
     fovy = _uniform(cfg.fovy_range, n, generator)
     c2w = look_at_origin(elevation, azimuth, radius)

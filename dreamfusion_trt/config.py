@@ -63,6 +63,7 @@ class SDSConfig:
     t_min: float = 0.02  # fraction of the scheduler's timesteps
     t_max: float = 0.98
     t_anneal: Literal["none", "linear", "sqrt"] = "none"  # shrink t_max towards t_max_final over training
+    t_sequence: Literal["random", "stratified", "decreasing"] = "random"  # random: every step's timestep drawn independently; stratified: its share of the (annealed) range from a low-discrepancy sequence started by the prompt's seed (sequence.py), jointly with camera.sequence's views; decreasing: no draw, the top of the range at the first step falling linearly to its bottom at the last (a time-prioritised schedule, as DreamTime and HiFA anneal t; with t_anneal none it runs t_max -> t_min)
     t_max_final: float = 0.5
     weighting: Literal["one_minus_alpha", "uniform", "sqrt_one_minus_alpha"] = "one_minus_alpha"  # w(t)
     rgb_mode: Literal["latent", "image"] = "latent"  # RGB phase: SDS on latents (backprop through the VAE encoder) or image-space SDS (encoder and decoder inference-only, so they can be engines)
@@ -129,6 +130,7 @@ class CameraConfig:
     elevation_sampling: Literal["sphere", "angle"] = "sphere"  # sphere: uniform on the sphere's band (overhead views as rare as their solid angle); angle: uniform in degrees, as stable-dreamfusion and threestudio draw it (2.6x more views above 60 degrees over -10..90)
     angle_until: float = 0.0  # share of a run's steps whose elevations are drawn as `angle` before elevation_sampling takes over (overhead views early, while the coarse shape forms; 0 = off)
     azimuth_range: tuple[float, float] = (-180.0, 180.0)  # degrees, 0 = front
+    sequence: Literal["random", "stratified"] = "random"  # random: every step's azimuth and elevation drawn independently (DreamFusion); stratified: from a low-discrepancy sequence started by the prompt's seed (sequence.py), the same distribution covered evenly over every stretch of steps
     fovy_range: tuple[float, float] = (40.0, 70.0)  # degrees
     val_radius: float = 1.25
     val_elevation: float = 15.0

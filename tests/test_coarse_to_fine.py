@@ -88,15 +88,18 @@ def test_bad_settings_are_refused():
         NeRFField(CFG, num_prompts=3).set_level_weights([None])
 
 
-def two_prompt_trainer(tmp_path, model_folder, step_graph=False, **field):
+def two_prompt_trainer(tmp_path, model_folder, step_graph=False, sections=None, **field):
     """A CPU trainer on the tiny SD with two prompts assigned: "a cat" for 4 iterations in slot 0
     and "a dog" for 8 in slot 1 (half of each in the latent phase); `field` overrides the tiny
-    field's settings; `step_graph` is the trainer's (its CUDA capture fails on a CPU)."""
+    field's settings and `sections` ({section: {key: value}}) any other's; `step_graph` is the
+    trainer's (its CUDA capture fails on a CPU)."""
     device = torch.device("cpu")
     data = {"model": {"model": str(model_folder), "cache_dir": str(tmp_path / "cache")},
             "field": {"num_levels": 4, "log2_hashmap_size": 12, "max_resolution": 64, "hidden_dim": 16, **field},
             "render": {"num_samples": 12, "albedo_iters": 1, "backend": "torch"}, "camera": {"render_size": 16},
             "train": {"latent_fraction": 0.5, "device": "cpu"}}  # fmt: skip
+    for section, values in (sections or {}).items():
+        data[section] = {**data.get(section, {}), **values}
     cfg = from_dict(data)
     cfgs = [from_dict({"prompt": {"text": t}, "train": {"iters": n, "seed": i}}, from_dict(data)) for i, (t, n) in enumerate([("a cat", 4), ("a dog", 8)])]
     frozen, embeddings = frozen_mod.load_frozen(cfg, device, [c.prompt for c in cfgs], max_prompts=2)

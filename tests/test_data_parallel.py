@@ -30,6 +30,7 @@ from dreamfusion_trt import cli
 from dreamfusion_trt.checkpoint import load_checkpoint
 from dreamfusion_trt.config import from_dict
 from dreamfusion_trt.scene import build_scene
+from dreamfusion_trt.sequence import sequence_offset, sequence_point
 from dreamfusion_trt.train import frozen as frozen_mod
 from dreamfusion_trt.train.data_parallel import DataParallel, broadcast_grid, join, view_seed
 from dreamfusion_trt.train.distributed import DistEnv
@@ -200,6 +201,18 @@ def test_ranks_that_start_apart_take_rank_0s_state(frozen_side, caplog):
     assert caplog.text.count("the ranks started 'a red chair' with different parameters") == 2
     for a, b in zip(ranks[0].renderer.state_dict().values(), ranks[1].renderer.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_the_ranks_share_one_low_discrepancy_sequence_out(frozen_side):
+    """camera.sequence / sds.t_sequence stratified: rank r of 2 takes points 2 s + r of the
+    prompt's one sequence, so the step's two views are neighbours in it, never the same point."""
+    ranks = _ranks(frozen_side)
+    offset = sequence_offset(0)
+    for r, t in enumerate(ranks):
+        slot = t.slots[0]
+        assert (slot.sequence_stride, slot.sequence_phase) == (2, r)
+        slot.step = 3
+        assert slot.sequence_point() == sequence_point(6 + r, offset)
 
 
 def test_the_occupancy_grid_is_rank_0s(tmp_path, tiny_sd_paths):

@@ -138,12 +138,18 @@ class SDSGuidance:
         lo = min(self.high_noise_split + 1, last)
         return lo, min(max(round(self.cfg.high_noise_t_max * self.num_timesteps), lo), last)
 
-    def sample_t(self, progress: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    def sample_t(self, progress: float, generator: torch.Generator, device: torch.device, share: float | None = None) -> torch.Tensor:
         """One timestep [1] (long) uniformly from `t_range(progress)`, inclusive; with
         `high_noise_share`, from `high_noise_range` with that probability (drawn on the device,
-        after the schedule's draw, so a share of 0 draws exactly as before)."""
+        after the schedule's draw, so a share of 0 draws exactly as before). `share` in [0, 1)
+        (``sds.t_sequence stratified``) places the timestep in the range instead of the draw; the
+        generator draws it all the same, so the noise that follows does not change."""
         lo, hi = self.t_range(progress)
         t = torch.randint(lo, hi + 1, (1,), generator=generator, device=device)
+        if share is not None:
+            if not 0.0 <= share < 1.0:
+                raise ValueError(f"a timestep share must be in [0, 1), got {share!r}")
+            t = torch.full((1,), lo + min(int(share * (hi - lo + 1)), hi - lo), dtype=torch.long, device=device)
         if self.cfg.high_noise_share <= 0:
             return t
         hlo, hhi = self.high_noise_range()

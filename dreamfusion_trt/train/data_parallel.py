@@ -18,6 +18,8 @@ trainer or the driver):
   process does, so its views are the ones a one-GPU run sees. Rank r > 0 draws step s from
   generators seeded with `view_seed` (prompt seed or a retry's reseed, r, s): nothing of
   theirs needs saving, and a resumed run draws on every rank what an uninterrupted one draws.
+  With `camera.sequence` or `sds.t_sequence` stratified, the slot's one low-discrepancy sequence
+  is shared out instead: rank r takes points s * N + r, so the N views of a step interleave.
 - One update (`average`, between backward and the optimiser): every trainable parameter's
   gradient, the step's per-slot non-finite-loss flags and its metrics go into one flat bucket,
   summed over the ranks and divided by N (one all-reduce). Every rank then holds the same mean
@@ -170,6 +172,8 @@ class DataParallel:
             log.warning("data parallel: the ranks started %r with different parameters (largest difference %.3g from "
                         "rank 0's); every rank continues from rank 0's", slot.cfg.prompt.text, diff)  # fmt: skip
         self._broadcast_state(trainer)
+        # One low-discrepancy sequence shared out over the ranks: rank r takes points step * W + r.
+        slot.sequence_stride, slot.sequence_phase = self.world_size, self.rank
         if self.rank > 0:  # the prompt's seed (or a retry's reseed), as this rank's generators hold it
             self._view_base[id(slot)] = int(slot.cpu_gen.initial_seed())
         log.info("data parallel: rank %d of %d trains %r from step %d with rank 0's state%s", self.rank, self.world_size,

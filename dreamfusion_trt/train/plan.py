@@ -99,7 +99,8 @@ def host_plan(slots: Sequence, cfg: RunConfig, phase_of: Callable, shading_of: C
             shadings.append("albedo")
             continue
         phases.append(phase_of(slot))
-        cams.append(sample_random_cameras(1, cameras_at(cfg.camera, slot.step / slot.iters), slot.cpu_gen))
+        shares = torch.tensor([slot.sequence_point()[:2]], dtype=torch.float64) if cfg.camera.sequence == "stratified" else None
+        cams.append(sample_random_cameras(1, cameras_at(cfg.camera, slot.step / slot.iters), slot.cpu_gen, shares))
         shadings.append(shading_of(slot))
     sizes = [render_size[p] for p in phases]
     rays = max(sizes) ** 2
@@ -122,8 +123,10 @@ def host_plan(slots: Sequence, cfg: RunConfig, phase_of: Callable, shading_of: C
 
 
 def device_plan(host: HostPlan, slots: Sequence, device: torch.device, num_samples: int, jitter: bool, random_background: bool,
-                noise_shape: dict[str, tuple[int, int, int]], sample_t: Callable, placeholder_t: int) -> StepPlan:  # fmt: skip
-    """`host_plan`'s numbers uploaded in one non-blocking copy, plus each slot's device draws."""
+                noise_shape: dict[str, tuple[int, int, int]], sample_t: Callable, placeholder_t: int,
+                t_sequence: str = "random") -> StepPlan:  # fmt: skip
+    """`host_plan`'s numbers uploaded in one non-blocking copy, plus each slot's device draws
+    (each slot's timestep placed in its range as `t_sequence`, ``sds.t_sequence``, says)."""
     phases = host.phases
     cols = _unpack(to_device_async(host.upload, device))
     k_all = len(slots)
@@ -144,7 +147,7 @@ def device_plan(host: HostPlan, slots: Sequence, device: torch.device, num_sampl
             jitters.append(torch.rand((1, r_k, num_samples), generator=g, device=device))
         if random_background:
             backgrounds.append(torch.rand((1, 1, 3), generator=g, device=device))
-        ts.append(sample_t(slot.step / slot.iters, g, device))
+        ts.append(sample_t(slot.step / slot.iters, g, device, share=_t_share(slot, t_sequence)))
         noises.append(torch.randn(shape, generator=g, device=device))
     return StepPlan(
         phases=phases, shadings=host.shadings, groups=host.groups, rays=host.rays, cameras=cam, view_row=cols["view_row"][:, 0].long(),
@@ -152,6 +155,19 @@ def device_plan(host: HostPlan, slots: Sequence, device: torch.device, num_sampl
         order=cols["order"][:, 0].long(), jitter=jitters if jitter else None,
         background=torch.cat(backgrounds) if random_background else None, t=torch.cat(ts), noise=noises,
     )  # fmt: skip
+
+
+def _t_share(slot, t_sequence: str) -> float | None:
+    """Where in its range the slot's timestep lies this step (``sds.t_sequence``): None for a
+    draw (random), its low-discrepancy point (stratified), or falling from the top at the first
+    step to the bottom at the last (decreasing)."""
+    if t_sequence == "random":
+        return None
+    if t_sequence == "stratified":
+        return slot.sequence_point()[2]
+    if t_sequence == "decreasing":
+        return (slot.iters - 1 - min(slot.step, slot.iters - 1)) / slot.iters
+    raise ValueError(f"unknown sds.t_sequence {t_sequence!r} (expected random, stratified or decreasing)")
 
 
 def plan_rays(plan: StepPlan, pad_ray: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

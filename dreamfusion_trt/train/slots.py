@@ -28,6 +28,7 @@ from ..cameras import cameras_at
 from ..checkpoint import Checkpoint, save_checkpoint
 from ..config import RunConfig
 from ..guidance.text import NO_VIEW, VIEWS, PromptEmbeddings
+from ..sequence import sequence_offset, sequence_point
 from ..render.occupancy import upgrade_scene_state
 from ..render.renderer import Renderer
 from ..scene import build_scene
@@ -117,6 +118,14 @@ class Slot:
     shading: str = ""
     polled_step: int = 0
     polled_at: float = dataclasses.field(default_factory=time.perf_counter)
+    sequence_seed: int = 0  # starts the slot's low-discrepancy views and timesteps (camera.sequence, sds.t_sequence)
+    sequence_stride: int = 1  # data parallel: rank r of W takes points step * W + r, so the ranks' views interleave
+    sequence_phase: int = 0
+
+    def sequence_point(self) -> tuple[float, ...]:
+        """This step's (azimuth, elevation, timestep) shares from the slot's low-discrepancy
+        sequence (`sequence.py`)."""
+        return sequence_point(self.step * self.sequence_stride + self.sequence_phase, sequence_offset(self.sequence_seed))
 
     @property
     def iters(self) -> int:
@@ -184,7 +193,7 @@ class SlotTable:
         seed = int(cfg.train.seed)
         cpu_gen = torch.Generator().manual_seed(seed)
         dev_gen = torch.Generator(device=self.device).manual_seed(seed + 1)
-        step, elapsed = 0, 0.0
+        step, elapsed, sequence_seed = 0, 0.0, seed
         if checkpoint is None:
             insert_slot(target, k, init_state if init_state is not None else fresh_slot_state(cfg, seed, self.device))
             self.optimizer.reset_slot(k)
@@ -205,18 +214,21 @@ class SlotTable:
             cpu_gen.set_state(checkpoint.rng["cpu_gen"].cpu())
             dev_gen.set_state(checkpoint.rng["dev_gen"].cpu())
             step, elapsed = int(checkpoint.step), float(checkpoint.state.get("elapsed_s", 0.0))
+            sequence_seed = int(checkpoint.state.get("sequence_seed", seed))
             saved = {key.removeprefix("latent_map."): t for key, t in checkpoint.extra.items() if key.startswith("latent_map.")}
             if self.num_slots == 1 and saved and self.colour_state is not None:
                 self.colour_state.load_state_dict(saved)
         if reseed is not None:
             cpu_gen.manual_seed(int(reseed))
             dev_gen.manual_seed(int(reseed) + 1)
+            sequence_seed = int(reseed)
         self.cond_table[k * v : (k + 1) * v].copy_(embedding.cond)
         self.uncond[k].copy_(embedding.uncond)
         self.active[k] = True
         self.nonfinite[k] = False
         self.metrics[k] = 0.0
-        slot = Slot(cfg=cfg, step=step, cpu_gen=cpu_gen, dev_gen=dev_gen, elapsed_s=elapsed, tag=tag, polled_step=step)
+        slot = Slot(cfg=cfg, step=step, cpu_gen=cpu_gen, dev_gen=dev_gen, elapsed_s=elapsed, tag=tag, polled_step=step,
+                    sequence_seed=sequence_seed)  # fmt: skip
         self.slots[k] = slot
         return slot
 
@@ -233,7 +245,8 @@ class SlotTable:
         return Checkpoint(
             step=slot.step, config=slot.cfg, model=extract_slot(self.renderer.state_dict(), k, self.num_slots),
             optimizer=self.optimizer.slot_state_dict(k), rng={"cpu_gen": slot.cpu_gen.get_state(), "dev_gen": slot.dev_gen.get_state()},
-            extra=extra, state={"scaler": self.scaler.slot_state_dict(k), "elapsed_s": slot.elapsed_s, "num_prompts": 1},
+            extra=extra, state={"scaler": self.scaler.slot_state_dict(k), "elapsed_s": slot.elapsed_s, "num_prompts": 1,
+                                "sequence_seed": slot.sequence_seed},
         )  # fmt: skip
 
     def save_slot(self, k: int, out_dir: Path | None = None) -> Path:

@@ -177,6 +177,7 @@ class Trainer(SlotTable):
             host, self.slots, self.device, self.cfg.render.num_samples, jitter=self._torch_sampler,
             random_background=self.renderer.background.kind == "random",
             noise_shape={p: s.latent_shape for p, s in g.inputs.items()}, sample_t=g.sample_t, placeholder_t=g.t_range(0.0)[0],
+            t_sequence=self.cfg.sds.t_sequence,
         )  # fmt: skip
 
     def train_step(self, timer: StageTimer | None = None) -> None:
