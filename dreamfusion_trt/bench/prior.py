@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 # iou_by_threshold (the field's IoU at each density level) lets a mesh level be chosen from the
 # files afterwards; best_iou alone says only that some level would do better.
 SCORE_KEYS = ("iou", "best_iou", "best_threshold", "opacity_on_object", "opacity_off_object", "chamfer",
-              "color_error", "face_color_share", "mesh_volume_fraction", "true_volume_fraction",
+              "color_error", "face_color_share", "face_colors", "mesh_volume_fraction", "true_volume_fraction",
               "iou_by_threshold", "radial_error")  # fmt: skip
 
 # The quick gate: one shape per colour and the six-colored cube, seed 0, one batch.
