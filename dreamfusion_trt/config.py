@@ -94,6 +94,7 @@ class FieldConfig:
     albedo_noise: float = 0.0  # amplitude (in logits) of a fixed random smooth colour field added to the albedo, drawn per prompt from its seed and blind to the object: the faces start apart, so SDS can give each its own colour (0: off; the prior's six-colored cube, BENCHMARKS.md, fifteenth session)
     albedo_noise_frequency: float = 4.0  # with albedo_noise: the spread of its plane waves' wave numbers, radians per world unit
     albedo_noise_fade: float = 0.0  # with albedo_noise: share of a prompt's iterations over which its offset fades linearly to nothing (0: it stays all run)
+    albedo_features: Literal["shared", "own"] = "shared"  # shared: density and albedo read one hash grid and one MLP (DreamFusion, threestudio); own: the albedo has a hash grid and MLP of its own, so colour gradients never move the density's parameters (geometry and appearance apart, as Fantasia3D keeps them); a second grid query per sample
     coarse_to_fine: float = 0.0  # share of a prompt's iterations over which the hash grid's levels switch on, coarse to fine (0: all levels from the first step)
     coarse_levels: int = 2  # with coarse_to_fine: levels on from the first step; the others ramp in one after another
     normals: NormalsMode = "analytic"  # density normals: analytic = the hash grid's own Jacobian in the same query (one grid pass per sample; finite differences take seven)

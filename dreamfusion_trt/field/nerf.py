@@ -154,7 +154,14 @@ class NeRFField(nn.Module):
         self.num_prompts = num_prompts
         self.bound = float(cfg.bound)
         self.encoding = make_encoding(num_prompts, cfg)
-        self.mlp = StackedMLP(num_prompts, self.encoding.output_dim, cfg.hidden_dim, 4, cfg.num_layers)
+        if cfg.albedo_features not in ("shared", "own"):
+            raise ValueError(f"field.albedo_features must be 'shared' or 'own', got {cfg.albedo_features!r}")
+        own = cfg.albedo_features == "own"
+        # shared: one MLP -> (raw density, 3 albedo logits); own: the MLP gives the density alone and
+        # the albedo has its own grid and MLP (drawn after the density's parameters).
+        self.mlp = StackedMLP(num_prompts, self.encoding.output_dim, cfg.hidden_dim, 1 if own else 4, cfg.num_layers)
+        self.albedo_encoding = make_encoding(num_prompts, cfg) if own else None
+        self.albedo_mlp = StackedMLP(num_prompts, self.encoding.output_dim, cfg.hidden_dim, 3, cfg.num_layers) if own else None
         if not 0.0 <= cfg.coarse_to_fine <= 1.0:
             raise ValueError(f"field.coarse_to_fine must be a share of the iterations in [0, 1], got {cfg.coarse_to_fine!r}")
         if not 1 <= cfg.coarse_levels <= cfg.num_levels:
@@ -251,13 +258,22 @@ class NeRFField(nn.Module):
         scale = self.albedo_noise_scale if prompts is None else self.albedo_noise_scale[prompts]  # [K']
         return offset * scale[:, None, None].to(offset.dtype)
 
+    def _own_albedo_logits(self, x: torch.Tensor, prompts: slice | None) -> torch.Tensor:
+        """field.albedo_features own: albedo logits ``[K', N, 3]`` at ``x [K', N, 3]`` from the
+        albedo's own grid and MLP (plus field.albedo_noise's offset), sharing no parameter with
+        the density."""
+        unit = (x + self.bound) / (2.0 * self.bound)
+        logits = _at_least_fp32(self.albedo_mlp(self._weighted(self.albedo_encoding(unit, prompts), prompts), prompts))
+        return logits if self.cfg.albedo_noise <= 0 else logits + self._albedo_offset(_at_least_fp32(x), prompts)
+
     # -- raw network ------------------------------------------------------------------------------
 
     def _evaluate(
-        self, x: torch.Tensor, prompts: slice | None, with_gradient: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self, x: torch.Tensor, prompts: slice | None, with_gradient: bool = False, with_albedo: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``x [K', N, 3]`` world -> (sigma [K', N] float32, albedo logits [K', N, 3], and with
-        `with_gradient` d sigma / dx [K', N, 3] by the chain rule through encoding and MLP)."""
+        `with_gradient` d sigma / dx [K', N, 3] by the chain rule through encoding and MLP).
+        Without `with_albedo` the logits may be None (the albedo's own grid is not queried)."""
         if x.dim() != 3 or x.shape[-1] != 3:
             raise ValueError(f"expected positions of shape [K, N, 3], got {tuple(x.shape)}")
         unit = (x + self.bound) / (2.0 * self.bound)
@@ -282,7 +298,10 @@ class NeRFField(nn.Module):
             )
         inside = (x.abs() <= self.bound).all(dim=-1)
         sigma_out = torch.where(inside, sigma, torch.zeros_like(sigma))
-        logits = h[..., 1:] if self.cfg.albedo_noise <= 0 else h[..., 1:] + self._albedo_offset(xf, prompts)
+        if self.albedo_encoding is not None:  # field.albedo_features own
+            logits = self._own_albedo_logits(x, prompts) if with_albedo else None
+        else:
+            logits = h[..., 1:] if self.cfg.albedo_noise <= 0 else h[..., 1:] + self._albedo_offset(xf, prompts)
         if not with_gradient:
             return sigma_out, logits, None
         draw_dx = (jac * dh_dfeats[:, :, None, :].to(jac.dtype)).sum(dim=-1) / (2.0 * self.bound)  # [K', N, 3]
@@ -295,7 +314,7 @@ class NeRFField(nn.Module):
 
     def density(self, x: torch.Tensor, prompts: slice | None = None) -> torch.Tensor:
         """``x [K, N, 3]`` -> sigma ``[K, N]``."""
-        return self._evaluate(x, prompts)[0]
+        return self._evaluate(x, prompts, with_albedo=False)[0]
 
     def forward(self, x: torch.Tensor, prompts: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [K, N, 3]`` -> (sigma ``[K, N]``, albedo ``[K, N, 3]``)."""
@@ -306,7 +325,7 @@ class NeRFField(nn.Module):
         """d sigma / d x at ``x [K, N, 3]`` -> ``[K, N, 3]`` by the configured method."""
         fn = lambda p: self.density(p, prompts)  # noqa: E731
         if self.cfg.normals == "analytic":
-            return self._evaluate(x, prompts, with_gradient=True)[2]
+            return self._evaluate(x, prompts, with_gradient=True, with_albedo=False)[2]
         if self.cfg.normals == "finite_difference":
             return finite_difference_gradient(fn, x, self.cfg.fd_eps)
         if self.cfg.normals == "autograd":
@@ -335,10 +354,11 @@ class NeRFField(nn.Module):
                 [torch.zeros(1, 3, device=x.device), torch.eye(3, device=x.device), -torch.eye(3, device=x.device)]
             )  # [7, 3]: centre, +x +y +z, -x -y -z
             pts = (x[:, None, :, :] + offsets[None, :, None, :].to(x.dtype)).reshape(k, 7 * n, 3)
-            sigma_all, logits, _ = self._evaluate(pts, prompts)
+            own = self.albedo_encoding is not None  # then only the centre's albedo is queried
+            sigma_all, logits, _ = self._evaluate(pts, prompts, with_albedo=not own)
             sigma_all = sigma_all.reshape(k, 7, n)
             grad = ((sigma_all[:, 1:4] - sigma_all[:, 4:7]) / (2.0 * eps)).permute(0, 2, 1)
-            albedo = torch.sigmoid(logits.reshape(k, 7, n, 3)[:, 0])
+            albedo = torch.sigmoid(self._own_albedo_logits(x, prompts) if own else logits.reshape(k, 7, n, 3)[:, 0])
             return FieldOutput(sigma_all[:, 0], albedo, normals_from_gradient(grad))
         if self.cfg.normals == "autograd":
             create_graph = torch.is_grad_enabled()
