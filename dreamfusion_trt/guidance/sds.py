@@ -142,7 +142,7 @@ class SDSGuidance:
         """One timestep [1] (long) uniformly from `t_range(progress)`, inclusive; with
         `high_noise_share`, from `high_noise_range` with that probability (drawn on the device,
         after the schedule's draw, so a share of 0 draws exactly as before). `share` in [0, 1)
-        (``sds.t_sequence stratified``) places the timestep in the range instead of the draw; the
+        (``sds.t_sequence`` stratified or decreasing) places the timestep in the range instead of the draw; the
         generator draws it all the same, so the noise that follows does not change."""
         lo, hi = self.t_range(progress)
         t = torch.randint(lo, hi + 1, (1,), generator=generator, device=device)
