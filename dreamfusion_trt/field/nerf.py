@@ -273,7 +273,7 @@ class NeRFField(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``x [K', N, 3]`` world -> (sigma [K', N] float32, albedo logits [K', N, 3], and with
         `with_gradient` d sigma / dx [K', N, 3] by the chain rule through encoding and MLP).
-        Without `with_albedo` the logits may be None (the albedo's own grid is not queried)."""
+        Without `with_albedo` the logits are None (nothing of the albedo is computed)."""
         if x.dim() != 3 or x.shape[-1] != 3:
             raise ValueError(f"expected positions of shape [K, N, 3], got {tuple(x.shape)}")
         unit = (x + self.bound) / (2.0 * self.bound)
@@ -298,8 +298,10 @@ class NeRFField(nn.Module):
             )
         inside = (x.abs() <= self.bound).all(dim=-1)
         sigma_out = torch.where(inside, sigma, torch.zeros_like(sigma))
-        if self.albedo_encoding is not None:  # field.albedo_features own
-            logits = self._own_albedo_logits(x, prompts) if with_albedo else None
+        if not with_albedo:  # density-only queries skip the albedo's own grid and field.albedo_noise's waves
+            logits = None
+        elif self.albedo_encoding is not None:  # field.albedo_features own
+            logits = self._own_albedo_logits(x, prompts)
         else:
             logits = h[..., 1:] if self.cfg.albedo_noise <= 0 else h[..., 1:] + self._albedo_offset(xf, prompts)
         if not with_gradient:
