@@ -110,11 +110,13 @@ class ShapeSpec:
     half_extent: tuple[float, float, float]  # axis-aligned bounding box of the solid
 
 
+TORUS_MAJOR, TORUS_MINOR = 0.34, 0.14  # the torus's ring radius and tube radius, world units
+
 SHAPES: dict[str, ShapeSpec] = {
     "cube": ShapeSpec(lambda x: sd_box(x, (0.4, 0.4, 0.4)), (0.4, 0.4, 0.4)),
     "sphere": ShapeSpec(lambda x: sd_sphere(x, 0.45), (0.45, 0.45, 0.45)),
     "cone": ShapeSpec(lambda x: sd_cone(x, 0.45, 0.45), (0.45, 0.45, 0.45)),
-    "torus": ShapeSpec(lambda x: sd_torus(x, 0.34, 0.14), (0.48, 0.48, 0.14)),
+    "torus": ShapeSpec(lambda x: sd_torus(x, TORUS_MAJOR, TORUS_MINOR), (0.48, 0.48, 0.14)),
     "cylinder": ShapeSpec(lambda x: sd_cylinder(x, 0.35, 0.45), (0.35, 0.35, 0.45)),
 }
 

@@ -67,6 +67,8 @@ from .scenes import (
     PALETTE,
     SIX_COLORED_CAPTION,
     SIX_FACE_COLORS,
+    TORUS_MAJOR,
+    TORUS_MINOR,
     AnalyticObject,
     face_index,
     resolve_caption,
@@ -254,6 +256,9 @@ def score_field(
     ious = [occupancy_iou(sigma > t, inside_true) for t in thresholds]
     best = int(np.argmax(ious))
 
+    level = threshold if mesh_threshold is None else mesh_threshold
+    inside = sigma > level
+    true_count = int(inside_true.sum())
     on, off = [], []
     for i in range(len(cams)):
         cam = cams.take(i)
@@ -265,16 +270,66 @@ def score_field(
     return {
         "best_iou": ious[best],
         "best_threshold": thresholds[best],
-        "field_iou": occupancy_iou(sigma > (threshold if mesh_threshold is None else mesh_threshold), inside_true),
-        "mesh_threshold": threshold if mesh_threshold is None else mesh_threshold,
+        "field_iou": occupancy_iou(inside, inside_true),
+        "mesh_threshold": level,
+        "field_volume_ratio": int(inside.sum()) / true_count if true_count else None,
+        **({"hole_fill": hole_fill(inside, pts)} if obj.spec.shape == "torus" else {}),
         "field_resolution": resolution,
         "iou_by_threshold": {f"{t:g}": iou for t, iou in zip(thresholds, ious)},
         "opacity_on_object": float(on_all.mean()) if len(on_all) else None,
         "opacity_off_object": float(off_all.mean()) if len(off_all) else None,
         "opacity_views": len(cams),
         "opacity_size": size,
-        **({} if pixel is None else {"radial_error": radial_error(renderer.field, obj, threshold if mesh_threshold is None else mesh_threshold, pixel)}),
+        **({} if pixel is None else {"radial_error": radial_error(renderer.field, obj, level, pixel)}),
     }
+
+
+def hole_fill(inside: torch.Tensor, pts: torch.Tensor) -> float:
+    """The torus's hole: the share of the grid points `pts` [N, 3] inside the cylinder that the
+    hole leaves open (radius under major − minor, |z| under the tube's radius) that `inside`
+    [N] (bool: the field above its level there) fills. 0 is an open hole, 1 a disc."""
+    hole = (pts[:, :2].norm(dim=-1) < TORUS_MAJOR - TORUS_MINOR) & (pts[:, 2].abs() < TORUS_MINOR)
+    return float(inside[hole].float().mean()) if hole.any() else 0.0
+
+
+@torch.no_grad()
+def albedo_scores(renderer: Renderer, obj: AnalyticObject, samples: int = 4096, seed: int = 0) -> dict[str, Any]:
+    """How right a one-prompt field's own albedo is on the true surface: at `samples` points of
+    `obj`'s surface (drawn from `seed`), ``albedo_error`` is the mean RGB distance of the field's
+    albedo from the true colour; for the six-colored cube also ``albedo_face_share`` and
+    ``albedo_face_colors`` (`face_color_share` of those points). Unlike ``color_error`` it needs
+    no mesh: it says what colour the field puts where the object is, even while its shape is
+    wrong or faint."""
+    device = next(renderer.field.parameters()).device
+    pts = obj.sample_surface(samples, generator=torch.Generator().manual_seed(seed)).cpu()  # [S, 3]
+    _, albedo = renderer.field(pts[None].to(device))
+    albedo = albedo[0].float().cpu()  # [S, 3]
+    out: dict[str, Any] = {"albedo_error": float((albedo - obj.surface_color(pts)).norm(dim=-1).mean())}
+    if obj.spec.multicolored:
+        share, names = face_color_share(pts.numpy(), albedo.numpy(), obj.shape.half_extent)
+        out["albedo_face_share"], out["albedo_face_colors"] = share, names
+    return out
+
+
+TRACE_RESOLUTION = 48  # grid per axis of a trace row's IoUs
+TRACE_SIZE = 32  # render size of a trace row's opacities
+TRACE_KEYS = ("field_iou", "best_iou", "best_threshold", "field_volume_ratio", "hole_fill", "opacity_on_object",
+              "opacity_off_object", "albedo_error", "albedo_face_share", "albedo_face_colors")  # fmt: skip
+
+
+def trace_scores(renderer: Renderer, cfg: Any) -> dict[str, Any]:
+    """One row of a run's ``trace.jsonl`` (`train.trace_every`): the known-answer scores of the
+    one-prompt scene `renderer` of a run of `cfg` mid-training, cheap enough to take every few
+    hundred steps (`TRACE_RESOLUTION`^3 grid, `OPACITY_VIEWS` renders of `TRACE_SIZE`^2): the
+    field's IoU at the mesh level and the best over levels, its volume against the truth's, the
+    torus's hole fill, the opacity on and off the object, and the field albedo's colour error
+    (and the six-colored cube's faces). ValueError when the prompt is not a known object."""
+    obj = resolve_caption(cfg.prompt.text).build(bound=cfg.field.bound)
+    cams = orbit_cameras(OPACITY_VIEWS, cfg.camera.val_elevation, cfg.camera.val_radius, cfg.camera.val_fovy)
+    field = score_field(renderer, obj, cfg.field.bound, cfg.output.mesh_threshold, cams, TRACE_SIZE, TRACE_RESOLUTION)
+    row = {k: field[k] for k in TRACE_KEYS if k in field}
+    row.update(albedo_scores(renderer, obj))
+    return row
 
 
 RADIAL_DIRECTIONS = 1000  # rays from the centre for `radial_error` in score.json
