@@ -120,6 +120,18 @@ def builtin_scorer(cfg: RunConfig):
     return write_score
 
 
+def builtin_tracer(cfg: RunConfig):
+    """The tracer (``train.trace_every``) for runs of `cfg`'s model: the built-in prior's
+    `prior.score.trace_scores`, or None (other models have no known answers)."""
+    from .prior import is_builtin
+
+    if not is_builtin(cfg.model.model):
+        return None
+    from .prior.score import trace_scores
+
+    return trace_scores
+
+
 def _plain(value: object) -> object:
     """Paths as plain strings, inside lists and dicts too (for log lines people read)."""
     if isinstance(value, Path):
@@ -157,7 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         example = "a red cube" if (args.model or RunConfig().model.model) == "builtin" else "a DSLR photo of a hamburger"
         raise ValueError(f"prompt is empty: give a text prompt, e.g. dreamfusion-trt generate \"{example}\"")
     cfg = build_config(args, base)
-    outputs = generate(cfg, resume=args.resume, progress=not args.quiet, scorer=builtin_scorer(cfg))
+    outputs = generate(cfg, resume=args.resume, progress=not args.quiet, scorer=builtin_scorer(cfg), tracer=builtin_tracer(cfg))
     if outputs is None:  # a data-parallel rank other than 0: rank 0 wrote the run folder
         return 0
     for name, value in dataclasses.asdict(outputs).items():
@@ -183,7 +195,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     cfg = build_config(args, base)
     cfg.output = dataclasses.replace(cfg.output, out=str(out))
     result = run_batch(cfg, args.prompts, concurrency=args.concurrency, progress=not args.quiet, retry_failed=args.retry_failed,
-                       scorer=builtin_scorer(cfg), shard=shard, lease_s=args.lease_s, check_prompt=prompt_check(cfg))  # fmt: skip
+                       scorer=builtin_scorer(cfg), shard=shard, lease_s=args.lease_s, check_prompt=prompt_check(cfg),
+                       tracer=builtin_tracer(cfg))  # fmt: skip
     log.info("%d done, %d failed, %d finished earlier, %d line(s) skipped; manifest: %s",
              len(result.done), len(result.failed), len(result.skipped), len(result.problems), out / "manifest.jsonl")  # fmt: skip
     print(result.out_dir)

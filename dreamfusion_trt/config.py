@@ -173,6 +173,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     log_every: int = 10
     tensorboard: bool = False
+    trace_every: int = 0  # built-in prior only: every N steps of a prompt, its known-answer scores (field IoU, volume, opacity, the albedo's colour) as one row of <run>/trace.jsonl; 0 = off
     data_parallel: bool = False  # generate under torchrun: every rank renders its own cameras of the one prompt and all step on their mean gradient (N times the views per step); off: one process per prompt
 
 

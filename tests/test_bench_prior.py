@@ -14,6 +14,7 @@ import pytest
 
 from dreamfusion_trt.bench import prior as bench_prior
 from dreamfusion_trt.prior import WEIGHTS_DIR, weights_available
+from dreamfusion_trt.prior.scenes import FACES, SIX_FACE_COLORS
 
 
 def test_bench_prior_is_a_client_of_the_batch_api_not_of_the_cli():
@@ -336,6 +337,7 @@ def test_collect_keeps_each_runs_score_and_its_iou_at_every_level(tmp_path):
     score = {"iou": 0.7, "best_iou": 0.8, "best_threshold": 2.5, "iou_by_threshold": {"2.5": 0.8, "10": 0.7},
              "mesh_volume_fraction": 0.25, "true_volume_fraction": 0.3, "unrelated": 1}  # fmt: skip
     (run / "score.json").write_text(json.dumps(score))
+    (run / "trace.jsonl").write_text('{"step": 250, "field_iou": 0.4}\n{"step": 500, "field_iou": 0.6}\n')
     manifest = [{"prompt": "a red cube", "seed": 1, "status": "done", "wall_s": 9.0, "step": 5, "id": run.name,
                  "outputs": {"score": f"{run.name}/score.json"}},
                 {"prompt": "a blue torus", "seed": 1, "status": "failed", "error": "out of memory", "id": "x"}]  # fmt: skip
@@ -344,6 +346,7 @@ def test_collect_keeps_each_runs_score_and_its_iou_at_every_level(tmp_path):
     assert done["iou_by_threshold"] == {"2.5": 0.8, "10": 0.7} and done["best_threshold"] == 2.5
     assert done["steps"] == 5 and done["folder"] == run.name and "unrelated" not in done
     assert failed["status"] == "failed" and failed["error"] == "out of memory" and failed["iou"] is None
+    assert done["trace"] == [{"step": 250, "field_iou": 0.4}, {"step": 500, "field_iou": 0.6}] and "trace" not in failed
 
 
 def test_compare_tries_a_mesh_level_on_the_same_files(tmp_path):
@@ -364,3 +367,24 @@ def test_compare_tries_a_mesh_level_on_the_same_files(tmp_path):
         bench_prior.compare([str(path)], [str(path)], metric="iou@high")
     with pytest.raises(ValueError, match="better in opposite directions"):
         bench_prior.compare([str(path)], [str(path)], metric="iou", new_metric="chamfer")
+
+
+def test_traces_print_step_by_step_and_say_when_there_are_none(tmp_path, capsys):
+    six = {"object": "a six-colored cube", "seed": 3, "iou": 0.61, "trace": [
+        {"step": 250, "field_iou": 0.2, "best_iou": 0.5, "field_volume_ratio": 0.4, "opacity_on_object": 0.3,
+         "opacity_off_object": 0.01, "albedo_error": 0.7, "albedo_face_colors": dict(zip(FACES, ["magenta"] * 6))},
+        {"step": 500, "field_iou": 0.6, "best_iou": 0.7, "field_volume_ratio": 0.9, "opacity_on_object": 0.8,
+         "opacity_off_object": 0.02, "albedo_error": 0.3, "albedo_face_colors": dict(zip(FACES, SIX_FACE_COLORS))}]}  # fmt: skip
+    torus = {"object": "a red torus", "seed": 3, "iou": 0.4, "trace": [{"step": 250, "field_iou": 0.3, "hole_fill": 0.75}]}
+    plain = {"object": "a red cube", "seed": 3, "iou": 0.8}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"settings": {"on": {"rows": [six, torus, plain]}}}))
+    assert bench_prior.main(["--traces", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "a six-colored cube, seed 3, view-dep. on (final mesh IoU 0.610):" in out
+    assert "| 250 | 0.200 / 0.500 | 0.40 | 0.30 / 0.01 | 0.700 | MMMMMM |" in out
+    assert "| 500 | 0.600 / 0.700 | 0.90 | 0.80 / 0.02 | 0.300 | RGBYMC |" in out
+    assert "| 250 | 0.300 / – | – | – / – | – | 0.75 |" in out and "a red cube" not in out
+    path.write_text(json.dumps({"settings": {"on": {"rows": [plain]}}}))
+    with pytest.raises(ValueError, match="kept a trace: run bench prior with -- --train.trace_every N"):
+        bench_prior.main(["--traces", str(path)])

@@ -48,6 +48,7 @@ import torch
 
 from ..atomic import atomic_write_text
 from ..config import RunConfig, add_config_arguments, from_dict, overrides_from_args
+from ..train.monitor import TRACE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def source_commit() -> str | None:
 
 def collect(batch_dir: Path) -> list[dict[str, Any]]:
     """Per prompt of a finished batch folder: status, seed, wall time and its score (None when
-    it failed or left nothing to score)."""
+    it failed or left nothing to score); with ``train.trace_every``, its ``trace`` rows too."""
     rows = []
     for line in (batch_dir / "manifest.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -119,6 +120,9 @@ def collect(batch_dir: Path) -> list[dict[str, Any]]:
         score_rel = (rec.get("outputs") or {}).get("score")
         score = json.loads((batch_dir / score_rel).read_text()) if score_rel else {}
         row.update({k: score.get(k) for k in SCORE_KEYS})
+        trace = batch_dir / str(rec.get("id")) / TRACE_NAME
+        if rec.get("id") and trace.is_file():
+            row["trace"] = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
         rows.append(row)
     return rows
 
@@ -235,7 +239,7 @@ def write_prompts(path: Path, objects: Sequence[str], seeds: Sequence[int] | Non
 
 def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     from ..prior.scenes import KNOWN_CAPTIONS, resolve_caption
-    from ..prior.score import write_score
+    from ..prior.score import trace_scores, write_score
     from ..scene import resolve_device
     from ..train.batch import run_batch
 
@@ -265,7 +269,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
         cfg = run_config(device, setting == "on", extra, folder)
         log.info("view-dependent %s: %d runs, K=%d, in %s", setting, len(objects) * len(seeds or [0]), args.concurrency, folder)
         start = time.perf_counter()
-        batch = run_batch(cfg, prompts, concurrency=args.concurrency, progress=args.progress, scorer=write_score)
+        batch = run_batch(cfg, prompts, concurrency=args.concurrency, progress=args.progress, scorer=write_score,
+                          tracer=trace_scores)
         rows = collect(folder)
         result["settings"][setting] = {
             "failed_runs": len(batch.failed),
@@ -371,6 +376,37 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+_FACE_LETTERS = {"red": "R", "green": "G", "blue": "B", "yellow": "Y", "magenta": "M", "cyan": "C", None: "-"}
+
+
+def trace_table(paths: Sequence[str]) -> str:
+    """Markdown: per run that kept a trace (``train.trace_every``), one row per traced step:
+    the field's IoU at the mesh level / the best over levels, its volume against the truth's,
+    opacity on / off the object, the albedo's colour error on the true surface, and the torus's
+    hole fill or the six-colored cube's face colours (one letter per face, in `FACES` order:
+    RGBYMC is every face right)."""
+    lines = []
+    for p in paths:
+        data = json.loads(Path(p).read_text())
+        for setting, block in data["settings"].items():
+            for r in block["rows"]:
+                if not r.get("trace"):
+                    continue
+                lines += ["", f"{r['object']}, seed {r['seed']}, view-dep. {setting} (final mesh IoU {_fmt(r.get('iou'))}):", "",
+                          "| step | IoU / best | volume × | opacity on / off | albedo err. | hole fill / faces |",
+                          "| ---: | --- | ---: | --- | ---: | --- |"]  # fmt: skip
+                for t in r["trace"]:
+                    faces = t.get("albedo_face_colors")
+                    extra = (_fmt(t.get("hole_fill"), 2) if "hole_fill" in t
+                             else "".join(_FACE_LETTERS.get(c, "?") for c in faces.values()) if faces else "")  # fmt: skip
+                    lines.append(f"| {t['step']} | {_fmt(t.get('field_iou'))} / {_fmt(t.get('best_iou'))} | {_fmt(t.get('field_volume_ratio'), 2)} "
+                                 f"| {_fmt(t.get('opacity_on_object'), 2)} / {_fmt(t.get('opacity_off_object'), 2)} "
+                                 f"| {_fmt(t.get('albedo_error'), 3)} | {extra} |")  # fmt: skip
+    if not lines:
+        raise ValueError(f"no run in {', '.join(map(str, paths))} kept a trace: run bench prior with -- --train.trace_every N")
+    return "\n".join(lines[1:])
 
 
 def table(paths: Sequence[str]) -> str:
@@ -560,6 +596,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=str(QUICK_REFERENCE),
                    help="the quick references' JSON, one entry per device kind (default: the package's %(default)s)")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print the Markdown table of these result files and exit")
+    p.add_argument("--traces", nargs="+", metavar="JSON",
+                   help="print each traced run's scores step by step (runs made with -- --train.trace_every N) and exit")
     p.add_argument("--compare", nargs=2, metavar=("BASE", "NEW"),
                    help="pair the runs of two result files (each may be a comma-separated list, e.g. one file per seed) "
                         "by setting, object and seed, print the paired Markdown table and exit")  # fmt: skip
@@ -582,6 +620,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.table:
         print(table(args.table))
+        return 0
+    if args.traces:
+        print(trace_table(args.traces))
         return 0
     if args.compare:
         print(compare_table(compare(*(side.split(",") for side in args.compare), metric=args.metric, new_metric=args.new_metric)))

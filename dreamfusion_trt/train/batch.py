@@ -26,6 +26,7 @@ from ..atomic import atomic_write_text
 from ..checkpoint import CHECKPOINT_NAME
 from ..config import RunConfig, from_dict, to_dict
 from ..export.artifacts import Scorer
+from .monitor import Tracer
 from .distributed import DistEnv, ProgressReporter, StopFlag, device_for, dist_env
 from .driver import Driver, checkpoint_step
 from .jobs import Job, LocalJobs
@@ -83,6 +84,7 @@ def run_batch(
     lease_s: float = DEFAULT_LEASE_S,
     env: DistEnv | None = None,
     check_prompt: Callable[[str], object] | None = None,
+    tracer: Tracer | None = None,
 ) -> BatchResult:
     """Train every prompt of `prompts_path` into ``cfg.output.out`` (see the module docstring).
     `concurrency` is K (default: from GPU memory, or 2 on a CPU). `scorer` scores each finished
@@ -91,7 +93,8 @@ def run_batch(
     launcher's environment) or a shard the jobs go through the shared queue, whose leases last
     `lease_s` seconds without renewal. `check_prompt` validates every line the way `generate`
     validates its prompt (the built-in prior: a known object); lines it rejects are skipped with
-    their line number. Raises `driver.Interrupted` (exit code 75 to requeue,
+    their line number. `tracer` writes each prompt's ``trace.jsonl`` with ``train.trace_every``
+    (the built-in prior's `prior.score.trace_scores`). Raises `driver.Interrupted` (exit code 75 to requeue,
     143 after SIGTERM) once every job in flight is checkpointed when asked to stop."""
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
@@ -110,7 +113,7 @@ def run_batch(
         return BatchResult(out_dir, [], [], skipped, problems, 0)
     if not shared:
         driver = Driver(cfg, todo, concurrency=concurrency, progress=progress, scorer=scorer, source=LocalJobs(todo, manifest),
-                        desc="batch")  # fmt: skip
+                        desc="batch", tracer=tracer)  # fmt: skip
         k = driver.run()
         return BatchResult(out_dir, [j.id for j in driver.done], [j.id for j in driver.failed], skipped, problems, k)
 
@@ -129,7 +132,7 @@ def run_batch(
     source = SharedJobs(todo, queue, manifest, reporter=reporter, should_stop=lambda: driver is not None and driver.stopping)
     driver = Driver(cfg, todo, concurrency=concurrency, progress=progress and env.is_main, scorer=scorer, source=source,
                     desc=f"rank {env.rank}" if env.is_distributed else "batch",
-                    should_stop=lambda: flag.exit_code if flag.requested else None)  # fmt: skip
+                    should_stop=lambda: flag.exit_code if flag.requested else None, tracer=tracer)  # fmt: skip
     k = driver.run()
     return BatchResult(out_dir, [j.id for j in driver.done], [j.id for j in driver.failed], skipped, problems, k)
 

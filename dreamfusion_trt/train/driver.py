@@ -54,7 +54,7 @@ from .distributed import EXIT_REQUEUE
 from .frozen import Frozen, load_frozen, make_predictor, new_trainer
 from .step_graph import step_graph_choice
 from .jobs import Job, JobSource, LocalJobs
-from .monitor import MetricsLog, StageClock
+from .monitor import MetricsLog, StageClock, TraceLog, Tracer
 from .output_writer import OutputWriter, Write
 from .trainer import Trainer
 
@@ -106,21 +106,32 @@ def setup_torch(cfg: RunConfig) -> torch.device:
 class Driver:
     def __init__(self, cfg: RunConfig, jobs: Sequence[Job], *, concurrency: int | None, progress: bool, scorer: Scorer | None,
                  source: JobSource | None = None, retries: int = RETRIES, desc: str | None = None,
-                 should_stop: Callable[[], int | None] | None = None, data_parallel: DataParallel | None = None) -> None:  # fmt: skip
+                 should_stop: Callable[[], int | None] | None = None, data_parallel: DataParallel | None = None,
+                 tracer: Tracer | None = None) -> None:  # fmt: skip
         """`cfg` holds what every job shares; `jobs` are all the jobs this process may train
         (their prompts are embedded up front); `source` hands them out and hears what became of
         them (default: `jobs` in order, no manifest); `concurrency` is K (None: from GPU memory,
         or 2 on a CPU); `should_stop` returns an exit code when something other than a signal
         asks the loop to stop (a shared queue's stop-request file), checked between steps.
         `data_parallel`: this rank of several that train the same jobs together (its trainers
-        step with the others, stops are agreed, and a rank other than 0 writes nothing)."""
+        step with the others, stops are agreed, and a rank other than 0 writes nothing).
+        `tracer` scores a prompt's scene every ``train.trace_every`` steps into its
+        ``trace.jsonl`` (the built-in prior's known answers); ValueError when a job asks for a
+        trace and there is none."""
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
+        for c in [cfg] + [j.cfg for j in jobs]:
+            if c.train.trace_every < 0:
+                raise ValueError(f"train.trace_every must be 0 (off) or a number of steps, got {c.train.trace_every}")
+            if c.train.trace_every and tracer is None:
+                raise ValueError(f"train.trace_every scores a run against its known object; model {c.model.model!r} has no known "
+                                 "answers (only the built-in prior has)")  # fmt: skip
         self.cfg = cfg
         self.jobs = list(jobs)
         self.concurrency = concurrency
         self.progress = progress
         self.scorer = scorer
+        self.tracer = tracer
         self.source: JobSource = source if source is not None else LocalJobs(jobs)
         self.retries = retries
         self.desc = desc
@@ -273,19 +284,22 @@ class Driver:
             for job in source.heartbeat([trainer.slots[k].tag for k in busy]):
                 k = next(k for k in busy if trainer.slots[k].tag is job)
                 log.warning("prompt %r: another process took it over; dropped here", job.cfg.prompt.text)
-                if job.metrics is not None:
-                    job.metrics.close()
+                job.close_logs()
                 self.bar.update(-trainer.slots[k].step)
                 trainer.release(k)
                 busy.remove(k)
             slots = {k: trainer.slots[k] for k in busy}
             finished = [k for k, s in slots.items() if s.done]
             every = [k for k, s in slots.items() if s.cfg.train.ckpt_every > 0 and s.step % s.cfg.train.ckpt_every == 0 and not s.done]
-            if self.tick % self.cfg.train.log_every == 0 or finished or every:
+            traced = [k for k, s in slots.items() if s.tag.trace is not None and s.step % s.cfg.train.trace_every == 0]
+            if self.tick % self.cfg.train.log_every == 0 or finished or every or traced:
                 self._poll(trainer)
                 for k in every:
                     if trainer.slots[k] is slots[k]:  # not rolled back or failed by the poll
                         self._checkpoint(trainer, k)
+                for k in traced:
+                    if trainer.slots[k] is slots[k]:
+                        self._trace(trainer, k)
                 for k in finished:
                     if trainer.slots[k] is slots[k]:
                         self._finish(trainer, k)
@@ -392,8 +406,7 @@ class Driver:
             job: Job = slot.tag
             job.start_step = checkpoint_step(job.folder)
             self.bar.update(job.start_step - slot.step)
-            if job.metrics is not None:
-                job.metrics.close()
+            job.close_logs()
             self.source.give_back(job)
         self.trainer = None
         del trainer
@@ -427,8 +440,29 @@ class Driver:
         job.start_step = slot.step
         job.started = job.started or time.perf_counter()
         job.metrics = MetricsLog(job.folder, slot.step, tensorboard=job.cfg.train.tensorboard) if self.writes else None
+        job.trace = TraceLog(job.folder, slot.step) if self.writes and job.cfg.train.trace_every > 0 else None
         self._record(job, status="running", step=slot.step, attempts=job.attempts, line=job.line)
         log.debug("slot %d: %r from step %d", k, job.cfg.prompt.text, slot.step)
+
+    def _trace(self, trainer: Trainer, k: int) -> None:
+        """One row of slot `k`'s trace: its scene scored as it stands. The scene is built from
+        a copy of the slot's state under a forked random state (building one draws initial
+        weights from the global generators), so a traced run trains bit-identically to an
+        untraced one."""
+        slot = trainer.slots[k]
+        job: Job = slot.tag
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            scene = self._scene(trainer.slot_checkpoint(k))
+            try:
+                row = self.tracer(scene, job.cfg)
+            except ValueError as exc:  # e.g. a prompt that names no known object
+                log.warning("prompt %r: no trace (%s)", job.cfg.prompt.text, exc)
+                job.trace.close()
+                job.trace = None
+                return
+        del scene
+        job.trace.write({"step": slot.step, **row, "trace_s": round(time.perf_counter() - start, 3)})
 
     def _poll(self, trainer: Trainer, write: bool = True) -> None:
         for report in trainer.poll():
@@ -454,8 +488,7 @@ class Driver:
         slot = trainer.slots[k]
         job: Job = slot.tag
         trainer.release(k)
-        if job.metrics is not None:
-            job.metrics.close()
+        job.close_logs()
         lost = slot.step - checkpoint_step(job.folder)
         if job.attempts >= self.retries:
             self.bar.total -= job.cfg.train.iters - slot.step
@@ -494,8 +527,7 @@ class Driver:
         # A copy (the slot is refilled next) when the writer has room; else its checkpoint waits.
         scene = None if self._writer_busy or not self.writes else self._scene(trainer.slot_checkpoint(k))
         trainer.release(k)
-        if job.metrics is not None:
-            job.metrics.close()
+        job.close_logs()
         self._record(job, step=slot.step)
         self._write(job, scene, slot.elapsed_s)
 
@@ -636,8 +668,7 @@ class Driver:
                     except OSError as exc:
                         log.error("prompt %r: checkpoint could not be written on interrupt: %s", job.cfg.prompt.text, exc)
                 self._record(job, status="pending", step=checkpoint_step(job.folder))
-                if job.metrics is not None:
-                    job.metrics.close()
+                job.close_logs()
                 self._unlock(job)
         why = f"stopped by {signal.Signals(self._stop).name}" if self._stop is not None else "interrupted"
         log.warning("%s; %d checkpoint(s) written; the same command with --resume (generate) or again (batch) continues", why, saved)

@@ -16,6 +16,7 @@ from ..atomic import check_writable_dir
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..config import RunConfig
 from ..export.artifacts import RunOutputs, Scorer
+from .monitor import Tracer
 from .data_parallel import join
 from .distributed import destroy_distributed
 from .driver import Driver, checkpoint_step
@@ -32,6 +33,8 @@ def validate_training(cfg: RunConfig) -> None:
         raise ValueError(f"train.latent_fraction must be within [0, 1], got {cfg.train.latent_fraction}")
     if not 0.0 < cfg.sds.t_min < cfg.sds.t_max <= 1.0:
         raise ValueError(f"need 0 < sds.t_min < sds.t_max <= 1, got {cfg.sds.t_min} and {cfg.sds.t_max}")
+    if cfg.train.trace_every < 0:
+        raise ValueError(f"train.trace_every must be 0 (off) or a number of steps, got {cfg.train.trace_every}")
     for fmt in cfg.output.mesh_formats:
         if fmt not in ("glb", "obj", "ply"):
             raise ValueError(f"output.mesh_formats: {fmt!r} is not one of glb, obj, ply")
@@ -52,12 +55,14 @@ def validate(cfg: RunConfig, resume: bool) -> Path:
     return out_dir
 
 
-def generate(cfg: RunConfig, resume: bool = False, progress: bool = True, scorer: Scorer | None = None) -> RunOutputs | None:
+def generate(cfg: RunConfig, resume: bool = False, progress: bool = True, scorer: Scorer | None = None,
+             tracer: Tracer | None = None) -> RunOutputs | None:
     """Train one prompt into ``cfg.output.out`` and write its outputs: the training loop of
     `batch` with one job whose folder is the output folder. A non-finite loss raises
     FloatingPointError (the last good checkpoint is kept); Ctrl-C and SIGTERM/SIGUSR1 write a
     checkpoint that ``resume`` continues from. With ``train.data_parallel`` under torchrun the
-    ranks train it together; ranks other than 0 write nothing and return None."""
+    ranks train it together; ranks other than 0 write nothing and return None. `tracer`: as
+    `batch.run_batch`'s."""
     out_dir = validate(cfg, resume)
     cfg.output.out = str(out_dir)
     if resume:
@@ -68,7 +73,8 @@ def generate(cfg: RunConfig, resume: bool = False, progress: bool = True, scorer
     log.info("training '%s' for %d iterations -> %s", cfg.prompt.text, cfg.train.iters, out_dir)
     job = Job("generate", cfg, out_dir, start_step=checkpoint_step(out_dir) if resume else 0)
     main = dp is None or dp.is_main
-    driver = Driver(cfg, [job], concurrency=1, progress=progress and main, scorer=scorer, retries=0, data_parallel=dp)
+    driver = Driver(cfg, [job], concurrency=1, progress=progress and main, scorer=scorer, retries=0, data_parallel=dp,
+                    tracer=tracer)
     try:
         driver.run()
     finally:

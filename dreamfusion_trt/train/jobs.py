@@ -18,7 +18,7 @@ from ..config import RunConfig
 from ..export.artifacts import RunOutputs
 from ..guidance.text import PromptEmbeddings
 from .manifest import Manifest
-from .monitor import MetricsLog
+from .monitor import MetricsLog, TraceLog
 
 
 @dataclass
@@ -31,10 +31,17 @@ class Job:
     embedding: PromptEmbeddings | None = None
     attempts: int = 0
     metrics: MetricsLog | None = None
+    trace: TraceLog | None = None  # with train.trace_every
     started: float = 0.0
     outputs: RunOutputs | None = None  # once done
     error: str | None = None  # once failed
     lock: Any = None  # the `lock.RunLock` on its folder while this process trains it
+
+    def close_logs(self) -> None:
+        """Close its metrics and trace files (it stopped training here)."""
+        for log in (self.metrics, self.trace):
+            if log is not None:
+                log.close()
 
 
 class JobSource(Protocol):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -57,6 +58,42 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+# A run's known-answer scores mid-training: (its one-prompt scene, its config) -> one row.
+Tracer = Callable[[Any, Any], dict[str, Any]]
+TRACE_NAME = "trace.jsonl"
+
+
+class TraceLog:
+    """``<out_dir>/trace.jsonl`` of one prompt: one JSON object per traced step (`Tracer`).
+
+    Opened at a prompt's current step, as `MetricsLog`: rows of later steps are dropped, so a
+    resumed or rolled-back run's trace tells one history. Each row is written whole and flushed.
+    """
+
+    def __init__(self, out_dir: Path, step: int) -> None:
+        self.path = Path(out_dir) / TRACE_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept: list[str] = []
+        if step > 0 and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                    kept.append(line)
+        self._file = self.path.open("w")
+        self._file.writelines(line + "\n" for line in kept)
+        self._file.flush()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class StageTimer:
