@@ -35,6 +35,8 @@ def test_the_true_object_traces_as_right_and_a_wrong_one_as_wrong():
     assert 1.1 < six["field_volume_ratio"] < 1.3 and six["opacity_on_object"] > 0.99
     assert six["albedo_error"] < 1e-4  # the field's own colours at the true surface
     assert six["albedo_face_share"] == 1.0 and six["albedo_face_colors"] == dict(zip(FACES, SIX_FACE_COLORS))
+    for face, name in zip(FACES, SIX_FACE_COLORS):
+        assert six["albedo_face_rgb"][face] == pytest.approx(PALETTE[name], abs=1e-3)
     assert "hole_fill" not in six
 
     # a blue cube where a red one belongs: the right shape, the wrong colour by |blue - red|

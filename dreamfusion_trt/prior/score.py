@@ -297,7 +297,8 @@ def albedo_scores(renderer: Renderer, obj: AnalyticObject, samples: int = 4096, 
     """How right a one-prompt field's own albedo is on the true surface: at `samples` points of
     `obj`'s surface (drawn from `seed`), ``albedo_error`` is the mean RGB distance of the field's
     albedo from the true colour; for the six-colored cube also ``albedo_face_share`` and
-    ``albedo_face_colors`` (`face_color_share` of those points). Unlike ``color_error`` it needs
+    ``albedo_face_colors`` (`face_color_share` of those points) and ``albedo_face_rgb`` (each
+    face's mean albedo: a face named after its nearest colour may still be near grey). Unlike ``color_error`` it needs
     no mesh: it says what colour the field puts where the object is, even while its shape is
     wrong or faint."""
     device = next(renderer.field.parameters()).device
@@ -308,13 +309,16 @@ def albedo_scores(renderer: Renderer, obj: AnalyticObject, samples: int = 4096, 
     if obj.spec.multicolored:
         share, names = face_color_share(pts.numpy(), albedo.numpy(), obj.shape.half_extent)
         out["albedo_face_share"], out["albedo_face_colors"] = share, names
+        region = face_index(pts, obj.shape.half_extent)
+        out["albedo_face_rgb"] = {face: [round(float(c), 3) for c in albedo[region == i].mean(0)] if (region == i).any() else None
+                                  for i, face in enumerate(FACES)}  # fmt: skip
     return out
 
 
 TRACE_RESOLUTION = 48  # grid per axis of a trace row's IoUs
 TRACE_SIZE = 32  # render size of a trace row's opacities
 TRACE_KEYS = ("field_iou", "best_iou", "best_threshold", "field_volume_ratio", "hole_fill", "opacity_on_object",
-              "opacity_off_object", "albedo_error", "albedo_face_share", "albedo_face_colors")  # fmt: skip
+              "opacity_off_object")  # of score_field's; albedo_scores' follow  # fmt: skip
 
 
 def trace_scores(renderer: Renderer, cfg: Any) -> dict[str, Any]:
@@ -323,7 +327,8 @@ def trace_scores(renderer: Renderer, cfg: Any) -> dict[str, Any]:
     hundred steps (`TRACE_RESOLUTION`^3 grid, `OPACITY_VIEWS` renders of `TRACE_SIZE`^2): the
     field's IoU at the mesh level and the best over levels, its volume against the truth's, the
     torus's hole fill, the opacity on and off the object, and the field albedo's colour error
-    (and the six-colored cube's faces). ValueError when the prompt is not a known object."""
+    (and the six-colored cube's faces: the colour each got, and its mean RGB). ValueError when
+    the prompt is not a known object."""
     obj = resolve_caption(cfg.prompt.text).build(bound=cfg.field.bound)
     cams = orbit_cameras(OPACITY_VIEWS, cfg.camera.val_elevation, cfg.camera.val_radius, cfg.camera.val_fovy)
     field = score_field(renderer, obj, cfg.field.bound, cfg.output.mesh_threshold, cams, TRACE_SIZE, TRACE_RESOLUTION)
