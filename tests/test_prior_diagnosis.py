@@ -102,8 +102,11 @@ def test_the_janus_measure_paints_only_the_other_faces_and_low_noise_keeps_what_
     assert scenes.KNOWN_OBJECTS[scenes.SIX_COLORED_CAPTION] is before
     assert 100 < out["differing_pixels_per_render"] < 0.5 * 64 * 64
     row = out["by_scale"]["1"]["50"]
-    for caption in ("view", "plain"):
+    for caption in ("view", "plain", "view_over_plain"):
         assert row[f"{caption}_faces_right_from_true"] > 0.9 and row[f"{caption}_faces_right_from_one_colour"] < 0.2
+    # at guidance 1 the base drops out: guided from the bare caption or from nothing, the view caption's own prediction
+    for name in ("true", "one_colour"):
+        assert row[f"view_over_plain_faces_right_from_{name}_by_view"] == row[f"view_faces_right_from_{name}_by_view"]
 
 
 def test_the_janus_oracle_fits_the_true_cube_and_reads_six_face_colours():

@@ -348,6 +348,10 @@ def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[in
     (does it keep them?), captioned with the camera's view suffix (as with view-dependent prompts)
     and with the bare caption: the share of those pixels where x0^ is nearer the true render than
     the one-colour one. Near 1 from the one-colour state: SDS recolours; near 0.5: no preference.
+    ``view_over_plain``: the view captions guided from the bare caption's prediction instead of
+    the unconditional one, at the same scale: the view-specific part of the guidance alone,
+    without the caption's common pull (one colour for the whole object) that the trace of a run
+    shows dominating (BENCHMARKS.md, twenty-second session).
     `perp_neg` > 0: the view captions' guidance also takes the other two of front / side / back
     as Perp-Neg negatives of that weight (overhead views take none; `_Prior.sds_grad`)."""
     from ..guidance.text import VIEWS
@@ -369,6 +373,8 @@ def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[in
     emb = prior.embed([*true.texts, ""])
     uncond = emb[-1:]
     conds = {"view": emb[true.text_index], "plain": emb[text_index(0, torch.full_like(true.view_index, PLAIN))]}
+    bases = {"view": uncond, "plain": uncond, "view_over_plain": conds["plain"]}  # what each guides from
+    conds["view_over_plain"] = conds["view"]
     horizontal = [VIEWS.index(v) for v in ("front", "side", "back")]
     negatives, negative_weights = None, None
     if perp_neg > 0:  # per render: the two horizontal views that are not its own
@@ -389,7 +395,7 @@ def measure_janus(prior: _Prior, scales: Sequence[float], timesteps: Sequence[in
                 for name, z in latents.items():
                     gen = torch.Generator(device="cpu").manual_seed(seed)  # the same draws everywhere
                     neg = (negatives, negative_weights) if cname == "view" else (None, None)
-                    x0 = mean_x0(prior, z, t, cond, uncond, scale, draws, gen, *neg)
+                    x0 = mean_x0(prior, z, t, cond, bases[cname], scale, draws, gen, *neg)
                     nearer = (x0 - img_t).norm(dim=1, keepdim=True) < (x0 - img_p).norm(dim=1, keepdim=True)
                     row[f"{cname}_faces_right_from_{name}"] = float((nearer & differs).float().sum() / differs.float().sum().clamp_min(1))
                     by_view = {}
