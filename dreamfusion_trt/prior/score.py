@@ -298,9 +298,9 @@ def albedo_scores(renderer: Renderer, obj: AnalyticObject, samples: int = 4096, 
     `obj`'s surface (drawn from `seed`), ``albedo_error`` is the mean RGB distance of the field's
     albedo from the true colour; for the six-colored cube also ``albedo_face_share`` and
     ``albedo_face_colors`` (`face_color_share` of those points) and ``albedo_face_rgb`` (each
-    face's mean albedo: a face named after its nearest colour may still be near grey). Unlike ``color_error`` it needs
-    no mesh: it says what colour the field puts where the object is, even while its shape is
-    wrong or faint."""
+    face's mean albedo: a face named after its nearest colour may still be near grey). Unlike
+    ``color_error`` it needs no mesh: it says what colour the field puts where the object is,
+    even while its shape is wrong or faint."""
     device = next(renderer.field.parameters()).device
     pts = obj.sample_surface(samples, generator=torch.Generator().manual_seed(seed)).cpu()  # [S, 3]
     _, albedo = renderer.field(pts[None].to(device))
@@ -317,8 +317,9 @@ def albedo_scores(renderer: Renderer, obj: AnalyticObject, samples: int = 4096, 
 
 TRACE_RESOLUTION = 48  # grid per axis of a trace row's IoUs
 TRACE_SIZE = 32  # render size of a trace row's opacities
+# score_field's keys a trace row keeps; albedo_scores' follow them
 TRACE_KEYS = ("field_iou", "best_iou", "best_threshold", "field_volume_ratio", "hole_fill", "opacity_on_object",
-              "opacity_off_object")  # of score_field's; albedo_scores' follow  # fmt: skip
+              "opacity_off_object")  # fmt: skip
 
 
 def trace_scores(renderer: Renderer, cfg: Any) -> dict[str, Any]:

@@ -26,12 +26,12 @@ from ..atomic import atomic_write_text
 from ..checkpoint import CHECKPOINT_NAME
 from ..config import RunConfig, from_dict, to_dict
 from ..export.artifacts import Scorer
-from .monitor import Tracer
 from .distributed import DistEnv, ProgressReporter, StopFlag, device_for, dist_env
 from .driver import Driver, checkpoint_step
-from .jobs import Job, LocalJobs
 from .generate import check_writable_dir, validate_training
+from .jobs import Job, LocalJobs
 from .manifest import Manifest, PromptRecord
+from .monitor import Tracer
 from .prompts import PromptSpec, prompt_folder, prompt_id, read_prompts, report_skipped
 from .queue import DEFAULT_LEASE_S, PromptQueue, shard_ids
 from .shared_jobs import SharedJobs

@@ -120,10 +120,8 @@ class Driver:
         trace and there is none."""
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, got {concurrency}")
-        for c in [cfg] + [j.cfg for j in jobs]:
-            if c.train.trace_every < 0:
-                raise ValueError(f"train.trace_every must be 0 (off) or a number of steps, got {c.train.trace_every}")
-            if c.train.trace_every and tracer is None:
+        for c in [cfg] + [j.cfg for j in jobs]:  # (a negative trace_every is `validate_training`'s to refuse)
+            if c.train.trace_every > 0 and tracer is None:
                 raise ValueError(f"train.trace_every scores a run against its known object; model {c.model.model!r} has no known "
                                  "answers (only the built-in prior has)")  # fmt: skip
         self.cfg = cfg
