@@ -16,11 +16,11 @@ from ..atomic import check_writable_dir
 from ..checkpoint import CHECKPOINT_NAME, load_checkpoint
 from ..config import RunConfig
 from ..export.artifacts import RunOutputs, Scorer
-from .monitor import Tracer
 from .data_parallel import join
 from .distributed import destroy_distributed
 from .driver import Driver, checkpoint_step
 from .jobs import Job
+from .monitor import Tracer
 
 log = logging.getLogger(__name__)
 
